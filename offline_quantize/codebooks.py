@@ -1,0 +1,184 @@
+"""Learning the two codebooks of a layer and assigning every group to one of them.
+
+All errors here are activation-weighted: an error on input channel k costs
+h[k] = mean(x[k]^2) times its square, so the objective is sum_k h[k] (w - w_hat)^2,
+the diagonal approximation of ||X W^T - X W_hat^T||^2.
+"""
+
+from dataclasses import dataclass
+
+import torch
+
+from aaac_kernels.format import CODEBOOK_SIZE, NUM_CODEBOOKS, encode_scales
+
+
+@dataclass(frozen=True)
+class CodebookOptions:
+    lloyd_iters: int = 20
+    tol: float = 1e-4
+    # Scale search: each group tries |scale| = absmax * alpha for these alphas.
+    scale_grid: tuple[float, float, int] = (0.70, 1.10, 9)
+    # Rounds of (scale search, then Lloyd with the new scales).
+    refine_rounds: int = 2
+    # Elements sampled for the quantile initialisation.
+    init_samples: int = 1 << 20
+
+
+@dataclass
+class LayerResult:
+    indices: torch.Tensor  # uint8 [N, K]
+    scales: torch.Tensor  # fp16 [N, K // G], sign bit = codebook
+    codebooks: torch.Tensor  # fp16 [2, 16], each sorted
+    error: float  # weighted error / weighted energy of W
+    codebook1_share: float  # fraction of groups on C1
+
+
+def _nearest(u: torch.Tensor, codebook: torch.Tensor) -> torch.Tensor:
+    """Index of the nearest entry of a sorted 1-D codebook, for every element of u."""
+    midpoints = (codebook[1:] + codebook[:-1]) * 0.5
+    return torch.bucketize(u, midpoints)
+
+
+def _normalize(w: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """w / scale per group, with zero-scale groups (all-zero weights) mapped to 0."""
+    safe = torch.where(scale > 0, scale, torch.ones_like(scale))
+    return torch.where(scale > 0, w / safe, torch.zeros_like(w))
+
+
+def _group_errors(
+    w: torch.Tensor, h: torch.Tensor, scale: torch.Tensor, codebooks: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Weighted error of every group under each codebook, and the matching indices.
+
+    w: [N, Gn, G]; h: [Gn, G]; scale: [N, Gn, 1]; codebooks: [2, 16].
+    Returns errors [2, N, Gn] and indices [2, N, Gn, G].
+    """
+    u = _normalize(w, scale)
+    errors, indices = [], []
+    for codebook in codebooks:
+        idx = _nearest(u, codebook)
+        diff = w - codebook[idx] * scale
+        errors.append((diff * diff * h).sum(dim=-1))
+        indices.append(idx)
+    return torch.stack(errors), torch.stack(indices)
+
+
+def _weighted_quantiles(values: torch.Tensor, weights: torch.Tensor, count: int) -> torch.Tensor:
+    """``count`` quantiles of ``values`` at (j + 0.5) / count under ``weights``."""
+    order = torch.argsort(values)
+    values, cdf = values[order], torch.cumsum(weights[order], 0)
+    targets = (torch.arange(count, dtype=cdf.dtype, device=cdf.device) + 0.5) / count * cdf[-1]
+    positions = torch.searchsorted(cdf, targets).clamp(max=values.numel() - 1)
+    return values[positions]
+
+
+def _initial_codebooks(
+    u: torch.Tensor, weight: torch.Tensor, generator: torch.Generator, samples: int
+) -> torch.Tensor:
+    """Deterministic start: split groups by how flat they are, one codebook per half.
+
+    Groups whose weighted mean |u| is below the median (peaked groups, a few
+    large weights and many small ones) seed C0; flatter groups seed C1. Each
+    codebook starts at the 16 weighted quantiles of its half, computed on a
+    seeded subsample so that large layers cost the same as small ones.
+    """
+    flatness = (u.abs() * weight).sum(-1) / weight.sum(-1).clamp_min(1e-30)
+    peaked = flatness <= flatness.median()
+    books = []
+    for members in (peaked, ~peaked):
+        vals, wts = u[members].reshape(-1), weight[members].reshape(-1)
+        if vals.numel() == 0:  # all groups identical in flatness
+            vals, wts = u.reshape(-1), weight.reshape(-1)
+        if vals.numel() > samples:
+            pick = torch.randint(vals.numel(), (samples,), generator=generator, device="cpu").to(vals.device)
+            vals, wts = vals[pick], wts[pick]
+        if wts.sum() <= 0:
+            wts = torch.ones_like(wts)
+        books.append(_weighted_quantiles(vals, wts, CODEBOOK_SIZE))
+    return torch.stack(books)
+
+
+def _lloyd(
+    w: torch.Tensor, h: torch.Tensor, scale: torch.Tensor, codebooks: torch.Tensor, options: CodebookOptions
+) -> torch.Tensor:
+    """Activation-weighted Lloyd iterations on both codebooks with fixed scales."""
+    u = _normalize(w, scale)
+    weight = h * scale * scale  # error weight of u: h[k] * s^2
+    previous = None
+    for _ in range(options.lloyd_iters):
+        errors, indices = _group_errors(w, h, scale, codebooks)
+        choice = errors[1] < errors[0]
+        total = torch.where(choice, errors[1], errors[0]).sum().item()
+        if previous is not None and previous - total <= options.tol * previous:
+            break
+        previous = total
+        # One weighted histogram over 32 bins (codebook * 16 + entry) gives both codebooks' new means.
+        entry = torch.where(choice.unsqueeze(-1), indices[1] + CODEBOOK_SIZE, indices[0]).reshape(-1)
+        bins = NUM_CODEBOOKS * CODEBOOK_SIZE
+        num = torch.bincount(entry, weights=(weight * u).reshape(-1), minlength=bins)
+        den = torch.bincount(entry, weights=weight.expand_as(u).reshape(-1), minlength=bins)
+        # An entry nobody maps to keeps its value instead of collapsing to 0.
+        flat = torch.where(den > 0, num / den.clamp_min(1e-30), codebooks.reshape(-1).double())
+        codebooks = torch.sort(flat.to(codebooks.dtype).reshape(NUM_CODEBOOKS, CODEBOOK_SIZE)).values
+    return codebooks
+
+
+def _search_scales(
+    w: torch.Tensor, h: torch.Tensor, absmax: torch.Tensor, codebooks: torch.Tensor, options: CodebookOptions
+) -> torch.Tensor:
+    """Per group, the |scale| = absmax * alpha (alpha on a grid) with the lowest error under either codebook."""
+    lo, hi, steps = options.scale_grid
+    best_scale = absmax.clone()
+    best_error = _group_errors(w, h, absmax, codebooks)[0].min(dim=0).values
+    for alpha in torch.linspace(lo, hi, steps).tolist():
+        scale = absmax * alpha
+        error = _group_errors(w, h, scale, codebooks)[0].min(dim=0).values
+        better = error < best_error
+        best_error = torch.where(better, error, best_error)
+        best_scale = torch.where(better.unsqueeze(-1), scale, best_scale)
+    return best_scale
+
+
+def quantize_layer(
+    weight: torch.Tensor,
+    h: torch.Tensor,
+    group_size: int,
+    options: CodebookOptions = CodebookOptions(),
+    seed: int = 0,
+) -> LayerResult:
+    """AAAC for one linear layer: weight [N, K], channel statistics h [K]."""
+    n, k = weight.shape
+    w = weight.float().reshape(n, k // group_size, group_size)
+    hg = h.float().reshape(k // group_size, group_size)
+    generator = torch.Generator().manual_seed(seed)
+
+    absmax = w.abs().amax(dim=-1, keepdim=True)
+    scale = absmax
+    codebooks = _initial_codebooks(_normalize(w, scale), hg * scale * scale, generator, options.init_samples)
+    codebooks = _lloyd(w, hg, scale, codebooks, options)
+    for _ in range(options.refine_rounds):
+        scale = _search_scales(w, hg, absmax, codebooks, options)
+        codebooks = _lloyd(w, hg, scale, codebooks, options)
+
+    # Final assignment with exactly the values that are stored (fp16), so the
+    # choice and indices are optimal for what the dequantizer will read.
+    codebooks16 = torch.sort(codebooks.to(torch.float16)).values
+    scale16 = scale.to(torch.float16)
+    errors, indices = _group_errors(w, hg, scale16.float(), codebooks16.float())
+    choice = errors[1] < errors[0]
+    chosen = torch.where(choice.unsqueeze(-1), indices[1], indices[0])
+    energy = (w * w * hg).sum().item()
+    error = torch.where(choice, errors[1], errors[0]).sum().item()
+    return LayerResult(
+        indices=chosen.reshape(n, k).to(torch.uint8),
+        scales=encode_scales(scale16.squeeze(-1), choice),
+        codebooks=codebooks16,
+        error=error / energy if energy > 0 else 0.0,
+        codebook1_share=choice.float().mean().item(),
+    )
+
+
+def weighted_error(weight: torch.Tensor, approx: torch.Tensor, h: torch.Tensor) -> float:
+    """sum_k h[k] (W - W_hat)^2 / sum_k h[k] W^2: the figure every method is compared on."""
+    w, diff = weight.float(), weight.float() - approx.float()
+    return ((diff * diff * h.float()).sum() / (w * w * h.float()).sum().clamp_min(1e-30)).item()

@@ -1,0 +1,27 @@
+"""Perplexity over non-overlapping windows (the GPTQ / AWQ protocol)."""
+
+import math
+
+import torch
+from torch import nn
+
+from .errors import QuantizeError
+
+
+@torch.no_grad()
+def perplexity(model: nn.Module, tokenizer, text: str, seqlen: int = 2048, max_tokens: int | None = None) -> tuple[float, int]:
+    """exp(mean NLL) over every token predicted inside ``seqlen`` windows; returns (perplexity, tokens predicted)."""
+    ids = tokenizer(text, return_tensors="pt", add_special_tokens=False).input_ids[0]
+    if max_tokens is not None:
+        ids = ids[:max_tokens]
+    windows = len(ids) // seqlen
+    if windows == 0:
+        raise QuantizeError(f"the text has {len(ids)} tokens, fewer than one window of {seqlen}; lower --seqlen or add text")
+    device = next(model.parameters()).device
+    nll, count = 0.0, 0
+    for w in range(windows):
+        batch = ids[w * seqlen : (w + 1) * seqlen].unsqueeze(0).to(device)
+        logits = model(input_ids=batch, use_cache=False).logits[0, :-1].float()
+        nll += nn.functional.cross_entropy(logits, batch[0, 1:], reduction="sum").item()
+        count += seqlen - 1
+    return math.exp(nll / count), count

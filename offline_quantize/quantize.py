@@ -1,0 +1,236 @@
+"""The block-by-block AAAC pipeline: calibration -> statistics -> codebooks -> packing -> checkpoint.
+
+Block i+1 is calibrated on the outputs of the already-quantized block i, so
+each block's codebooks see the errors the blocks before it will make at
+inference. Only one block at a time lives on the compute device.
+"""
+
+import json
+import platform
+import resource
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from torch import nn
+from tqdm.auto import tqdm
+
+from aaac_kernels.format import pack_indices
+from aaac_kernels.reference import dequantize
+
+from . import checkpoint, source
+from .calibration import read_texts, token_windows
+from .codebooks import CodebookOptions, quantize_layer, weighted_error
+from .errors import QuantizeError
+from .rtn import rtn_dequantized
+from .statistics import collect
+
+
+@dataclass
+class Settings:
+    group_size: int = 128
+    nsamples: int = 128
+    seqlen: int = 512
+    device: str = "auto"
+    seed: int = 0
+    calib: list[Path] = field(default_factory=list)
+    batch_size: int = 8
+    max_shard_bytes: int = 4 << 30
+    codebooks: CodebookOptions = field(default_factory=CodebookOptions)
+
+
+class _Captured(Exception):
+    pass
+
+
+class _Catcher(nn.Module):
+    """Stands in for block 0 to record what the model feeds it, then stops the forward pass."""
+
+    def __init__(self, block: nn.Module):
+        super().__init__()
+        self.block = block
+        self.calls: list[tuple[torch.Tensor, tuple, dict]] = []
+
+    def __getattr__(self, name):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:  # models read attributes of their blocks (attention_type, ...)
+            return getattr(self.block, name)
+
+    def forward(self, hidden_states, *args, **kwargs):
+        self.calls.append((hidden_states, args, kwargs))
+        raise _Captured
+
+
+def _to(obj, device, dtype=None):
+    """Move the tensors inside nested tuples, lists and dicts; floating tensors also to ``dtype``."""
+    if isinstance(obj, torch.Tensor):
+        return obj.to(device=device, dtype=dtype if dtype and obj.is_floating_point() else None)
+    if isinstance(obj, (tuple, list)):
+        return type(obj)(_to(o, device, dtype) for o in obj)
+    if isinstance(obj, dict):
+        return {k: _to(v, device, dtype) for k, v in obj.items()}
+    return obj
+
+
+def _resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise QuantizeError("--device cuda was asked for, but torch sees no CUDA device; use --device cpu")
+    return torch.device(name)
+
+
+def _peak_memory(device: torch.device) -> dict:
+    peak = {"host_peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+    if device.type == "cuda":
+        peak["device_peak_allocated_mib"] = torch.cuda.max_memory_allocated(device) / 2**20
+    return peak
+
+
+def _capture_block_inputs(model: nn.Module, blocks: nn.ModuleList, windows: torch.Tensor, batch_size: int) -> list:
+    catcher = _Catcher(blocks[0])
+    blocks[0] = catcher
+    try:
+        for chunk in windows.split(batch_size):
+            try:
+                model(input_ids=chunk, use_cache=False)
+            except _Captured:
+                pass
+    finally:
+        blocks[0] = catcher.block
+    return catcher.calls
+
+
+def quantize_model(source_dir: Path, output: Path, settings: Settings, overwrite: bool = False) -> dict:
+    """Quantize ``source_dir`` into an AAAC checkpoint at ``output``; return the report."""
+    start = time.perf_counter()
+    source_dir, output = source_dir.resolve(), output.resolve()
+    config = source.check_source(source_dir)
+    if output == source_dir or source_dir.is_relative_to(output) or output.is_relative_to(source_dir):
+        raise QuantizeError(f"output folder {output} must be outside the source model folder {source_dir}")
+    if output.exists() and not overwrite:
+        raise QuantizeError(f"output folder {output} already exists; pass --overwrite to replace it")
+    device = _resolve_device(settings.device)
+    torch.manual_seed(settings.seed)
+
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(source_dir)
+    texts = read_texts(settings.calib)
+    if not texts:
+        raise QuantizeError(f"calibration data is empty: no text in {', '.join(map(str, settings.calib))}")
+    windows = token_windows(texts, tokenizer, settings.nsamples, settings.seqlen, settings.seed)
+
+    model = source.load_model(source_dir)
+    linears = source.check_linears(model, settings.group_size)
+    stored = source.tensor_names(source_dir)
+    for name in linears:
+        if f"{name}.weight" not in stored:
+            raise QuantizeError(f"layer {name}: no tensor {name}.weight in the safetensors files of {source_dir}")
+    blocks = source.decoder_blocks(model)
+    prefix = source.blocks_prefix(model, blocks)
+    model_dtype = next(blocks[0].parameters()).dtype
+    # CPUs without native bf16 matmul are far faster in fp32; GPUs compute in the model's dtype.
+    compute_dtype = torch.float32 if device.type == "cpu" else model_dtype
+
+    with torch.no_grad(), checkpoint.atomic_folder(output, overwrite) as staging:
+        calls = _capture_block_inputs(model, blocks, windows, settings.batch_size)
+        inputs = [_to(h, device, compute_dtype) for h, _, _ in calls]
+        extras = [(_to(a, device, compute_dtype), _to(k, device, compute_dtype)) for _, a, k in calls]
+        writer = checkpoint.ShardWriter(staging, settings.max_shard_bytes)
+        layers, block_seconds = {}, []
+        bar = tqdm(blocks, desc="AAAC", unit="block", dynamic_ncols=True)
+        for i, block in enumerate(bar):
+            block_start = time.perf_counter()
+            block.to(device=device, dtype=compute_dtype)
+            block_lin = source.block_linears(block)
+            with collect(block_lin) as stats:
+                for h, (args, kwargs) in zip(inputs, extras):
+                    block(h, *args, **kwargs)
+            for j, (name, module) in enumerate(block_lin.items()):
+                full = f"{prefix}.{i}.{name}"
+                weight, h = module.weight.data, stats[name].mean()
+                result = quantize_layer(weight, h, settings.group_size, settings.codebooks, seed=settings.seed + 1000 * i + j)
+                qweight, scales = pack_indices(result.indices), result.scales.t().contiguous()
+                writer.add(f"{full}.qweight", qweight)
+                writer.add(f"{full}.scales", scales)
+                writer.add(f"{full}.codebooks", result.codebooks)
+                dense = dequantize(qweight, scales, result.codebooks, settings.group_size)
+                rtn = rtn_dequantized(weight, settings.group_size).float()
+                layers[full] = {
+                    "shape": list(weight.shape),
+                    "weighted_error": result.error,
+                    "rtn_weighted_error": weighted_error(weight, rtn, h),
+                    "codebook1_share": result.codebook1_share,
+                    "codebooks": result.codebooks.float().tolist(),
+                }
+                # What the next block sees is what inference will compute: the stored weights, in the model's dtype.
+                module.weight.data = dense.to(model_dtype).to(compute_dtype)
+            inputs = [_first(block(h, *args, **kwargs)) for h, (args, kwargs) in zip(inputs, extras)]
+            block.to(device="cpu", dtype=model_dtype)
+            block_seconds.append(time.perf_counter() - block_start)
+            errors = [layers[f"{prefix}.{i}.{n}"] for n in block_lin]
+            ratio = sum(e["weighted_error"] for e in errors) / max(sum(e["rtn_weighted_error"] for e in errors), 1e-30)
+            bar.set_postfix(error_vs_rtn=f"{ratio:.2f}")
+
+        quantized = {f"{name}.weight" for name in linears}
+        _copy_unquantized(source_dir, writer, quantized)
+        shards = writer.finish()
+        unconverted = sorted(n for n, m in model.named_modules() if isinstance(m, nn.Linear) and n not in linears)
+        checkpoint.write_config(config, staging, checkpoint.quantization_config(settings.group_size, unconverted))
+        checkpoint.copy_side_files(source_dir, staging)
+        report = _report(source_dir, settings, device, layers, block_seconds, shards, start, windows)
+        (staging / checkpoint.REPORT_FILE).write_text(json.dumps(report, indent=2) + "\n")
+    return report
+
+
+def _first(output):
+    return output[0] if isinstance(output, (tuple, list)) else output
+
+
+def _copy_unquantized(source_dir: Path, writer: checkpoint.ShardWriter, quantized: set[str]) -> None:
+    """Every source tensor except the quantized weights, bit for bit as stored in the source."""
+    for file in source.weight_files(source_dir):
+        with safe_open(str(file), framework="pt") as f:
+            for key in f.keys():
+                if key not in quantized:
+                    writer.add(key, f.get_tensor(key))
+
+
+def _report(source_dir, settings, device, layers, block_seconds, shards, start, windows) -> dict:
+    import transformers
+
+    from . import __version__
+
+    errors = [v["weighted_error"] for v in layers.values()]
+    rtn = [v["rtn_weighted_error"] for v in layers.values()]
+    return {
+        "source": str(source_dir),
+        "settings": {
+            **{k: v for k, v in asdict(settings).items() if k not in ("calib", "codebooks")},
+            "calib": [str(p) for p in settings.calib],
+            "codebooks": asdict(settings.codebooks),
+            "calibration_tokens": int(windows.numel()),
+        },
+        "device": str(device),
+        "seconds": time.perf_counter() - start,
+        "block_seconds": block_seconds,
+        "memory": _peak_memory(device),
+        "summary": {
+            "layers": len(layers),
+            "mean_weighted_error": sum(errors) / len(errors),
+            "mean_rtn_weighted_error": sum(rtn) / len(rtn),
+            "mean_codebook1_share": sum(v["codebook1_share"] for v in layers.values()) / len(layers),
+        },
+        "files": shards,
+        "layers": layers,
+        "versions": {
+            "aaac_vllm": __version__,
+            "torch": torch.__version__,
+            "transformers": transformers.__version__,
+            "python": platform.python_version(),
+        },
+    }

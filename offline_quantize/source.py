@@ -1,0 +1,98 @@
+"""The source model: checks on the folder, loading, and finding the decoder blocks and their linears."""
+
+import json
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from torch import nn
+
+from .errors import QuantizeError
+
+
+def check_source(path: Path) -> dict:
+    """Validate an HF model folder with safetensors weights; return its config.json."""
+    if not path.is_dir():
+        raise QuantizeError(f"source model folder {path} does not exist")
+    config_file = path / "config.json"
+    if not config_file.is_file():
+        raise QuantizeError(f"{path} is not a Hugging Face model folder: it has no config.json")
+    try:
+        config = json.loads(config_file.read_text())
+    except json.JSONDecodeError as exc:
+        raise QuantizeError(f"{config_file} is not valid JSON ({exc})") from None
+    if not weight_files(path):
+        raise QuantizeError(
+            f"{path} has no safetensors weights (model.safetensors or model-*.safetensors); "
+            "convert the model with save_pretrained(..., safe_serialization=True)"
+        )
+    if "quantization_config" in config:
+        method = config["quantization_config"].get("quant_method", "unknown")
+        raise QuantizeError(f"{config_file} describes a model already quantized with '{method}'; start from the unquantized model")
+    return config
+
+
+def weight_files(path: Path) -> list[Path]:
+    return sorted(path.glob("*.safetensors"))
+
+
+def tensor_names(path: Path) -> set[str]:
+    names = set()
+    for file in weight_files(path):
+        try:
+            with safe_open(str(file), framework="pt") as f:
+                names.update(f.keys())
+        except Exception as exc:  # safetensors raises its own error types for damaged files
+            raise QuantizeError(f"{file}: cannot read safetensors header ({exc})") from None
+    return names
+
+
+def load_model(path: Path) -> nn.Module:
+    """The source causal LM on the CPU, in its own dtype."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(path, dtype="auto", device_map="cpu", use_safetensors=True)
+    model.eval()
+    model.config.use_cache = False
+    return model
+
+
+def decoder_blocks(model: nn.Module) -> nn.ModuleList:
+    """The ModuleList of decoder blocks (model.layers, transformer.h, ... whatever the architecture calls it)."""
+    count = model.config.num_hidden_layers
+    for _, module in model.named_modules():
+        if isinstance(module, nn.ModuleList) and len(module) == count:
+            return module
+    raise QuantizeError(f"no list of {count} decoder blocks found in {type(model).__name__}")
+
+
+def block_linears(block: nn.Module) -> dict[str, nn.Linear]:
+    """Every nn.Linear inside one decoder block, by its name relative to the block."""
+    return {name: module for name, module in block.named_modules() if isinstance(module, nn.Linear)}
+
+
+def blocks_prefix(model: nn.Module, blocks: nn.ModuleList) -> str:
+    for name, module in model.named_modules():
+        if module is blocks:
+            return name
+    raise QuantizeError("decoder blocks are not a submodule of the model")
+
+
+def check_linears(model: nn.Module, group_size: int) -> dict[str, nn.Linear]:
+    """All quantizable linears by full name; errors name the layer at fault."""
+    blocks = decoder_blocks(model)
+    prefix = blocks_prefix(model, blocks)
+    linears = {
+        f"{prefix}.{i}.{name}": module for i, block in enumerate(blocks) for name, module in block_linears(block).items()
+    }
+    if not linears:
+        raise QuantizeError(f"no quantizable linear layers found in the decoder blocks of {type(model).__name__}")
+    for name, module in linears.items():
+        k = module.in_features
+        if k % group_size:
+            fits = [g for g in (128, 64, 32) if k % g == 0]
+            hint = f"use --group-size {fits[0]}" if fits else "no group size of 32 or more divides it"
+            raise QuantizeError(f"layer {name}: in_features {k} is not divisible by group size {group_size}; {hint}")
+        if not torch.isfinite(module.weight).all():
+            raise QuantizeError(f"layer {name}: weight contains NaN or Inf; the source checkpoint is damaged")
+    return linears
