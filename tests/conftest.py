@@ -1,0 +1,68 @@
+"""Shared, session-wide fixtures: the real SmolLM2 checkpoint, real BBC text, one AAAC quantization of it."""
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+MODEL = Path(os.environ.get("AAAC_TEST_MODEL", ROOT / "artifacts" / "SmolLM2-135M-Instruct"))
+TEXT = Path(os.environ.get("AAAC_TEST_TEXT", ROOT / "artifacts" / "text"))
+BIN = Path(sys.executable).parent
+GROUP_SIZE = 64
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja")
+
+
+def run_cli(tool: str, *args, check: bool = True, timeout: int = 1800) -> subprocess.CompletedProcess:
+    """Run an installed console script the way a user does."""
+    result = subprocess.run([str(BIN / tool), *map(str, args)], capture_output=True, text=True, timeout=timeout)
+    if check and result.returncode != 0:
+        raise AssertionError(f"{tool} failed ({result.returncode}):\n{result.stdout}\n{result.stderr}")
+    return result
+
+
+@pytest.fixture(scope="session")
+def source_model() -> Path:
+    assert (MODEL / "config.json").is_file(), f"{MODEL} is missing: run `make test`, which prepares it"
+    return MODEL
+
+
+@pytest.fixture(scope="session")
+def bbc_text() -> dict[str, Path]:
+    paths = {part: TEXT / f"bbc-{part}.txt" for part in ("calib", "eval")}
+    assert all(p.is_file() for p in paths.values()), f"{TEXT} is missing: run `make test`, which prepares it"
+    return paths
+
+
+@pytest.fixture(scope="session")
+def quantized(tmp_path_factory, source_model, bbc_text) -> tuple[Path, subprocess.CompletedProcess]:
+    """SmolLM2 quantized once per session with the CLI at group size 64 (and the run's output)."""
+    out = tmp_path_factory.mktemp("aaac") / "smollm2-aaac-g64"
+    result = run_cli(
+        "aaac-quantize", source_model, out, "--group-size", GROUP_SIZE,
+        "--calib", bbc_text["calib"], "--nsamples", 32, "--seqlen", 512,
+    )
+    return out, result
+
+
+def tiny_llama(folder: Path, hidden: int = 64, layers: int = 2, poison: str | None = None) -> Path:
+    """A small random Llama with SmolLM2's tokenizer, for cases the real model cannot show."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=49152, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024, tie_word_embeddings=True,
+    )
+    model = LlamaForCausalLM(config).to(torch.bfloat16)
+    if poison:
+        with torch.no_grad():
+            model.get_parameter(poison)[0, 0] = float("nan")
+    model.save_pretrained(folder)
+    for name in TOKENIZER_FILES:
+        shutil.copy(MODEL / name, folder / name)
+    return folder

@@ -1,0 +1,96 @@
+"""SmolLM2 -> AAAC at group size 64 with the real CLI, then loaded and evaluated on held-out BBC text."""
+
+import json
+
+import pytest
+import torch
+from safetensors import safe_open
+from transformers import AutoTokenizer
+
+from offline_quantize.evaluate import perplexity
+from offline_quantize.hf_loader import load_causal_lm
+from offline_quantize.rtn import rtn_dequantized
+from offline_quantize.source import block_linears, decoder_blocks
+
+from .conftest import GROUP_SIZE, run_cli
+
+EVAL_TOKENS = 8192
+
+
+def test_cli_prints_summary_and_progress(quantized):
+    out, result = quantized
+    assert f"AAAC checkpoint written to {out}" in result.stdout
+    assert "210 linear layers" in result.stdout
+    assert "30/30" in result.stderr  # the per-block progress bar reached the end
+
+
+def test_checkpoint_has_documented_tensors_and_config(quantized, source_model):
+    out, _ = quantized
+    config = json.loads((out / "config.json").read_text())
+    quant = config["quantization_config"]
+    assert quant == {
+        "quant_method": "aaac", "bits": 4, "group_size": GROUP_SIZE, "num_codebooks": 2, "codebook_size": 16,
+        "format_version": 1, "modules_to_not_convert": ["lm_head"],
+    }
+    assert config["rope_theta"] == 100000.0
+    for name in ("tokenizer.json", "tokenizer_config.json", "generation_config.json", "quantization_report.json"):
+        assert (out / name).is_file(), name
+
+    with safe_open(str(out / "model.safetensors"), "pt") as f, safe_open(str(source_model / "model.safetensors"), "pt") as s:
+        keys = set(f.keys())
+        prefix = "model.layers.0.mlp.down_proj"  # [576, 1536]
+        assert f.get_tensor(f"{prefix}.qweight").dtype == torch.int32
+        assert f.get_tensor(f"{prefix}.qweight").shape == (1536 // 8, 576)
+        assert f.get_tensor(f"{prefix}.scales").dtype == torch.float16
+        assert f.get_tensor(f"{prefix}.scales").shape == (1536 // GROUP_SIZE, 576)
+        assert f.get_tensor(f"{prefix}.codebooks").shape == (2, 16)
+        assert not any(k.endswith("proj.weight") for k in keys)
+        assert len([k for k in keys if k.endswith(".codebooks")]) == 210
+        # Everything that is not a quantized linear is copied bit for bit.
+        for key in ("model.embed_tokens.weight", "model.norm.weight", "model.layers.7.input_layernorm.weight"):
+            assert torch.equal(f.get_tensor(key), s.get_tensor(key))
+
+
+def test_report_is_machine_readable(quantized):
+    out, _ = quantized
+    report = json.loads((out / "quantization_report.json").read_text())
+    assert report["settings"]["group_size"] == GROUP_SIZE and report["settings"]["calibration_tokens"] == 32 * 512
+    assert len(report["layers"]) == 210 and len(report["block_seconds"]) == 30
+    assert report["summary"]["mean_weighted_error"] < report["summary"]["mean_rtn_weighted_error"]
+    assert {"torch", "transformers", "aaac_vllm"} <= set(report["versions"])
+
+
+def test_source_is_not_modified_and_no_staging_left(quantized, source_model):
+    out, _ = quantized
+    assert not any(p.name.startswith(".") for p in out.parent.iterdir())
+    assert "quantization_config" not in json.loads((source_model / "config.json").read_text())
+
+
+@pytest.fixture(scope="module")
+def eval_text(bbc_text):
+    return bbc_text["eval"].read_text()
+
+
+def test_perplexity_beats_round_to_nearest(quantized, source_model, eval_text):
+    out, _ = quantized
+    tokenizer = AutoTokenizer.from_pretrained(source_model)
+    aaac_ppl, tokens = perplexity(load_causal_lm(out), tokenizer, eval_text, 2048, EVAL_TOKENS)
+    assert tokens == 4 * 2047
+
+    rtn = load_causal_lm(source_model)
+    with torch.no_grad():
+        for block in decoder_blocks(rtn):
+            for module in block_linears(block).values():
+                stored = module.weight.data.to(torch.bfloat16)
+                module.weight.data = rtn_dequantized(stored, GROUP_SIZE).float()
+    rtn_ppl, _ = perplexity(rtn, tokenizer, eval_text, 2048, EVAL_TOKENS)
+    print(f"perplexity on {tokens} held-out BBC tokens: AAAC-g64 {aaac_ppl:.3f}, RTN-g64 {rtn_ppl:.3f}")
+    assert aaac_ppl < rtn_ppl
+
+
+def test_aaac_eval_json(quantized, bbc_text):
+    out, _ = quantized
+    result = run_cli("aaac-eval", out, "--text", bbc_text["eval"], "--seqlen", 512, "--max-tokens", 1024, "--json")
+    last = json.loads(result.stdout.strip().splitlines()[-1])
+    assert set(last) == {"perplexity", "tokens", "seconds"}
+    assert last["tokens"] == 2 * 511 and 1 < last["perplexity"] < 100

@@ -1,0 +1,126 @@
+"""Every bad input ends in one line naming what is at fault, exit code 2, no traceback, nothing at OUTPUT."""
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import time
+
+import pytest
+
+from .conftest import BIN, run_cli, tiny_llama
+
+
+@pytest.fixture(scope="module")
+def small_calib(tmp_path_factory, bbc_text):
+    path = tmp_path_factory.mktemp("calib") / "calib.txt"
+    path.write_text(bbc_text["calib"].read_text()[:60_000])
+    return path
+
+
+def fails_with(tmp_path, *args, expect: str) -> str:
+    out = tmp_path / "out"
+    args = [a if a != "OUT" else out for a in args]
+    result = run_cli("aaac-quantize", *args, check=False)
+    lines = result.stderr.strip().splitlines()
+    assert result.returncode == 2, result.stderr
+    assert "Traceback" not in result.stderr
+    assert lines and lines[-1].startswith("error: ") and expect in lines[-1], result.stderr
+    assert not out.exists()
+    return lines[-1]
+
+
+def test_source_missing(tmp_path):
+    fails_with(tmp_path, tmp_path / "nowhere", "OUT", expect=f"source model folder {tmp_path / 'nowhere'} does not exist")
+
+
+def test_source_not_a_model(tmp_path):
+    (tmp_path / "src").mkdir()
+    fails_with(tmp_path, tmp_path / "src", "OUT", expect="is not a Hugging Face model folder: it has no config.json")
+
+
+def test_no_safetensors(tmp_path, source_model):
+    src = tmp_path / "src"
+    src.mkdir()
+    shutil.copy(source_model / "config.json", src)
+    (src / "pytorch_model.bin").write_bytes(b"pickle is never read")
+    fails_with(tmp_path, src, "OUT", expect="has no safetensors weights")
+
+
+def test_group_size_does_not_divide(tmp_path, source_model, small_calib):
+    line = fails_with(tmp_path, source_model, "OUT", "--group-size", 128, "--calib", small_calib, "--nsamples", 2, expect="in_features 576 is not divisible by group size 128")
+    assert "layer model.layers.0.self_attn.q_proj" in line and "--group-size 64" in line
+
+
+def test_group_size_must_be_a_power_of_two(tmp_path, source_model):
+    result = run_cli("aaac-quantize", source_model, tmp_path / "out", "--group-size", 48, check=False)
+    assert result.returncode == 2 and "--group-size: 48 is not a power of two" in result.stderr
+
+
+def test_nan_weight(tmp_path, small_calib):
+    src = tiny_llama(tmp_path / "src", poison="model.layers.1.mlp.up_proj.weight")
+    fails_with(tmp_path, src, "OUT", "--group-size", 64, "--calib", small_calib, "--nsamples", 2, "--seqlen", 64, expect="layer model.layers.1.mlp.up_proj: weight contains NaN or Inf")
+
+
+def test_no_linear_layers(tmp_path, small_calib, source_model):
+    from transformers import GPT2Config, GPT2LMHeadModel  # GPT-2 blocks use Conv1D, not nn.Linear
+
+    src = tmp_path / "src"
+    GPT2LMHeadModel(GPT2Config(n_layer=2, n_embd=64, n_head=2, vocab_size=49152)).save_pretrained(src)
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(source_model / name, src / name)
+    fails_with(tmp_path, src, "OUT", "--calib", small_calib, "--nsamples", 2, "--seqlen", 64, expect="no quantizable linear layers found")
+
+
+def test_calibration_empty(tmp_path, source_model):
+    empty = tmp_path / "empty.txt"
+    empty.write_text("\n\n")
+    fails_with(tmp_path, source_model, "OUT", "--calib", empty, expect="calibration data is empty")
+
+
+def test_calibration_too_short(tmp_path, source_model, small_calib):
+    line = fails_with(tmp_path, source_model, "OUT", "--calib", small_calib, "--nsamples", 128, "--seqlen", 512, expect="calibration data has")
+    assert "65536 needed (128 samples x 512)" in line
+
+
+def test_calibration_file_missing(tmp_path, source_model):
+    fails_with(tmp_path, source_model, "OUT", "--calib", tmp_path / "nope.txt", expect=f"calibration file {tmp_path / 'nope.txt'} does not exist")
+
+
+def test_output_exists(tmp_path, source_model):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "keep.txt").write_text("precious")
+    result = run_cli("aaac-quantize", source_model, out, check=False)
+    assert result.returncode == 2 and "already exists; pass --overwrite" in result.stderr
+    assert (out / "keep.txt").read_text() == "precious"
+
+
+def test_output_inside_source(tmp_path, source_model):
+    src = tmp_path / "src"
+    shutil.copytree(source_model, src)
+    result = run_cli("aaac-quantize", src, src / "q", "--overwrite", check=False)
+    assert result.returncode == 2 and "must be outside the source model folder" in result.stderr
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_interrupt_leaves_nothing(tmp_path, source_model, bbc_text, sig):
+    out = tmp_path / "out"
+    proc = subprocess.Popen(
+        [str(BIN / "aaac-quantize"), str(source_model), str(out), "--group-size", "64",
+         "--calib", str(bbc_text["calib"]), "--nsamples", "8", "--seqlen", "256"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )
+    # Wait until the staging folder exists, i.e. the run is writing.
+    deadline = time.monotonic() + 300
+    while not any(p.name.startswith(".out.partial-") for p in tmp_path.iterdir()):
+        assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
+        time.sleep(0.2)
+    time.sleep(2)
+    proc.send_signal(sig)
+    _, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 130, stderr
+    assert "interrupted: nothing was written" in stderr
+    assert sorted(os.listdir(tmp_path)) == []
+    assert "quantization_config" not in json.loads((source_model / "config.json").read_text())
