@@ -22,6 +22,9 @@ class CodebookOptions:
     refine_rounds: int = 2
     # Elements sampled for the quantile initialisation.
     init_samples: int = 1 << 20
+    # A codebook used by fewer groups than this is re-seeded, at most max_reseeds times per Lloyd run.
+    min_share: float = 0.02
+    max_reseeds: int = 3
 
 
 @dataclass
@@ -72,43 +75,53 @@ def _weighted_quantiles(values: torch.Tensor, weights: torch.Tensor, count: int)
     return values[positions]
 
 
-def _initial_codebooks(
-    u: torch.Tensor, weight: torch.Tensor, generator: torch.Generator, samples: int
+def _quantile_codebook(
+    u: torch.Tensor, weight: torch.Tensor, members: torch.Tensor, generator: torch.Generator, samples: int
 ) -> torch.Tensor:
-    """Deterministic start: split groups by how flat they are, one codebook per half.
-
-    Groups whose weighted mean |u| is below the median (peaked groups, a few
-    large weights and many small ones) seed C0; flatter groups seed C1. Each
-    codebook starts at the 16 weighted quantiles of its half, computed on a
-    seeded subsample so that large layers cost the same as small ones.
-    """
-    flatness = (u.abs() * weight).sum(-1) / weight.sum(-1).clamp_min(1e-30)
-    peaked = flatness <= flatness.median()
-    books = []
-    for members in (peaked, ~peaked):
-        vals, wts = u[members].reshape(-1), weight[members].reshape(-1)
-        if vals.numel() == 0:  # all groups identical in flatness
-            vals, wts = u.reshape(-1), weight.reshape(-1)
-        if vals.numel() > samples:
-            pick = torch.randint(vals.numel(), (samples,), generator=generator, device="cpu").to(vals.device)
-            vals, wts = vals[pick], wts[pick]
-        if wts.sum() <= 0:
-            wts = torch.ones_like(wts)
-        books.append(_weighted_quantiles(vals, wts, CODEBOOK_SIZE))
-    return torch.stack(books)
+    """16 weighted quantiles of the normalized weights of the member groups, on a seeded subsample."""
+    vals, wts = u[members].reshape(-1), weight.expand_as(u)[members].reshape(-1)
+    if vals.numel() > samples:
+        pick = torch.randint(vals.numel(), (samples,), generator=generator).to(vals.device)
+        vals, wts = vals[pick], wts[pick]
+    if wts.sum() <= 0:
+        wts = torch.ones_like(wts)
+    return _weighted_quantiles(vals, wts, CODEBOOK_SIZE)
 
 
 def _lloyd(
-    w: torch.Tensor, h: torch.Tensor, scale: torch.Tensor, codebooks: torch.Tensor, options: CodebookOptions
+    w: torch.Tensor,
+    h: torch.Tensor,
+    scale: torch.Tensor,
+    codebooks: torch.Tensor,
+    options: CodebookOptions,
+    generator: torch.Generator,
 ) -> torch.Tensor:
-    """Activation-weighted Lloyd iterations on both codebooks with fixed scales."""
+    """Activation-weighted Lloyd iterations on both codebooks with fixed scales; returns the best pair seen.
+
+    A codebook chosen by fewer than ``min_share`` of the groups is wasted
+    storage and wasted freedom: it is re-seeded from the groups the other
+    codebook serves worst (the k-means empty-cluster fix, a bounded number of
+    times). Starting from two equal codebooks, the first re-seed is the split.
+    """
     u = _normalize(w, scale)
     weight = h * scale * scale  # error weight of u: h[k] * s^2
-    previous = None
+    best, best_total = codebooks, float("inf")
+    previous, reseeds = None, 0
     for _ in range(options.lloyd_iters):
         errors, indices = _group_errors(w, h, scale, codebooks)
         choice = errors[1] < errors[0]
         total = torch.where(choice, errors[1], errors[0]).sum().item()
+        if total < best_total:
+            best, best_total = codebooks, total
+        share = choice.float().mean().item()
+        if min(share, 1 - share) < options.min_share and reseeds < options.max_reseeds:
+            rare = 1 if share < 0.5 else 0
+            served = errors[1 - rare]
+            worse = served >= served.median()
+            codebooks = codebooks.clone()
+            codebooks[rare] = _quantile_codebook(u, weight, worse, generator, options.init_samples)
+            previous, reseeds = None, reseeds + 1
+            continue
         if previous is not None and previous - total <= options.tol * previous:
             break
         previous = total
@@ -120,7 +133,7 @@ def _lloyd(
         # An entry nobody maps to keeps its value instead of collapsing to 0.
         flat = torch.where(den > 0, num / den.clamp_min(1e-30), codebooks.reshape(-1).double())
         codebooks = torch.sort(flat.to(codebooks.dtype).reshape(NUM_CODEBOOKS, CODEBOOK_SIZE)).values
-    return codebooks
+    return best
 
 
 def _search_scales(
@@ -154,11 +167,14 @@ def quantize_layer(
 
     absmax = w.abs().amax(dim=-1, keepdim=True)
     scale = absmax
-    codebooks = _initial_codebooks(_normalize(w, scale), hg * scale * scale, generator, options.init_samples)
-    codebooks = _lloyd(w, hg, scale, codebooks, options)
+    # Both codebooks start as the weighted quantiles of all normalized weights; Lloyd's first step splits them.
+    everyone = torch.ones(w.shape[:2], dtype=torch.bool, device=w.device)
+    start = _quantile_codebook(_normalize(w, scale), hg * scale * scale, everyone, generator, options.init_samples)
+    codebooks = torch.stack([start, start])
+    codebooks = _lloyd(w, hg, scale, codebooks, options, generator)
     for _ in range(options.refine_rounds):
         scale = _search_scales(w, hg, absmax, codebooks, options)
-        codebooks = _lloyd(w, hg, scale, codebooks, options)
+        codebooks = _lloyd(w, hg, scale, codebooks, options, generator)
 
     # Final assignment with exactly the values that are stored (fp16), so the
     # choice and indices are optimal for what the dequantizer will read.
