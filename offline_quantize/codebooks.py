@@ -88,6 +88,23 @@ def _quantile_codebook(
     return _weighted_quantiles(vals, wts, CODEBOOK_SIZE)
 
 
+def _initial_codebooks(
+    u: torch.Tensor, weight: torch.Tensor, generator: torch.Generator, samples: int
+) -> torch.Tensor:
+    """Deterministic start: one codebook from the peaked groups, one from the flat ones.
+
+    Groups whose weighted mean |u| is at most the median (a few large weights,
+    many small ones) seed C0 with their 16 weighted quantiles; the other half
+    seeds C1.
+    """
+    weight = weight.expand_as(u)
+    flatness = (u.abs() * weight).sum(-1) / weight.sum(-1).clamp_min(1e-30)
+    peaked = flatness <= flatness.median()
+    if peaked.all():  # all groups equally flat: start from all of them, the first re-seed splits
+        return torch.stack([_quantile_codebook(u, weight, peaked, generator, samples)] * NUM_CODEBOOKS)
+    return torch.stack([_quantile_codebook(u, weight, half, generator, samples) for half in (peaked, ~peaked)])
+
+
 def _lloyd(
     w: torch.Tensor,
     h: torch.Tensor,
@@ -167,10 +184,7 @@ def quantize_layer(
 
     absmax = w.abs().amax(dim=-1, keepdim=True)
     scale = absmax
-    # Both codebooks start as the weighted quantiles of all normalized weights; Lloyd's first step splits them.
-    everyone = torch.ones(w.shape[:2], dtype=torch.bool, device=w.device)
-    start = _quantile_codebook(_normalize(w, scale), hg * scale * scale, everyone, generator, options.init_samples)
-    codebooks = torch.stack([start, start])
+    codebooks = _initial_codebooks(_normalize(w, scale), hg * scale * scale, generator, options.init_samples)
     codebooks = _lloyd(w, hg, scale, codebooks, options, generator)
     for _ in range(options.refine_rounds):
         scale = _search_scales(w, hg, absmax, codebooks, options)

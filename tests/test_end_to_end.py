@@ -56,7 +56,9 @@ def test_report_is_machine_readable(quantized):
     report = json.loads((out / "quantization_report.json").read_text())
     assert report["settings"]["group_size"] == GROUP_SIZE and report["settings"]["calibration_tokens"] == 32 * 512
     assert len(report["layers"]) == 210 and len(report["block_seconds"]) == 30
-    assert report["summary"]["mean_weighted_error"] < report["summary"]["mean_rtn_weighted_error"]
+    summary = report["summary"]
+    assert summary["mean_weighted_error"] < 0.75 * summary["mean_rtn_weighted_error"]
+    assert 0.05 < summary["mean_codebook1_share"] < 0.95
     assert {"torch", "transformers", "aaac_vllm"} <= set(report["versions"])
 
 
