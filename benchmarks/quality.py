@@ -18,19 +18,7 @@ from transformers import AutoTokenizer
 
 from offline_quantize.evaluate import perplexity
 from offline_quantize.hf_loader import load_causal_lm
-from offline_quantize.rtn import rtn_dequantized
-from offline_quantize.source import block_linears, decoder_blocks
-
-
-def rtn_model(source: Path, group_size: int, symmetric: bool):
-    model = load_causal_lm(source)
-    dtype = json.loads((source / "config.json").read_text()).get("dtype", "bfloat16")
-    with torch.no_grad():
-        for block in decoder_blocks(model):
-            for module in block_linears(block).values():
-                stored = module.weight.data.to(getattr(torch, dtype))  # the checkpoint's own values
-                module.weight.data = rtn_dequantized(stored, group_size, symmetric).float()
-    return model
+from offline_quantize.rtn import apply_rtn
 
 
 def main() -> None:
@@ -48,8 +36,8 @@ def main() -> None:
     text = args.text.read_text(encoding="utf-8")
     candidates = {
         "bf16": lambda: load_causal_lm(args.source),
-        f"RTN asymmetric g{group}": lambda: rtn_model(args.source, group, symmetric=False),
-        f"RTN symmetric g{group}": lambda: rtn_model(args.source, group, symmetric=True),
+        f"RTN asymmetric g{group}": lambda: apply_rtn(load_causal_lm(args.source), group, symmetric=False),
+        f"RTN symmetric g{group}": lambda: apply_rtn(load_causal_lm(args.source), group, symmetric=True),
         f"AAAC g{group}": lambda: load_causal_lm(args.quantized),
     }
     results = {}

@@ -1,6 +1,9 @@
 """Round-to-nearest INT4 with per-group scales: the fixed-grid baseline AAAC is measured against."""
 
 import torch
+from torch import nn
+
+from .source import block_linears, decoder_blocks
 
 
 def rtn_dequantized(weight: torch.Tensor, group_size: int, symmetric: bool = False) -> torch.Tensor:
@@ -22,3 +25,12 @@ def rtn_dequantized(weight: torch.Tensor, group_size: int, symmetric: bool = Fal
         q = torch.clamp(torch.round(w / scale) + zero, 0, 15)
         out = (q - zero) * scale
     return out.reshape(n, k).to(weight.dtype)
+
+
+def apply_rtn(model: nn.Module, group_size: int, symmetric: bool = False) -> nn.Module:
+    """Replace, in place, the weight of every decoder-block linear by its round-to-nearest reconstruction."""
+    with torch.no_grad():
+        for block in decoder_blocks(model):
+            for module in block_linears(block).values():
+                module.weight.data = rtn_dequantized(module.weight.data, group_size, symmetric)
+    return model
