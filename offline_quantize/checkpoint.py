@@ -123,12 +123,21 @@ def write_config(source_config: dict, target: Path, quant_config: dict) -> None:
 # ---- reading ---------------------------------------------------------------------------------------
 
 
+def read_config(path: Path) -> dict:
+    """config.json of a model folder."""
+    config_file = path / "config.json"
+    if not config_file.is_file():
+        raise QuantizeError(f"{path} is not a Hugging Face model folder: it has no config.json")
+    try:
+        return json.loads(config_file.read_text())
+    except json.JSONDecodeError as exc:
+        raise QuantizeError(f"{config_file} is not valid JSON ({exc})") from None
+
+
 def read_quant_config(path: Path) -> tuple[dict, dict]:
     """(config.json, its quantization_config), checked against the format this code reads."""
     config_file = path / "config.json"
-    if not config_file.is_file():
-        raise QuantizeError(f"{path} is not a model folder: it has no config.json")
-    config = json.loads(config_file.read_text())
+    config = read_config(path)
     quant = config.get("quantization_config")
     if quant is None or quant.get("quant_method") != "aaac":
         return config, {}

@@ -95,14 +95,14 @@ def _eval(argv) -> None:
     args = eval_parser().parse_args(argv)
     import torch
 
+    from .checkpoint import read_quant_config
     from .evaluate import perplexity
     from .hf_loader import load_causal_lm
 
+    read_quant_config(args.model)  # a model folder, and an AAAC format this code reads
     for file in args.text:
         if not file.is_file():
             raise QuantizeError(f"text file {file} does not exist")
-    if not (args.model / "config.json").is_file():
-        raise QuantizeError(f"{args.model} is not a Hugging Face model folder: it has no config.json")
     device = "cuda" if args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available()) else "cpu"
     # bf16 matmuls are slow on CPUs without native support; fp32 computes the same stored weights exactly.
     dtype = torch.float32 if device == "cpu" else torch.bfloat16

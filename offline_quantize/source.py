@@ -1,12 +1,12 @@
 """The source model: checks on the folder, loading, and finding the decoder blocks and their linears."""
 
-import json
 from pathlib import Path
 
 import torch
 from safetensors import safe_open
 from torch import nn
 
+from .checkpoint import read_config
 from .errors import QuantizeError
 
 
@@ -14,13 +14,7 @@ def check_source(path: Path) -> dict:
     """Validate an HF model folder with safetensors weights; return its config.json."""
     if not path.is_dir():
         raise QuantizeError(f"source model folder {path} does not exist")
-    config_file = path / "config.json"
-    if not config_file.is_file():
-        raise QuantizeError(f"{path} is not a Hugging Face model folder: it has no config.json")
-    try:
-        config = json.loads(config_file.read_text())
-    except json.JSONDecodeError as exc:
-        raise QuantizeError(f"{config_file} is not valid JSON ({exc})") from None
+    config = read_config(path)
     if not weight_files(path):
         raise QuantizeError(
             f"{path} has no safetensors weights (model.safetensors or model-*.safetensors); "
@@ -28,7 +22,7 @@ def check_source(path: Path) -> dict:
         )
     if "quantization_config" in config:
         method = config["quantization_config"].get("quant_method", "unknown")
-        raise QuantizeError(f"{config_file} describes a model already quantized with '{method}'; start from the unquantized model")
+        raise QuantizeError(f"{path / 'config.json'} describes a model already quantized with '{method}'; start from the unquantized model")
     return config
 
 

@@ -124,3 +124,22 @@ def test_interrupt_leaves_nothing(tmp_path, source_model, bbc_text, sig):
     assert "interrupted: nothing was written" in stderr
     assert sorted(os.listdir(tmp_path)) == []
     assert "quantization_config" not in json.loads((source_model / "config.json").read_text())
+
+
+def test_eval_refuses_unknown_format_version(tmp_path, source_model):
+    model = tmp_path / "model"
+    model.mkdir()
+    config = json.loads((source_model / "config.json").read_text())
+    config["quantization_config"] = {"quant_method": "aaac", "bits": 4, "group_size": 64, "num_codebooks": 2,
+                                     "codebook_size": 16, "format_version": 99}
+    (model / "config.json").write_text(json.dumps(config))
+    text = tmp_path / "t.txt"
+    text.write_text("hello")
+    result = run_cli("aaac-eval", model, "--text", text, check=False)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert "AAAC format_version 99 is not supported (this aaac-vllm reads version 1)" in result.stderr
+
+
+def test_eval_text_missing(tmp_path, source_model):
+    result = run_cli("aaac-eval", source_model, "--text", tmp_path / "none.txt", check=False)
+    assert result.returncode == 2 and f"text file {tmp_path / 'none.txt'} does not exist" in result.stderr
