@@ -34,14 +34,12 @@ def quantization_config(group_size: int, modules_to_not_convert: list[str]) -> d
 
 
 @contextmanager
-def atomic_folder(output: Path, overwrite: bool):
-    """Yield a temporary sibling of ``output``; it becomes ``output`` only if the block finishes.
+def atomic_folder(output: Path):
+    """Yield a temporary sibling of ``output``; it replaces ``output`` only if the block finishes.
 
     Ctrl-C, SIGTERM or an error remove it, so ``output`` is either the old
     folder or the complete new one, never a partial one.
     """
-    if output.exists() and not overwrite:
-        raise QuantizeError(f"output folder {output} already exists; pass --overwrite to replace it")
     output.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{output.name}.partial-", dir=output.parent))
     previous = signal.signal(signal.SIGTERM, _raise_interrupt)

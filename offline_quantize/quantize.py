@@ -136,7 +136,7 @@ def quantize_model(source_dir: Path, output: Path, settings: Settings, overwrite
     # CPUs without native bf16 matmul are far faster in fp32; GPUs compute in the model's dtype.
     compute_dtype = torch.float32 if device.type == "cpu" else model_dtype
 
-    with torch.no_grad(), checkpoint.atomic_folder(output, overwrite) as staging:
+    with torch.no_grad(), checkpoint.atomic_folder(output) as staging:
         calls = _capture_block_inputs(model, blocks, windows, settings.batch_size)
         inputs = [_to(h, device, compute_dtype) for h, _, _ in calls]
         extras = [(_to(a, device, compute_dtype), _to(k, device, compute_dtype)) for _, a, k in calls]
