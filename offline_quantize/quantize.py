@@ -114,7 +114,6 @@ def quantize_model(source_dir: Path, output: Path, settings: Settings, overwrite
     if output.exists() and not overwrite:
         raise QuantizeError(f"output folder {output} already exists; pass --overwrite to replace it")
     device = _resolve_device(settings.device)
-    torch.manual_seed(settings.seed)
 
     from transformers import AutoTokenizer
 
