@@ -1,6 +1,11 @@
-"""vLLM integration for AAAC checkpoints (the `aaac` quantization method).
+"""vLLM integration for AAAC checkpoints: the ``aaac`` quantization method.
 
-The plugin (AAACConfig, AAACLinearMethod) is built in the vLLM-backend issue;
-until then an AAAC checkpoint runs through the reference dequantizer:
-``offline_quantize.hf_loader.load_causal_lm``.
+vLLM calls ``register`` in every process through the ``vllm.general_plugins``
+entry point, so installing the package is all a user does. Importing this
+package alone does not import vLLM.
 """
+
+
+def register() -> None:
+    """Register ``AAACConfig`` under the name ``aaac`` (registration happens at import of the module)."""
+    from . import config  # noqa: F401

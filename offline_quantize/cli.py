@@ -6,13 +6,13 @@ import sys
 import time
 from pathlib import Path
 
-from .errors import QuantizeError
+from .errors import AAACError
 
 
 def _run(main, argv) -> int:
     try:
         main(argv)
-    except QuantizeError as exc:
+    except AAACError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
@@ -101,7 +101,7 @@ def _eval(argv) -> None:
     read_quant_config(args.model)  # a model folder, and an AAAC format this code reads
     for file in args.text:
         if not file.is_file():
-            raise QuantizeError(f"text file {file} does not exist")
+            raise AAACError(f"text file {file} does not exist")
     device = "cuda" if args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available()) else "cpu"
     # bf16 matmuls are slow on CPUs without native support; fp32 computes the same stored weights exactly.
     dtype = torch.float32 if device == "cpu" else torch.bfloat16

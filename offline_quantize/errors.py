@@ -1,5 +1,5 @@
-"""The one error type the tools turn into a one-line message and a non-zero exit."""
+"""The one error type for bad input: the CLIs turn it into a one-line message, vLLM shows it at load."""
 
 
-class QuantizeError(Exception):
-    """Bad input or settings; the message names what is at fault and what to do."""
+class AAACError(ValueError):
+    """Bad input, settings or checkpoint; the message names what is at fault and what to do."""

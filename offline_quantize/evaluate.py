@@ -5,7 +5,7 @@ import math
 import torch
 from torch import nn
 
-from .errors import QuantizeError
+from .errors import AAACError
 
 
 @torch.no_grad()
@@ -16,7 +16,7 @@ def perplexity(model: nn.Module, tokenizer, text: str, seqlen: int = 2048, max_t
         ids = ids[:max_tokens]
     windows = len(ids) // seqlen
     if windows == 0:
-        raise QuantizeError(f"the text has {len(ids)} tokens, fewer than one window of {seqlen}; lower --seqlen or add text")
+        raise AAACError(f"the text has {len(ids)} tokens, fewer than one window of {seqlen}; lower --seqlen or add text")
     device = next(model.parameters()).device
     nll, count = 0.0, 0
     for w in range(windows):

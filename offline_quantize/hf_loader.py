@@ -11,8 +11,8 @@ from torch import nn
 
 from aaac_kernels.reference import dequantize
 
-from .checkpoint import read_quant_config, read_tensors
-from .errors import QuantizeError
+from .checkpoint import check_tensors, read_quant_config, read_tensors
+from .errors import AAACError
 
 
 def load_causal_lm(path: Path, dtype: torch.dtype = torch.float32, device: str = "cpu") -> nn.Module:
@@ -24,6 +24,7 @@ def load_causal_lm(path: Path, dtype: torch.dtype = torch.float32, device: str =
         model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, device_map=device, use_safetensors=True)
         return model.eval()
 
+    check_tensors(path, quant["group_size"])  # names the damaged file or tensor before any work is done
     from accelerate import init_empty_weights
 
     config = AutoConfig.from_pretrained(path)
@@ -36,11 +37,11 @@ def load_causal_lm(path: Path, dtype: torch.dtype = torch.float32, device: str =
     state = dense_state_dict(path, quant["group_size"], dtype)
     result = model.load_state_dict(state, strict=False, assign=True)
     if result.unexpected_keys:
-        raise QuantizeError(f"{path}: tensors the model does not have: {', '.join(result.unexpected_keys[:3])}")
+        raise AAACError(f"{path}: tensors the model does not have: {', '.join(result.unexpected_keys[:3])}")
     model.tie_weights()
     missing = [name for name, p in model.named_parameters() if p.is_meta]
     if missing:
-        raise QuantizeError(f"{path}: tensors missing from the checkpoint: {', '.join(missing[:3])}")
+        raise AAACError(f"{path}: tensors missing from the checkpoint: {', '.join(missing[:3])}")
     return model.to(device).eval()
 
 
@@ -51,9 +52,6 @@ def dense_state_dict(path: Path, group_size: int, dtype: torch.dtype) -> dict[st
     for key, tensor in tensors.items():
         if key.endswith(".qweight"):
             prefix = key[: -len(".qweight")]
-            for part in ("scales", "codebooks"):
-                if f"{prefix}.{part}" not in tensors:
-                    raise QuantizeError(f"{path}: tensor {prefix}.{part} is missing for quantized layer {prefix}")
             state[f"{prefix}.weight"] = dequantize(
                 tensor, tensors[f"{prefix}.scales"], tensors[f"{prefix}.codebooks"], group_size, dtype
             )

@@ -23,7 +23,7 @@ from aaac_kernels.reference import dequantize
 from . import checkpoint, source
 from .calibration import read_texts, token_windows
 from .codebooks import CodebookOptions, quantize_layer, weighted_error
-from .errors import QuantizeError
+from .errors import AAACError
 from .rtn import rtn_dequantized
 from .statistics import collect
 
@@ -79,7 +79,7 @@ def _resolve_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name == "cuda" and not torch.cuda.is_available():
-        raise QuantizeError("--device cuda was asked for, but torch sees no CUDA device; use --device cpu")
+        raise AAACError("--device cuda was asked for, but torch sees no CUDA device; use --device cpu")
     return torch.device(name)
 
 
@@ -110,9 +110,9 @@ def quantize_model(source_dir: Path, output: Path, settings: Settings, overwrite
     source_dir, output = source_dir.resolve(), output.resolve()
     config = source.check_source(source_dir)
     if output == source_dir or source_dir.is_relative_to(output) or output.is_relative_to(source_dir):
-        raise QuantizeError(f"output folder {output} must be outside the source model folder {source_dir}")
+        raise AAACError(f"output folder {output} must be outside the source model folder {source_dir}")
     if output.exists() and not overwrite:
-        raise QuantizeError(f"output folder {output} already exists; pass --overwrite to replace it")
+        raise AAACError(f"output folder {output} already exists; pass --overwrite to replace it")
     device = _resolve_device(settings.device)
 
     from transformers import AutoTokenizer
@@ -120,7 +120,7 @@ def quantize_model(source_dir: Path, output: Path, settings: Settings, overwrite
     tokenizer = AutoTokenizer.from_pretrained(source_dir)
     texts = read_texts(settings.calib)
     if not texts:
-        raise QuantizeError(f"calibration data is empty: no text in {', '.join(map(str, settings.calib))}")
+        raise AAACError(f"calibration data is empty: no text in {', '.join(map(str, settings.calib))}")
     windows = token_windows(texts, tokenizer, settings.nsamples, settings.seqlen, settings.seed)
 
     model = source.load_model(source_dir)
@@ -128,7 +128,7 @@ def quantize_model(source_dir: Path, output: Path, settings: Settings, overwrite
     stored = source.tensor_names(source_dir)
     for name in linears:
         if f"{name}.weight" not in stored:
-            raise QuantizeError(f"layer {name}: no tensor {name}.weight in the safetensors files of {source_dir}")
+            raise AAACError(f"layer {name}: no tensor {name}.weight in the safetensors files of {source_dir}")
     blocks = source.decoder_blocks(model)
     prefix = source.blocks_prefix(model, blocks)
     model_dtype = next(blocks[0].parameters()).dtype

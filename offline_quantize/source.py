@@ -7,22 +7,22 @@ from safetensors import safe_open
 from torch import nn
 
 from .checkpoint import read_config
-from .errors import QuantizeError
+from .errors import AAACError
 
 
 def check_source(path: Path) -> dict:
     """Validate an HF model folder with safetensors weights; return its config.json."""
     if not path.is_dir():
-        raise QuantizeError(f"source model folder {path} does not exist")
+        raise AAACError(f"source model folder {path} does not exist")
     config = read_config(path)
     if not weight_files(path):
-        raise QuantizeError(
+        raise AAACError(
             f"{path} has no safetensors weights (model.safetensors or model-*.safetensors); "
             "convert the model with save_pretrained(..., safe_serialization=True)"
         )
     if "quantization_config" in config:
         method = config["quantization_config"].get("quant_method", "unknown")
-        raise QuantizeError(f"{path / 'config.json'} describes a model already quantized with '{method}'; start from the unquantized model")
+        raise AAACError(f"{path / 'config.json'} describes a model already quantized with '{method}'; start from the unquantized model")
     return config
 
 
@@ -37,7 +37,7 @@ def tensor_names(path: Path) -> set[str]:
             with safe_open(str(file), framework="pt") as f:
                 names.update(f.keys())
         except Exception as exc:  # safetensors raises its own error types for damaged files
-            raise QuantizeError(f"{file}: cannot read safetensors header ({exc})") from None
+            raise AAACError(f"{file}: cannot read safetensors header ({exc})") from None
     return names
 
 
@@ -57,7 +57,7 @@ def decoder_blocks(model: nn.Module) -> nn.ModuleList:
     for _, module in model.named_modules():
         if isinstance(module, nn.ModuleList) and len(module) == count:
             return module
-    raise QuantizeError(f"no list of {count} decoder blocks found in {type(model).__name__}")
+    raise AAACError(f"no list of {count} decoder blocks found in {type(model).__name__}")
 
 
 def block_linears(block: nn.Module) -> dict[str, nn.Linear]:
@@ -69,7 +69,7 @@ def blocks_prefix(model: nn.Module, blocks: nn.ModuleList) -> str:
     for name, module in model.named_modules():
         if module is blocks:
             return name
-    raise QuantizeError("decoder blocks are not a submodule of the model")
+    raise AAACError("decoder blocks are not a submodule of the model")
 
 
 def check_linears(model: nn.Module, group_size: int) -> dict[str, nn.Linear]:
@@ -80,13 +80,13 @@ def check_linears(model: nn.Module, group_size: int) -> dict[str, nn.Linear]:
         f"{prefix}.{i}.{name}": module for i, block in enumerate(blocks) for name, module in block_linears(block).items()
     }
     if not linears:
-        raise QuantizeError(f"no quantizable linear layers found in the decoder blocks of {type(model).__name__}")
+        raise AAACError(f"no quantizable linear layers found in the decoder blocks of {type(model).__name__}")
     for name, module in linears.items():
         k = module.in_features
         if k % group_size:
             fits = [g for g in (128, 64, 32) if k % g == 0]
             hint = f"use --group-size {fits[0]}" if fits else "no group size of 32 or more divides it"
-            raise QuantizeError(f"layer {name}: in_features {k} is not divisible by group size {group_size}; {hint}")
+            raise AAACError(f"layer {name}: in_features {k} is not divisible by group size {group_size}; {hint}")
         if not torch.isfinite(module.weight).all():
-            raise QuantizeError(f"layer {name}: weight contains NaN or Inf; the source checkpoint is damaged")
+            raise AAACError(f"layer {name}: weight contains NaN or Inf; the source checkpoint is damaged")
     return linears

@@ -1,0 +1,64 @@
+"""``AAACConfig``: the ``aaac`` quantization method as vLLM sees it."""
+
+from pathlib import Path
+from typing import Any
+
+import torch
+from vllm.model_executor.layers.linear import LinearBase, UnquantizedLinearMethod
+from vllm.model_executor.layers.quantization import register_quantization_config
+from vllm.model_executor.layers.quantization.base_config import QuantizationConfig, QuantizeMethodBase
+from vllm.model_executor.layers.quantization.utils.quant_utils import is_layer_skipped
+
+from offline_quantize.checkpoint import check_quant_config, check_tensors
+
+
+@register_quantization_config("aaac")
+class AAACConfig(QuantizationConfig):
+    """Reads ``quantization_config`` of an AAAC checkpoint (docs/format.md) and hands out the linear method."""
+
+    def __init__(self, group_size: int, modules_to_not_convert: list[str]) -> None:
+        super().__init__()
+        self.group_size = group_size
+        self.modules_to_not_convert = modules_to_not_convert
+
+    def __repr__(self) -> str:
+        return f"AAACConfig(group_size={self.group_size}, modules_to_not_convert={self.modules_to_not_convert})"
+
+    @classmethod
+    def get_name(cls) -> str:
+        return "aaac"
+
+    @classmethod
+    def get_supported_act_dtypes(cls) -> list[torch.dtype]:
+        return [torch.bfloat16, torch.float16, torch.float32]
+
+    @classmethod
+    def get_min_capability(cls) -> int:
+        return 70
+
+    @staticmethod
+    def get_config_filenames() -> list[str]:
+        return []  # quantization_config lives in config.json
+
+    @classmethod
+    def from_config(cls, config: dict[str, Any]) -> "AAACConfig":
+        check_quant_config(config, "config.json")
+        return cls(config["group_size"], list(config.get("modules_to_not_convert", [])))
+
+    def get_quant_method(self, layer: torch.nn.Module, prefix: str) -> QuantizeMethodBase | None:
+        if not isinstance(layer, LinearBase):
+            return None  # embeddings and lm_head stay in the model dtype
+        if is_layer_skipped(prefix, self.modules_to_not_convert, self.packed_modules_mapping, match_mode="suffix"):
+            return UnquantizedLinearMethod()
+        from .linear_method import AAACLinearMethod
+
+        return AAACLinearMethod(self)
+
+    def apply_vllm_mapper(self, hf_to_vllm_mapper) -> None:
+        self.modules_to_not_convert = hf_to_vllm_mapper.apply_list(self.modules_to_not_convert)
+
+    def maybe_update_config(self, model_name: str, hf_config=None, revision: str | None = None) -> None:
+        # Runs in the front-end process before any worker starts: a damaged or inconsistent local
+        # checkpoint is refused here with the file and tensor named, not by an assert deep in a worker.
+        if Path(model_name).is_dir():
+            check_tensors(Path(model_name), self.group_size)
