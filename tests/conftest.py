@@ -1,9 +1,11 @@
 """Shared, session-wide fixtures: the real SmolLM2 checkpoint, real BBC text, one AAAC quantization of it."""
 
+import gc
 import os
 import shutil
 import subprocess
 import sys
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -66,3 +68,39 @@ def tiny_llama(folder: Path, hidden: int = 64, layers: int = 2, poison: str | No
     for name in TOKENIZER_FILES:
         shutil.copy(MODEL / name, folder / name)
     return folder
+
+
+# vLLM's CPU build reserves this many GiB of RAM for the KV cache per engine; the default fraction of
+# RAM fails at start-up on the 2-core test machines.
+os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+
+
+@contextmanager
+def vllm_engine(model: Path, **kwargs):
+    """A vLLM engine on ``model`` with the ``aaac`` method, shut down (worker processes included) on exit."""
+    from vllm import LLM
+
+    llm = LLM(model=str(model), quantization="aaac", seed=0, max_model_len=1024, **{"enforce_eager": True, **kwargs})
+    try:
+        yield llm
+    finally:
+        llm.llm_engine.engine_core.shutdown()
+        del llm
+        gc.collect()
+
+
+@pytest.fixture(scope="session")
+def smollm2_engine(quantized):
+    """The one eager vLLM engine on the AAAC SmolLM2 that the vLLM tests share."""
+    with vllm_engine(quantized[0]) as llm:
+        yield llm
+
+
+@pytest.fixture(scope="session")
+def tiny_quantized(tmp_path_factory, bbc_text) -> Path:
+    """A small random Llama whose head counts divide by 2 (for tensor parallel), quantized at group size 32."""
+    root = tmp_path_factory.mktemp("tiny")
+    source = tiny_llama(root / "tiny", hidden=128, layers=2)
+    out = root / "tiny-aaac-g32"
+    run_cli("aaac-quantize", source, out, "--group-size", 32, "--calib", bbc_text["calib"], "--nsamples", 8, "--seqlen", 128)
+    return out

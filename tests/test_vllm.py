@@ -1,0 +1,100 @@
+"""The AAAC SmolLM2 in vLLM's engine (the CPU build) against transformers running the reference dequantizer."""
+
+import pytest
+import torch
+from transformers import AutoTokenizer
+
+from offline_quantize.hf_loader import load_causal_lm
+
+from .conftest import vllm_engine
+
+PROMPTS = [
+    "The capital of France is",
+    "Football is a sport in which",
+    "Gordon Brown said on Tuesday that the economy",
+    "The new mobile phone from Nokia has",
+    "def fibonacci(n):",
+    "Once upon a time, there was a",
+]
+MAX_TOKENS = 16
+TOP = 5
+
+
+def _vllm_greedy(llm, prompts_ids: list[list[int]]) -> list[tuple[list[int], list[dict[int, float]]]]:
+    from vllm import SamplingParams, TokensPrompt
+
+    params = SamplingParams(temperature=0, max_tokens=MAX_TOKENS, logprobs=TOP, ignore_eos=True)
+    outputs = llm.generate([TokensPrompt(prompt_token_ids=ids) for ids in prompts_ids], params, use_tqdm=False)
+    return [
+        (list(o.outputs[0].token_ids), [{t: lp.logprob for t, lp in step.items()} for step in o.outputs[0].logprobs])
+        for o in outputs
+    ]
+
+
+def _hf_greedy(model, prompts_ids: list[list[int]]) -> list[tuple[list[int], list[dict[int, float]]]]:
+    results = []
+    for ids in prompts_ids:
+        out = model.generate(
+            torch.tensor([ids]), do_sample=False, max_new_tokens=MAX_TOKENS, min_new_tokens=MAX_TOKENS,
+            output_scores=True, return_dict_in_generate=True, pad_token_id=0,
+        )
+        tokens = out.sequences[0, len(ids):].tolist()
+        steps = []
+        for scores in out.scores:
+            logprobs = torch.log_softmax(scores[0].float(), dim=-1)
+            top = torch.topk(logprobs, TOP)
+            steps.append(dict(zip(top.indices.tolist(), top.values.tolist())))
+        results.append((tokens, steps))
+    return results
+
+
+def _check_close(reference, candidate, names: list[str], logprob_tol: float) -> int:
+    """Greedy sequences agree token for token, or part at a near tie; returns how many agree fully.
+
+    Two engines with different kernels (vLLM's bf16 paged attention, transformers' fp32 eager attention)
+    can pick different tokens where the top two candidates are within rounding of each other. So where the
+    tokens part, each token must be in the other's top 5 and the reference must rate them within
+    ``logprob_tol`` of each other; after that point the texts are no longer comparable. Up to that point
+    every step's top-1 log-probability must agree within ``logprob_tol``.
+    """
+    identical = 0
+    for (ref_tokens, ref_steps), (tokens, steps), name in zip(reference, candidate, names):
+        for i, (a, b) in enumerate(zip(ref_tokens, tokens)):
+            if a != b:
+                assert b in ref_steps[i] and a in steps[i], f"{name!r}: step {i} picks {b}, reference {a}"
+                assert abs(ref_steps[i][a] - ref_steps[i][b]) < logprob_tol, f"{name!r}: step {i} is no near tie"
+                break
+            assert abs(ref_steps[i][a] - steps[i][b]) < logprob_tol, f"{name!r}: step {i} logprob differs"
+        else:
+            identical += 1
+    return identical
+
+
+def test_vllm_greedy_matches_reference_dequantizer(smollm2_engine, quantized):
+    path = quantized[0]
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    prompts_ids = [tokenizer(p).input_ids for p in PROMPTS]
+    reference = _hf_greedy(load_causal_lm(path, dtype=torch.float32), prompts_ids)
+    got = _vllm_greedy(smollm2_engine, prompts_ids)
+    # bf16 activations in vLLM against fp32 in the reference: log-probabilities differ by a few hundredths.
+    identical = _check_close(reference, got, PROMPTS, logprob_tol=0.15)
+    assert identical >= len(PROMPTS) // 2, f"only {identical} of {len(PROMPTS)} greedy continuations agree fully"
+
+
+def test_vllm_text_is_sensible(smollm2_engine):
+    from vllm import SamplingParams
+
+    out = smollm2_engine.generate(["The capital of France is"], SamplingParams(temperature=0, max_tokens=8), use_tqdm=False)
+    assert "Paris" in out[0].outputs[0].text
+
+
+def test_tensor_parallel_2_matches_1(tiny_quantized, monkeypatch):
+    monkeypatch.setenv("VLLM_CPU_OMP_THREADS_BIND", "0|1")  # one NUMA node here: one core per rank
+    prompts_ids = [[1, 2, 3, 4, 5], [100, 2000, 30000, 17], [4000, 4001, 4002, 4003, 4004, 4005, 4006]]
+    results = {}
+    for tp in (1, 2):
+        with vllm_engine(tiny_quantized, tensor_parallel_size=tp, dtype="float32") as llm:
+            results[tp] = _vllm_greedy(llm, prompts_ids)
+    # fp32 throughout: the ranks only change the order of the sums in the all-reduce.
+    identical = _check_close(results[1], results[2], [str(p) for p in prompts_ids], logprob_tol=1e-3)
+    assert identical == len(prompts_ids)
