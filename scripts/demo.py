@@ -1,10 +1,11 @@
-"""What `make demo` prints: size, quantization time, perplexity before and after, and completions.
+"""What `make demo` prints: size, quantization time, perplexity before and after, completions, vLLM.
 
     python scripts/demo.py --source MODEL --quantized MODEL-aaac --text held-out.txt
 """
 
 import argparse
 import json
+import os
 import time
 from pathlib import Path
 
@@ -57,6 +58,36 @@ def main() -> None:
         out = models["AAAC"].generate(**ids, max_new_tokens=48, do_sample=False)
         answer = tokenizer.decode(out[0, ids["input_ids"].shape[1]:], skip_special_tokens=True).strip()
         print(f"  > {prompt}\n    {answer}")
+
+    run_in_vllm(args.source, args.quantized)
+
+
+def run_in_vllm(source: Path, quantized: Path) -> None:
+    """The AAAC checkpoint in vLLM's engine: completions, and the weight memory of both engines."""
+    os.environ.setdefault("VLLM_ALLOW_INSECURE_SERIALIZATION", "1")  # to send weight_bytes to the worker
+    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+    from vllm import LLM, SamplingParams
+
+    from aaac_vllm.memory import weight_bytes
+
+    memory = {}
+    for name, path in (("bf16", source), ("AAAC", quantized)):
+        llm = LLM(model=str(path), seed=0, max_model_len=1024, enforce_eager=True)
+        memory[name] = llm.apply_model(weight_bytes)[0]
+        if name == "AAAC":
+            chats = [[{"role": "user", "content": prompt}] for prompt in PROMPTS]
+            outputs = llm.chat(chats, SamplingParams(temperature=0, max_tokens=48), use_tqdm=False)
+            print("\ncompletions from the AAAC model in vLLM (greedy, `--quantization aaac`):")
+            for prompt, output in zip(PROMPTS, outputs):
+                print(f"  > {prompt}\n    {output.outputs[0].text.strip()}")
+        llm.llm_engine.engine_core.shutdown()
+
+    print("\nweight memory in vLLM     linear layers     everything")
+    for name, m in memory.items():
+        print(f"  {name:5s}                 {m['linear'] / 2**20:8.1f} MiB    {(m['linear'] + m['other']) / 2**20:8.1f} MiB")
+    ratio = memory["AAAC"]["linear"] / memory["bf16"]["linear"]
+    total = sum(memory["AAAC"].values()) / sum(memory["bf16"].values())
+    print(f"  AAAC/bf16             {ratio:8.3f}x        {total:8.3f}x")
 
 
 if __name__ == "__main__":
