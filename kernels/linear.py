@@ -1,10 +1,11 @@
-"""The AAAC linear layer as a torch custom op, ``torch.ops.aaac.linear``, on its plain-torch path.
+"""The AAAC linear layer as a torch custom op, ``torch.ops.aaac.linear``.
 
 The op is registered with a fake implementation, so torch.compile traces through
-it and CUDA graphs capture it. This path serves vLLM's CPU build (where Triton
-is disabled) and CUDA until the Triton kernels land.
+it and CUDA graphs capture it. On CUDA it runs the Triton kernels of
+``triton_gemm``; elsewhere (vLLM's CPU build, where Triton is disabled) the
+plain-torch path below.
 
-It runs on a layout made once at load time by ``prepare``: indices as bytes
+Both run on a layout made once at load time by ``prepare``: indices as bytes
 [N, K // 2] in the nn.Linear orientation (low nibble = even k), scales [N, K // G]
 still carrying the codebook in the sign bit, and a lookup table that maps
 (codebook pair, codebook, byte) to the two values the byte encodes. One
@@ -15,6 +16,7 @@ layer's parts are dequantized one after the other, each with its own table.
 import torch
 import torch.nn.functional as F
 
+from . import triton_gemm
 from .format import NUM_CODEBOOKS, unpack_indices
 
 _BYTE_VALUES = 1 << 8
@@ -52,6 +54,9 @@ def linear(
     ``part_sizes`` gives the output columns of each part of a merged layer, in order.
     """
     return F.linear(x, dequantize(qbytes, scales, lut, part_sizes, x.dtype), bias)
+
+
+linear.register_kernel("cuda")(triton_gemm.linear)
 
 
 @linear.register_fake

@@ -11,6 +11,11 @@ from pathlib import Path
 import pytest
 import torch
 
+# Without a GPU the Triton kernels run in Triton's interpreter on CPU tensors. Triton reads this when a
+# kernel is defined, so it is set before any test module imports aaac_kernels.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
 ROOT = Path(__file__).resolve().parents[1]
 MODEL = Path(os.environ.get("AAAC_TEST_MODEL", ROOT / "artifacts" / "SmolLM2-135M-Instruct"))
 TEXT = Path(os.environ.get("AAAC_TEST_TEXT", ROOT / "artifacts" / "text"))
@@ -49,6 +54,32 @@ def quantized(tmp_path_factory, source_model, bbc_text) -> tuple[Path, subproces
         "--calib", bbc_text["calib"], "--nsamples", 32, "--seqlen", 512,
     )
     return out, result
+
+
+def random_layer(
+    parts: list[int], in_features: int, group_size: int, seed: int = 0
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """A merged layer in the checkpoint layout whose parts have their own random codebooks.
+
+    Returns (qweight, scales, codebooks [parts, 2, 16], dense fp32 weight [N, K] from the reference
+    dequantizer). Both codebooks are in use, and a few scales are -0.0 (a zero group that selects C1).
+    """
+    from aaac_kernels.format import encode_scales, pack_indices
+    from aaac_kernels.reference import dequantize
+
+    g = torch.Generator().manual_seed(seed)
+    n, groups = sum(parts), in_features // group_size
+    qweight = pack_indices(torch.randint(0, 16, (n, in_features), generator=g))
+    magnitude = torch.rand(n, groups, generator=g)
+    scales = encode_scales(magnitude, torch.rand(n, groups, generator=g) < 0.5).t().contiguous()
+    scales.view(torch.int16)[0, :4] = -32768
+    codebooks = torch.randn(len(parts), 2, 16, generator=g).half()
+    bounds = [0, *torch.tensor(parts).cumsum(0).tolist()]
+    dense = torch.cat([
+        dequantize(qweight[:, a:b], scales[:, a:b], codebooks[i], group_size)
+        for i, (a, b) in enumerate(zip(bounds, bounds[1:]))
+    ])
+    return qweight, scales, codebooks, dense
 
 
 def tiny_llama(folder: Path, hidden: int = 64, layers: int = 2, poison: str | None = None) -> Path:

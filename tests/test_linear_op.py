@@ -5,39 +5,24 @@ import torch
 import torch.nn.functional as F
 
 from aaac_kernels import linear as aaac_linear
-from aaac_kernels.format import encode_scales, pack_indices
-from aaac_kernels.reference import dequantize
+
+from .conftest import random_layer
 
 GROUP = 32
 K = 128
 PARTS = [64, 32, 40]  # a merged QKV-like layer whose parts have their own codebooks
 
 
-def _layer(seed: int = 0):
-    g = torch.Generator().manual_seed(seed)
-    n = sum(PARTS)
-    qweight = pack_indices(torch.randint(0, 16, (n, K), generator=g))
-    scales = encode_scales(torch.rand(n, K // GROUP, generator=g), torch.rand(n, K // GROUP, generator=g) < 0.5)
-    scales = scales.t().contiguous()
-    scales.view(torch.int16)[0, :4] = -32768  # -0.0: a zero scale that selects C1
-    codebooks = torch.randn(len(PARTS), 2, 16, generator=g).half()
-    bounds = [0, *torch.tensor(PARTS).cumsum(0).tolist()]
-    dense = torch.cat([
-        dequantize(qweight[:, a:b], scales[:, a:b], codebooks[i], GROUP) for i, (a, b) in enumerate(zip(bounds, bounds[1:]))
-    ])
-    return qweight, scales, codebooks, dense
-
-
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 def test_dequantize_is_exact(dtype):
-    qweight, scales, codebooks, dense = _layer()
+    qweight, scales, codebooks, dense = random_layer(PARTS, K, GROUP)
     layout = aaac_linear.prepare(qweight, scales, codebooks)
     assert torch.equal(aaac_linear.dequantize(*layout, PARTS, dtype), dense.to(dtype))
 
 
 @pytest.mark.parametrize("m", [1, 3, 33])
 def test_op_matches_reference_matmul(m):
-    qweight, scales, codebooks, dense = _layer(m)
+    qweight, scales, codebooks, dense = random_layer(PARTS, K, GROUP, seed=m)
     x = torch.randn(m, K, dtype=torch.bfloat16)
     bias = torch.randn(sum(PARTS), dtype=torch.bfloat16)
     got = torch.ops.aaac.linear(x, *aaac_linear.prepare(qweight, scales, codebooks), PARTS, bias)
@@ -45,7 +30,7 @@ def test_op_matches_reference_matmul(m):
 
 
 def test_op_traces_under_torch_compile():
-    qweight, scales, codebooks, dense = _layer()
+    qweight, scales, codebooks, dense = random_layer(PARTS, K, GROUP)
     layout = aaac_linear.prepare(qweight, scales, codebooks)
     compiled = torch.compile(lambda x: torch.ops.aaac.linear(x, *layout, PARTS, None) * 2, fullgraph=True, backend="eager")
     x = torch.randn(5, K)
