@@ -34,7 +34,8 @@ class AAACConfig(QuantizationConfig):
 
     @classmethod
     def get_min_capability(cls) -> int:
-        return 70
+        # Ampere: bf16 tensor-core dots; the Triton kernels are compiled and checked for sm_80 and sm_90.
+        return 80
 
     @staticmethod
     def get_config_filenames() -> list[str]:
