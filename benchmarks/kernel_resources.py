@@ -44,7 +44,7 @@ def _resources(kernel, signature: dict, constants: dict, arch: int, num_warps: i
 
 def fused_rows(arch: int):
     low = 1
-    for high, config in triton_gemm._CONFIGS:
+    for high, config in triton_gemm.CONFIGS:
         rows = f"fused, M {low}-{high}" if high < float("inf") else f"fused, M >= {low}"
         low = int(high) + 1 if high < float("inf") else low
         split_k = config.split_k or 2  # 0 means "chosen per shape": compile the split path

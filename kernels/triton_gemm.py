@@ -9,12 +9,12 @@ Both read the layout that ``linear.prepare`` makes once at load time (docs/kerne
   part holds entry v of codebook s in its first column, so ``lut[part * 1024 + s * 512 + 2 * v]`` is
   the codebook itself: 16 entries 8 bytes apart, one 128-byte cache line per codebook.
 
-The fused kernel dequantizes a [BLOCK_N, BLOCK_K] tile of W in registers (unpack, table lookup,
-times |scale|, one rounding to the activation dtype, exactly as the reference dequantizer) and feeds
-it to ``tl.dot`` with fp32 accumulation. BLOCK_K divides the group size, so a tile needs one scale
-per row. Small batches split K over several programs (decoding is bound by reading the weights,
-and a few hundred programs are needed to keep every SM streaming); large batches use the
-grouped tile order of Triton's matmul tutorial so that weight tiles are reused from L2.
+The fused kernel dequantizes W tile by tile in registers (table lookup, times |scale|, one rounding
+to the activation dtype, exactly as the reference dequantizer) and feeds ``tl.dot`` with fp32
+accumulation, one dot per nibble position so that indices never move between lanes. Small batches
+split K over several programs (decoding is bound by reading the weights, and a few hundred programs
+are needed to keep every SM streaming); larger ones use the grouped tile order of Triton's matmul
+tutorial so that weight tiles are reused from L2.
 """
 
 import functools
@@ -38,7 +38,7 @@ class TileConfig(NamedTuple):
 # Chosen for H100-class GPUs from the memory-bound arithmetic (4.125 bits a weight moves the ridge
 # point to M of about 70), not yet from measurements: benchmarks/kernels.py times them against cuBLAS.
 # Keyed by the largest M each serves.
-_CONFIGS: tuple[tuple[float, TileConfig], ...] = (
+CONFIGS: tuple[tuple[float, TileConfig], ...] = (
     (16, TileConfig(block_m=16, block_n=64, block_k=128, split_k=0, group_m=1, num_warps=4, num_stages=4)),
     (64, TileConfig(block_m=64, block_n=64, block_k=128, split_k=0, group_m=1, num_warps=4, num_stages=4)),
     (float("inf"), TileConfig(block_m=128, block_n=128, block_k=128, split_k=1, group_m=8, num_warps=8, num_stages=3)),
@@ -162,7 +162,7 @@ def _sm_count(device: torch.device) -> int:
 
 def pick_config(m: int) -> TileConfig:
     """The stored tile configuration for a batch of ``m`` rows."""
-    return next(config for limit, config in _CONFIGS if m <= limit)
+    return next(config for limit, config in CONFIGS if m <= limit)
 
 
 def gemm(

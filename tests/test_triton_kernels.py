@@ -66,7 +66,7 @@ def test_fused_kernel_matches_reference(m, dtype):
     _check(triton_gemm.gemm(x, *layout, PARTS), x, dense)
 
 
-@pytest.mark.parametrize("config", [config for _, config in triton_gemm._CONFIGS], ids=["small", "medium", "large"])
+@pytest.mark.parametrize("config", [config for _, config in triton_gemm.CONFIGS], ids=["small", "medium", "large"])
 @pytest.mark.parametrize("k,group_size", SHAPES)
 def test_every_stored_config(config, k, group_size):
     layout, dense = _layer(k, group_size)
@@ -136,4 +136,4 @@ def test_kernels_compile_for_ampere_and_hopper():
     )
     assert result.returncode == 0, result.stderr[-3000:]
     rows = [line for line in result.stdout.splitlines() if line.startswith("| 80 ") or line.startswith("| 90 ")]
-    assert len(rows) == 2 * (len(triton_gemm._CONFIGS) * 2 * 2 + 2)
+    assert len(rows) == 2 * (len(triton_gemm.CONFIGS) * 2 * 2 + 2)
