@@ -9,7 +9,7 @@ from vllm.model_executor.layers.quantization import register_quantization_config
 from vllm.model_executor.layers.quantization.base_config import QuantizationConfig, QuantizeMethodBase
 from vllm.model_executor.layers.quantization.utils.quant_utils import is_layer_skipped
 
-from offline_quantize.checkpoint import check_quant_config, check_tensors
+from offline_quantize.checkpoint import check_quant_config, verify_checkpoint
 
 
 @register_quantization_config("aaac")
@@ -62,4 +62,4 @@ class AAACConfig(QuantizationConfig):
         # Runs in the front-end process before any worker starts: a damaged or inconsistent local
         # checkpoint is refused here with the file and tensor named, not by an assert deep in a worker.
         if Path(model_name).is_dir():
-            check_tensors(Path(model_name), self.group_size)
+            verify_checkpoint(Path(model_name), self.group_size)

@@ -1,6 +1,8 @@
 """The AAAC checkpoint on disk: config, safetensors shards, side files, report; written atomically."""
 
+import hashlib
 import json
+import math
 import os
 import shutil
 import signal
@@ -18,6 +20,11 @@ from .errors import AAACError
 
 REPORT_FILE = "quantization_report.json"
 INDEX_FILE = "model.safetensors.index.json"
+MANIFEST_FILE = "aaac_manifest.json"
+# Set to 0 to skip the SHA-256 sums at load (sizes are always checked): a 70B checkpoint is ~37 GB to read.
+VERIFY_SHA256_ENV = "AAAC_VERIFY_SHA256"
+_DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1,
+                "F8_E4M3": 1, "F8_E5M2": 1, "U16": 2, "U32": 4, "U64": 8}
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".msgpack", ".h5")
 
 
@@ -118,6 +125,21 @@ def write_config(source_config: dict, target: Path, quant_config: dict) -> None:
     (target / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
 
 
+def write_manifest(folder: Path) -> None:
+    """Record the size and SHA-256 of every tensor file (and the shard index) in ``aaac_manifest.json``."""
+    files = [*tensor_files(folder), *([folder / INDEX_FILE] if (folder / INDEX_FILE).is_file() else [])]
+    entries = {file.name: {"size": file.stat().st_size, "sha256": _sha256(file)} for file in files}
+    (folder / MANIFEST_FILE).write_text(json.dumps({"files": entries}, indent=2) + "\n")
+
+
+def _sha256(file: Path) -> str:
+    digest = hashlib.sha256()
+    with open(file, "rb") as f:
+        while chunk := f.read(1 << 24):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
 # ---- reading ---------------------------------------------------------------------------------------
 
 
@@ -164,14 +186,47 @@ def check_quant_config(quant: dict, where: str) -> None:
 
 
 def tensor_files(path: Path) -> list[Path]:
+    """The safetensors files of a model folder (from its shard index when it has one), each checked to lie
+    inside the folder. Only safetensors are ever read: pickle-based weight files are not loaded."""
     index = path / INDEX_FILE
     if index.is_file():
-        names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-        return [path / name for name in names]
-    files = sorted(path.glob("*.safetensors"))
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+            names = sorted(set(weight_map.values()))
+        except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, AttributeError):
+            raise AAACError(f"{index}: damaged shard index (expected JSON with a weight_map object)") from None
+        files = [_shard_path(path, name, index) for name in names]
+    else:
+        files = sorted(path.glob("*.safetensors"))
     if not files:
-        raise AAACError(f"{path} has no safetensors weights")
+        pickled = sorted(p.name for p in path.iterdir() if p.name.endswith(_WEIGHT_SUFFIXES))
+        found = f" (found {', '.join(pickled[:3])}: only safetensors are read, never pickle-based files)" if pickled else ""
+        raise AAACError(f"{path} has no safetensors weights{found}")
+    for file in files:
+        _check_inside(path, file)
     return files
+
+
+def _shard_path(folder: Path, name, index: Path) -> Path:
+    if not isinstance(name, str) or not name.endswith(".safetensors") or name != Path(name).name or name in (".", ".."):
+        raise AAACError(f"{index}: shard {name!r} is not a .safetensors file name inside the model folder")
+    return folder / name
+
+
+def _check_inside(folder: Path, file: Path) -> None:
+    """Refuse a tensor file that is missing, not a regular file, or a link that leads out of the model folder.
+
+    A Hugging Face cache snapshot (``<repo>/snapshots/<revision>/``) links its files to ``<repo>/blobs/``,
+    which is allowed.
+    """
+    if not file.is_file():
+        raise AAACError(f"{file}: tensor file is missing or not a regular file")
+    target = file.resolve()
+    roots = [folder.resolve()]
+    if folder.parent.name == "snapshots":
+        roots.append((folder.parent.parent / "blobs").resolve())
+    if not any(target.is_relative_to(root) for root in roots):
+        raise AAACError(f"{file}: links to {target}, outside the model folder; refusing to read it")
 
 
 def read_tensors(path: Path) -> dict[str, torch.Tensor]:
@@ -184,6 +239,52 @@ def read_tensors(path: Path) -> dict[str, torch.Tensor]:
         except Exception as exc:  # safetensors raises its own error types for damaged files
             raise AAACError(f"{file}: cannot read safetensors file ({exc})") from None
     return tensors
+
+
+def verify_checkpoint(path: Path, group_size: int) -> set[str]:
+    """Everything a loader checks before it allocates anything; returns the quantized layer prefixes.
+
+    The manifest (sizes, and SHA-256 sums unless ``AAAC_VERIFY_SHA256=0``), every safetensors header,
+    the tensors of every quantized layer against each other and ``group_size``, and the codebooks and
+    scales for NaN or Inf. Raises AAACError naming the file and tensor at fault.
+    """
+    verify_manifest(path, checksums=os.environ.get(VERIFY_SHA256_ENV, "1") != "0")
+    layers = check_tensors(path, group_size)
+    check_values(path, layers)
+    return layers
+
+
+def verify_manifest(path: Path, checksums: bool = True) -> None:
+    """Compare the tensor files with ``aaac_manifest.json``. Checkpoints written before manifests existed
+    have none and pass."""
+    manifest_file = path / MANIFEST_FILE
+    if not manifest_file.exists():
+        return
+    try:
+        entries = json.loads(manifest_file.read_text())["files"]
+        expected = {name: (int(e["size"]), str(e["sha256"])) for name, e in entries.items()}
+    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, ValueError, AttributeError):
+        raise AAACError(f"{manifest_file}: damaged manifest (expected JSON with a files object)") from None
+    for file in tensor_files(path):
+        if file.name not in expected:
+            raise AAACError(f"{file}: not listed in {MANIFEST_FILE}; the checkpoint was changed after it was written")
+    for name, (size, sha256) in expected.items():
+        file = _shard_path(path, name, manifest_file) if name != INDEX_FILE else path / name
+        _check_inside(path, file)
+        if file.stat().st_size != size:
+            raise AAACError(f"{file}: {file.stat().st_size} bytes, the manifest says {size} (truncated or damaged)")
+        if checksums and _sha256(file) != sha256:
+            raise AAACError(f"{file}: SHA-256 differs from the manifest (the file is damaged or was changed)")
+
+
+def check_values(path: Path, layers: set[str]) -> None:
+    """Refuse NaN or Inf in any codebook or scale: a kernel would turn them into silently wrong outputs."""
+    for file in tensor_files(path):
+        with safe_open(str(file), framework="pt") as f:
+            for name in f.keys():
+                if name.endswith((".codebooks", ".scales")) and name.rsplit(".", 1)[0] in layers:
+                    if not torch.isfinite(f.get_tensor(name)).all():
+                        raise AAACError(f"{file}: tensor {name} holds NaN or Inf values")
 
 
 def check_tensors(path: Path, group_size: int) -> set[str]:
@@ -230,6 +331,19 @@ def _expect(file: Path, name: str, info: dict, dtype: str, shape: list[int] | No
         raise AAACError(f"{file}: tensor {name} has shape {list(info['shape'])}, expected {shape} {why}".rstrip())
 
 
+def _check_entry(file: Path, name: str, info) -> None:
+    """One header entry: a known dtype, a shape of non-negative sizes, and data offsets that span exactly its bytes."""
+    try:
+        dtype, shape, (begin, end) = info["dtype"], info["shape"], info["data_offsets"]
+        sizes_ok = all(isinstance(d, int) and d >= 0 for d in [*shape, begin, end])
+    except (TypeError, KeyError, ValueError):
+        raise AAACError(f"{file}: damaged safetensors header (entry {name!r} lacks dtype, shape or data_offsets)") from None
+    if dtype not in _DTYPE_BYTES:
+        raise AAACError(f"{file}: tensor {name} has unknown dtype {dtype!r}")
+    if not sizes_ok or end - begin != math.prod(shape) * _DTYPE_BYTES[dtype]:
+        raise AAACError(f"{file}: tensor {name} has shape {shape} and data offsets {[begin, end]} that do not agree")
+
+
 def _read_header(file: Path) -> dict[str, dict]:
     """The tensor entries of a safetensors header, after checking that the file holds all the bytes they name."""
     size = file.stat().st_size
@@ -247,10 +361,9 @@ def _read_header(file: Path) -> dict[str, dict]:
     if not isinstance(header, dict):
         raise AAACError(f"{file}: damaged safetensors header (not a JSON object)")
     header.pop("__metadata__", None)
-    try:
-        end = max((info["data_offsets"][1] for info in header.values()), default=0)
-    except (TypeError, KeyError, IndexError):
-        raise AAACError(f"{file}: damaged safetensors header (a tensor entry has no data_offsets)") from None
+    for name, info in header.items():
+        _check_entry(file, name, info)
+    end = max((info["data_offsets"][1] for info in header.values()), default=0)
     if 8 + length + end != size:
         raise AAACError(
             f"{file}: truncated or damaged: its header names {8 + length + end} bytes, the file has {size}"

@@ -11,7 +11,7 @@ from torch import nn
 
 from aaac_kernels.reference import dequantize
 
-from .checkpoint import check_tensors, read_quant_config, read_tensors
+from .checkpoint import read_quant_config, read_tensors, verify_checkpoint
 from .errors import AAACError
 
 
@@ -24,7 +24,7 @@ def load_causal_lm(path: Path, dtype: torch.dtype = torch.float32, device: str =
         model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, device_map=device, use_safetensors=True)
         return model.eval()
 
-    check_tensors(path, quant["group_size"])  # names the damaged file or tensor before any work is done
+    verify_checkpoint(path, quant["group_size"])  # names the damaged file or tensor before any work is done
     from accelerate import init_empty_weights
 
     config = AutoConfig.from_pretrained(path)

@@ -178,6 +178,7 @@ def quantize_model(source_dir: Path, output: Path, settings: Settings, overwrite
         quantized = {f"{name}.weight" for name in linears}
         _copy_unquantized(source_dir, writer, quantized)
         shards = writer.finish()
+        checkpoint.write_manifest(staging)
         unconverted = sorted(n for n, m in model.named_modules() if isinstance(m, nn.Linear) and n not in linears)
         checkpoint.write_config(config, staging, checkpoint.quantization_config(settings.group_size, unconverted))
         checkpoint.copy_side_files(source_dir, staging)
