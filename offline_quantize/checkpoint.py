@@ -17,6 +17,7 @@ from safetensors.torch import save_file
 from aaac_kernels.format import BITS, CODEBOOK_SIZE, FORMAT_VERSION, NUM_CODEBOOKS, PACK_FACTOR
 
 from .errors import AAACError
+from .progress import PROGRESS_DIR
 
 REPORT_FILE = "quantization_report.json"
 INDEX_FILE = "model.safetensors.index.json"
@@ -40,15 +41,24 @@ def quantization_config(group_size: int, modules_to_not_convert: list[str]) -> d
     }
 
 
-@contextmanager
-def atomic_folder(output: Path):
-    """Yield a temporary sibling of ``output``; it replaces ``output`` only if the block finishes.
+def staging_path(output: Path) -> Path:
+    """Where a run builds ``output``: a hidden sibling, renamed to ``output`` only when complete."""
+    return output.parent / f".{output.name}.partial"
 
-    Ctrl-C, SIGTERM or an error remove it, so ``output`` is either the old
-    folder or the complete new one, never a partial one.
+
+@contextmanager
+def staging_folder(output: Path, resume: bool = False):
+    """Yield the staging folder of ``output``; it replaces ``output`` only if the block finishes.
+
+    Ctrl-C, SIGTERM, a crash or an error leave ``output`` as it was (the old folder, or none), never a
+    partial one. A staging folder that holds progress (``.progress/``, see progress.py) is kept for
+    ``--resume``; otherwise it is removed. Without ``resume`` an earlier staging folder is discarded.
     """
     output.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{output.name}.partial-", dir=output.parent))
+    staging = staging_path(output)
+    if staging.exists() and not resume:
+        shutil.rmtree(staging)
+    staging.mkdir(exist_ok=True)
     previous = signal.signal(signal.SIGTERM, _raise_interrupt)
     try:
         yield staging
@@ -59,9 +69,12 @@ def atomic_folder(output: Path):
             shutil.rmtree(trash)
         else:
             os.replace(staging, output)
+    except BaseException:
+        if not (staging / PROGRESS_DIR).is_dir():
+            shutil.rmtree(staging, ignore_errors=True)
+        raise
     finally:
         signal.signal(signal.SIGTERM, previous)
-        shutil.rmtree(staging, ignore_errors=True)
 
 
 def _raise_interrupt(signum, frame):

@@ -48,19 +48,28 @@ def quantize_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto", help="where blocks are computed")
     p.add_argument("--seed", type=int, default=0, help="seed for window choice and codebook initialisation")
     p.add_argument("--overwrite", action="store_true", help="replace OUTPUT if it exists")
+    p.add_argument("--resume", action="store_true",
+                   help="continue an interrupted run (same source and options) from its last finished block")
     return p
 
 
 def _quantize(argv) -> None:
     args = quantize_parser().parse_args(argv)
     from .bundled import default_calibration
+    from .checkpoint import staging_path
+    from .progress import PROGRESS_DIR
     from .quantize import Settings, quantize_model
 
     settings = Settings(
         group_size=args.group_size, nsamples=args.nsamples, seqlen=args.seqlen,
         device=args.device, seed=args.seed, calib=args.calib or [default_calibration()],
     )
-    report = quantize_model(args.source, args.output, settings, overwrite=args.overwrite)
+    try:
+        report = quantize_model(args.source, args.output, settings, overwrite=args.overwrite, resume=args.resume)
+    except KeyboardInterrupt:
+        if (staging_path(args.output) / PROGRESS_DIR).is_dir():
+            print(f"progress kept in {staging_path(args.output)}: rerun with --resume to continue", file=sys.stderr)
+        raise
     s = report["summary"]
     src_mb = sum(f.stat().st_size for f in args.source.glob("*.safetensors")) / 2**20
     out_mb = sum(f.stat().st_size for f in args.output.glob("*.safetensors")) / 2**20

@@ -24,6 +24,7 @@ from . import checkpoint, source
 from .calibration import read_texts, token_windows
 from .codebooks import CodebookOptions, quantize_layer, weighted_error
 from .errors import AAACError
+from .progress import Progress
 from .rtn import rtn_dequantized
 from .statistics import collect
 
@@ -104,8 +105,14 @@ def _capture_block_inputs(model: nn.Module, blocks: nn.ModuleList, windows: torc
     return catcher.calls
 
 
-def quantize_model(source_dir: Path, output: Path, settings: Settings, overwrite: bool = False) -> dict:
-    """Quantize ``source_dir`` into an AAAC checkpoint at ``output``; return the report."""
+def quantize_model(
+    source_dir: Path, output: Path, settings: Settings, overwrite: bool = False, resume: bool = False
+) -> dict:
+    """Quantize ``source_dir`` into an AAAC checkpoint at ``output``; return the report.
+
+    With ``resume``, an interrupted run of the same source and settings continues from its last
+    finished block, and writes the same bytes an uninterrupted run would.
+    """
     start = time.perf_counter()
     source_dir, output = source_dir.resolve(), output.resolve()
     config = source.check_source(source_dir)
@@ -135,28 +142,36 @@ def quantize_model(source_dir: Path, output: Path, settings: Settings, overwrite
     # CPUs without native bf16 matmul are far faster in fp32; GPUs compute in the model's dtype.
     compute_dtype = torch.float32 if device.type == "cpu" else model_dtype
 
-    with torch.no_grad(), checkpoint.atomic_folder(output) as staging:
+    fingerprint = {
+        "source": str(source_dir),
+        "source files": {f.name: f.stat().st_size for f in source.weight_files(source_dir)},
+        **_settings_record(settings),
+    }
+    with torch.no_grad(), checkpoint.staging_folder(output, resume) as staging:
+        progress = Progress(staging, fingerprint)
+        done = progress.resume() if resume else 0
+        for stale in staging.iterdir():  # shards of an interrupted run are rebuilt from its blocks
+            if stale != progress.folder:
+                stale.unlink()
         calls = _capture_block_inputs(model, blocks, windows, settings.batch_size)
-        inputs = [_to(h, device, compute_dtype) for h, _, _ in calls]
         extras = [(_to(a, device, compute_dtype), _to(k, device, compute_dtype)) for _, a, k in calls]
-        writer = checkpoint.ShardWriter(staging, settings.max_shard_bytes)
-        layers, block_seconds = {}, []
-        bar = tqdm(blocks, desc="AAAC", unit="block", dynamic_ncols=True)
-        for i, block in enumerate(bar):
+        inputs = progress.inputs(device) if done else [_to(h, device, compute_dtype) for h, _, _ in calls]
+        bar = tqdm(total=len(blocks), initial=done, desc="AAAC", unit="block", dynamic_ncols=True)
+        for i in range(done, len(blocks)):
+            block = blocks[i]
             block_start = time.perf_counter()
             block.to(device=device, dtype=compute_dtype)
             block_lin = source.block_linears(block)
             with collect(block_lin) as stats:
                 for h, (args, kwargs) in zip(inputs, extras):
                     block(h, *args, **kwargs)
+            tensors, layers = {}, {}
             for j, (name, module) in enumerate(block_lin.items()):
                 full = f"{prefix}.{i}.{name}"
                 weight, h = module.weight.data, stats[name].mean()
                 result = quantize_layer(weight, h, settings.group_size, settings.codebooks, seed=settings.seed + 1000 * i + j)
                 qweight, scales = pack_indices(result.indices), result.scales.t().contiguous()
-                writer.add(f"{full}.qweight", qweight)
-                writer.add(f"{full}.scales", scales)
-                writer.add(f"{full}.codebooks", result.codebooks)
+                tensors.update({f"{full}.qweight": qweight, f"{full}.scales": scales, f"{full}.codebooks": result.codebooks})
                 dense = dequantize(qweight, scales, result.codebooks, settings.group_size)
                 rtn = rtn_dequantized(weight, settings.group_size).float()
                 layers[full] = {
@@ -170,11 +185,16 @@ def quantize_model(source_dir: Path, output: Path, settings: Settings, overwrite
                 module.weight.data = dense.to(model_dtype).to(compute_dtype)
             inputs = [_first(block(h, *args, **kwargs)) for h, (args, kwargs) in zip(inputs, extras)]
             block.to(device="cpu", dtype=model_dtype)
-            block_seconds.append(time.perf_counter() - block_start)
-            errors = [layers[f"{prefix}.{i}.{n}"] for n in block_lin]
-            ratio = sum(e["weighted_error"] for e in errors) / max(sum(e["rtn_weighted_error"] for e in errors), 1e-30)
+            progress.commit(i, tensors, layers, time.perf_counter() - block_start, inputs)
+            ratio = sum(e["weighted_error"] for e in layers.values()) / max(sum(e["rtn_weighted_error"] for e in layers.values()), 1e-30)
+            bar.update()
             bar.set_postfix(error_vs_rtn=f"{ratio:.2f}")
+        bar.close()
 
+        writer = checkpoint.ShardWriter(staging, settings.max_shard_bytes)
+        for i in range(len(blocks)):
+            for name, tensor in progress.block_tensors(i).items():
+                writer.add(name, tensor)
         quantized = {f"{name}.weight" for name in linears}
         _copy_unquantized(source_dir, writer, quantized)
         shards = writer.finish()
@@ -182,8 +202,9 @@ def quantize_model(source_dir: Path, output: Path, settings: Settings, overwrite
         unconverted = sorted(n for n, m in model.named_modules() if isinstance(m, nn.Linear) and n not in linears)
         checkpoint.write_config(config, staging, checkpoint.quantization_config(settings.group_size, unconverted))
         checkpoint.copy_side_files(source_dir, staging)
-        report = _report(source_dir, settings, device, layers, block_seconds, shards, start, windows)
+        report = _report(source_dir, settings, device, progress, shards, start, windows)
         (staging / checkpoint.REPORT_FILE).write_text(json.dumps(report, indent=2) + "\n")
+        progress.remove()
     return report
 
 
@@ -200,24 +221,29 @@ def _copy_unquantized(source_dir: Path, writer: checkpoint.ShardWriter, quantize
                     writer.add(key, f.get_tensor(key))
 
 
-def _report(source_dir, settings, device, layers, block_seconds, shards, start, windows) -> dict:
+def _settings_record(settings: Settings) -> dict:
+    return {
+        **{k: v for k, v in asdict(settings).items() if k not in ("calib", "codebooks")},
+        "calib": [str(p) for p in settings.calib],
+        "codebooks": asdict(settings.codebooks),
+    }
+
+
+def _report(source_dir, settings, device, progress: Progress, shards, start, windows) -> dict:
     import transformers
 
     from . import __version__
 
+    layers = progress.layers
     errors = [v["weighted_error"] for v in layers.values()]
     rtn = [v["rtn_weighted_error"] for v in layers.values()]
     return {
         "source": str(source_dir),
-        "settings": {
-            **{k: v for k, v in asdict(settings).items() if k not in ("calib", "codebooks")},
-            "calib": [str(p) for p in settings.calib],
-            "codebooks": asdict(settings.codebooks),
-            "calibration_tokens": int(windows.numel()),
-        },
+        "settings": {**_settings_record(settings), "calibration_tokens": int(windows.numel())},
         "device": str(device),
         "seconds": time.perf_counter() - start,
-        "block_seconds": block_seconds,
+        "block_seconds": progress.block_seconds,
+        "resumed_from_block": progress.resumed_from,
         "memory": _peak_memory(device),
         "summary": {
             "layers": len(layers),
