@@ -1,14 +1,17 @@
-"""aaac-serve (vllm serve) in its default compiled mode, answered by the official openai client, then stopped."""
+"""aaac-serve (vllm serve) in its default compiled mode, answered by the official openai client, put under
+concurrent load, then stopped."""
 
+import json
 import signal
 import socket
 import subprocess
+import sys
 import time
 
 import pytest
 import requests
 
-from .conftest import BIN
+from .conftest import BIN, ROOT
 
 START_TIMEOUT = 900  # torch.compile of the whole model takes minutes on 2 cores
 
@@ -79,6 +82,21 @@ def test_streamed_completion(client):
     assert len(pieces) > 1 and "".join(pieces).strip()
     whole = client.completions.create(model="smollm2-aaac", prompt="Football is a sport in which", max_tokens=16, temperature=0)
     assert "".join(pieces) == whole.choices[0].text
+
+
+def test_concurrent_clients(server, bbc_text):
+    # 32 requests (mixed lengths, half streamed) from 16 threads at once: all complete, none errors, and
+    # each greedy answer equals the one the same request got alone, up to a near tie (benchmarks/load.py).
+    result = subprocess.run(
+        [sys.executable, ROOT / "benchmarks" / "load.py", "--url", server[0], "--model", "smollm2-aaac",
+         "--text", bbc_text["eval"], "--requests", "32", "--concurrency", "16", "--distinct", "8", "--timeout", "300",
+         "--json"],
+        capture_output=True, text=True, timeout=900,
+    )
+    summary = json.loads(result.stdout.strip().splitlines()[-1])
+    assert result.returncode == 0, summary["first_failures"]
+    assert summary["completed"] == 32 and summary["errors"] == 0 and summary["mismatches"] == 0
+    assert summary["identical"] + summary["near_ties"] == 32
 
 
 def test_shutdown_is_clean(server, client):
