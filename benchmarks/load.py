@@ -72,11 +72,14 @@ def judge(got: Answer, alone: Answer, tie: float) -> str | None:
     if got.tokens == alone.tokens:
         return None
     step = next((i for i, (a, b) in enumerate(zip(got.tokens, alone.tokens)) if a != b), min(len(got.tokens), len(alone.tokens)))
+    where = ""
     if step < min(len(got.tokens), len(alone.tokens)):
-        best = alone.top[step]
-        if {got.tokens[step], alone.tokens[step]} <= best.keys() and best[alone.tokens[step]] - best[got.tokens[step]] <= tie:
-            return "near tie"
-    return f"differs from the solo answer at token {step}: {got.text!r} against {alone.text!r}"
+        best, ours, theirs = alone.top[step], got.tokens[step], alone.tokens[step]
+        if {ours, theirs} <= best.keys():
+            if best[theirs] - best[ours] <= tie:
+                return "near tie"
+            where = f" (solo log-probabilities there: {theirs!r} {best[theirs]:.3f}, {ours!r} {best[ours]:.3f})"
+    return f"differs from the solo answer at token {step}{where}: {got.text!r} against {alone.text!r}"
 
 
 def percentile(values: list[float], q: float) -> float:
