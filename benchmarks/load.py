@@ -135,8 +135,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--concurrency", type=int, default=32)
     parser.add_argument("--distinct", type=int, default=16, help="distinct prompts the requests cycle through")
     parser.add_argument("--timeout", type=float, default=600, help="seconds one request may take")
-    parser.add_argument("--tie", type=float, default=0.15,
-                        help="log-probability gap below which a batched run may take the solo run's runner-up (default 0.15)")
+    # bf16 logits of magnitude 32-64 (SmolLM2's) are spaced 0.25 apart: one bf16 step between two tokens is a tie.
+    parser.add_argument("--tie", type=float, default=0.3,
+                        help="log-probability gap up to which a batched run may take the solo run's runner-up (default 0.3)")
     parser.add_argument("--json", action="store_true", help="print the result as one JSON line")
     args = parser.parse_args(argv)
     result = run(args.url, args.model, plan(args.text, args.distinct, args.requests), args.concurrency, args.timeout, args.tie)

@@ -7,6 +7,8 @@ import socket
 import subprocess
 import sys
 import time
+from contextlib import contextmanager
+from pathlib import Path
 
 import pytest
 import requests
@@ -22,30 +24,51 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.fixture(scope="module")
-def server(quantized, tmp_path_factory):
+@contextmanager
+def serving(model: Path, log: Path, *options: str):
+    """aaac-serve of ``model`` on a free loopback port; yields (url, process) once it answers /health."""
     port = _free_port()
-    log = tmp_path_factory.mktemp("serve") / "server.log"
     with open(log, "w") as out:
         process = subprocess.Popen(
-            [str(BIN / "aaac-serve"), str(quantized[0]), "--quantization", "aaac", "--host", "127.0.0.1",
-             "--port", str(port), "--max-model-len", "1024", "--served-model-name", "smollm2-aaac"],
+            [str(BIN / "aaac-serve"), str(model), "--quantization", "aaac", "--host", "127.0.0.1",
+             "--port", str(port), "--max-model-len", "1024", "--served-model-name", "smollm2-aaac", *options],
             stdout=out, stderr=subprocess.STDOUT,
         )
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + START_TIMEOUT
-    while True:
-        assert process.poll() is None, f"aaac-serve exited with {process.returncode}:\n{log.read_text()[-3000:]}"
-        assert time.monotonic() < deadline, f"aaac-serve not up after {START_TIMEOUT} s:\n{log.read_text()[-3000:]}"
-        try:
-            if requests.get(f"{url}/health", timeout=5).status_code == 200:
-                break
-        except requests.ConnectionError:
-            pass
-        time.sleep(2)
-    yield url, process, log
-    if process.poll() is None:
-        process.kill()
+    try:
+        while True:
+            assert process.poll() is None, f"aaac-serve exited with {process.returncode}:\n{log.read_text()[-3000:]}"
+            assert time.monotonic() < deadline, f"aaac-serve not up after {START_TIMEOUT} s:\n{log.read_text()[-3000:]}"
+            try:
+                if requests.get(f"{url}/health", timeout=5).status_code == 200:
+                    break
+            except requests.ConnectionError:
+                pass
+            time.sleep(2)
+        yield url, process
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+
+
+@pytest.fixture(scope="module")
+def server(quantized, tmp_path_factory):
+    log = tmp_path_factory.mktemp("serve") / "server.log"
+    with serving(quantized[0], log) as (url, process):
+        yield url, process, log
+
+
+def _load(url: str, text: Path, *options: str) -> dict:
+    """benchmarks/load.py against ``url``: 32 requests (mixed lengths, half streamed) from 16 threads at once."""
+    result = subprocess.run(
+        [sys.executable, ROOT / "benchmarks" / "load.py", "--url", url, "--model", "smollm2-aaac", "--text", text,
+         "--requests", "32", "--concurrency", "16", "--distinct", "8", "--timeout", "300", "--json", *options],
+        capture_output=True, text=True, timeout=900,
+    )
+    assert result.stdout.strip(), result.stderr[-3000:]
+    return json.loads(result.stdout.strip().splitlines()[-1])
 
 
 @pytest.fixture(scope="module")
@@ -85,17 +108,11 @@ def test_streamed_completion(client):
 
 
 def test_concurrent_clients(server, bbc_text):
-    # 32 requests (mixed lengths, half streamed) from 16 threads at once: all complete, none errors, and
-    # each greedy answer equals the one the same request got alone, up to a near tie (benchmarks/load.py).
-    result = subprocess.run(
-        [sys.executable, ROOT / "benchmarks" / "load.py", "--url", server[0], "--model", "smollm2-aaac",
-         "--text", bbc_text["eval"], "--requests", "32", "--concurrency", "16", "--distinct", "8", "--timeout", "300",
-         "--json"],
-        capture_output=True, text=True, timeout=900,
-    )
-    summary = json.loads(result.stdout.strip().splitlines()[-1])
-    assert result.returncode == 0, summary["first_failures"]
-    assert summary["completed"] == 32 and summary["errors"] == 0 and summary["mismatches"] == 0
+    # All complete, none errors, and each greedy answer equals the one the same request got alone, or parts
+    # from it where the solo run's best two tokens were within 0.3 in log-probability (one bf16 step of
+    # the logits): in bf16 a batched step may round differently (docs/reliability.md).
+    summary = _load(server[0], bbc_text["eval"])
+    assert summary["completed"] == 32 and summary["errors"] == 0 and summary["mismatches"] == 0, summary["first_failures"]
     assert summary["identical"] + summary["near_ties"] == 32
 
 
@@ -103,3 +120,12 @@ def test_shutdown_is_clean(server, client):
     _, process, log = server
     process.send_signal(signal.SIGTERM)
     assert process.wait(timeout=120) == 0, log.read_text()[-3000:]
+
+
+def test_concurrent_clients_get_their_solo_answers_in_fp32(quantized, bbc_text, tmp_path):
+    # In fp32 the rounding differences between batch shapes are far below any gap between tokens: every
+    # answer under load must be exactly the solo one (--tie 0).
+    with serving(quantized[0], tmp_path / "server.log", "--dtype", "float32", "--enforce-eager") as (url, _):
+        summary = _load(url, bbc_text["eval"], "--tie", "0")
+    assert summary["completed"] == 32 and summary["errors"] == 0, summary["first_failures"]
+    assert summary["identical"] == 32, summary["first_failures"]
