@@ -221,7 +221,7 @@ def tensor_files(path: Path) -> list[Path]:
 
 
 def _shard_path(folder: Path, name, index: Path) -> Path:
-    if not isinstance(name, str) or not name.endswith(".safetensors") or name != Path(name).name or name in (".", ".."):
+    if not isinstance(name, str) or not name.endswith(".safetensors") or name != Path(name).name:
         raise AAACError(f"{index}: shard {name!r} is not a .safetensors file name inside the model folder")
     return folder / name
 
