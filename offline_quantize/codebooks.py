@@ -5,7 +5,7 @@ h[k] = mean(x[k]^2) times its square, so the objective is sum_k h[k] (w - w_hat)
 the diagonal approximation of ||X W^T - X W_hat^T||^2.
 """
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -25,6 +25,14 @@ class CodebookOptions:
     # A codebook used by fewer groups than this is re-seeded, at most max_reseeds times per Lloyd run.
     min_share: float = 0.02
     max_reseeds: int = 3
+
+
+# QLoRA's NormalFloat4: the quantiles of N(0, 1) scaled to [-1, 1], with an exact 0 (bitsandbytes' table).
+NF4 = (
+    -1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453, -0.28444138169288635,
+    -0.18477343022823334, -0.09105003625154495, 0.0, 0.07958029955625534, 0.16093020141124725,
+    0.24611230194568634, 0.33791524171829224, 0.44070982933044434, 0.5626170039176941, 0.7229568362236023, 1.0,
+)
 
 
 @dataclass
@@ -206,6 +214,48 @@ def quantize_layer(
         error=error / energy if energy > 0 else 0.0,
         codebook1_share=choice.float().mean().item(),
     )
+
+
+@dataclass(frozen=True)
+class CodebookGrid:
+    """A fixed pair of codebooks as a per-group grid: a fp16 scale and a codebook choice per group.
+
+    ``fit`` picks every group's scale (absmax, or the best of ``scale_grid``
+    multiples of it) and codebook by activation-weighted error; with
+    ``scale_grid`` None the scale is the absmax and only the choice is searched.
+    NF4 is this grid with both codebooks equal to the NF4 table and no scale search.
+    """
+
+    codebooks: torch.Tensor  # [2, 16], sorted, fp16 values
+    scale_grid: tuple[float, float, int] | None = None
+    _float: torch.Tensor = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self):
+        object.__setattr__(self, "_float", self.codebooks.float())
+
+    def fit(self, w: torch.Tensor, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """w [N, Gn, G], h [Gn, G] -> (|scale| fp16-valued [N, Gn, 1], choice of C1 [N, Gn, 1])."""
+        absmax = w.abs().amax(dim=-1, keepdim=True)
+        scale = absmax
+        if self.scale_grid is not None:
+            options = CodebookOptions(scale_grid=self.scale_grid)
+            scale = _search_scales(w, h, absmax, self._float, options)
+        scale = scale.half().float()
+        errors, _ = _group_errors(w, h, scale, self._float)
+        return scale, (errors[1] < errors[0]).unsqueeze(-1)
+
+    def quantize(self, w: torch.Tensor, params: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """(codes uint8, dequantized fp32) of ``w`` under ``params`` (broadcast against ``w``)."""
+        scale, choice = params
+        u = _normalize(w, scale)
+        codes = torch.where(choice, _nearest(u, self._float[1]), _nearest(u, self._float[0]))
+        values = torch.where(choice, self._float[1][codes], self._float[0][codes]) * scale
+        return codes.to(torch.uint8), values
+
+
+def nf4_grid() -> CodebookGrid:
+    table = torch.tensor(NF4).half()
+    return CodebookGrid(torch.stack([table, table]))
 
 
 def weighted_error(weight: torch.Tensor, approx: torch.Tensor, h: torch.Tensor) -> float:

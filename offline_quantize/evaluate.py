@@ -8,6 +8,16 @@ from torch import nn
 from .errors import AAACError
 
 
+def evaluation_device(name: str) -> tuple[str, torch.dtype]:
+    """``auto``/``cpu``/``cuda`` -> (device, dtype). On the CPU the stored weights are computed exactly in fp32:
+    bf16 matmuls are slow on CPUs without native support."""
+    if name == "cuda" and not torch.cuda.is_available():
+        raise AAACError("--device cuda was asked for, but torch sees no CUDA device; use --device cpu")
+    if name == "cuda" or (name == "auto" and torch.cuda.is_available()):
+        return "cuda", torch.bfloat16
+    return "cpu", torch.float32
+
+
 @torch.no_grad()
 def perplexity(model: nn.Module, tokenizer, text: str, seqlen: int = 2048, max_tokens: int | None = None) -> tuple[float, int]:
     """exp(mean NLL) over every token predicted inside ``seqlen`` windows; returns (perplexity, tokens predicted)."""

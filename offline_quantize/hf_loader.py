@@ -1,7 +1,9 @@
-"""Run a checkpoint in transformers: a plain one as it is, an AAAC one through the reference dequantizer.
+"""Run a checkpoint in transformers: a plain one as it is, an AAAC or AWQ-format one made dense here.
 
 This is the ground-truth execution of an AAAC checkpoint: every quantized
 linear gets the dense weight ``aaac_kernels.reference.dequantize`` defines.
+AWQ-format checkpoints (the uniform-grid baselines) get ``awq_format.dequantize``,
+so comparing methods needs neither AutoAWQ nor a GPU.
 """
 
 from pathlib import Path
@@ -11,7 +13,8 @@ from torch import nn
 
 from aaac_kernels.reference import dequantize
 
-from .checkpoint import read_quant_config, read_tensors, verify_checkpoint
+from . import awq_format
+from .checkpoint import read_config, read_quant_config, read_tensors, verify_checkpoint, verify_manifest
 from .errors import AAACError
 
 
@@ -20,21 +23,25 @@ def load_causal_lm(path: Path, dtype: torch.dtype = torch.float32, device: str =
 
     path = Path(path)
     _, quant = read_quant_config(path)
-    if not quant:
+    awq = read_config(path).get("quantization_config", {}).get("quant_method") == "awq"
+    if not quant and not awq:
         model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, device_map=device, use_safetensors=True)
         return model.eval()
 
-    verify_checkpoint(path, quant["group_size"])  # names the damaged file or tensor before any work is done
+    if awq:
+        verify_manifest(path)
+    else:
+        verify_checkpoint(path, quant["group_size"])  # names the damaged file or tensor before any work is done
     from accelerate import init_empty_weights
 
     config = AutoConfig.from_pretrained(path)
     if hasattr(config, "quantization_config"):
-        del config.quantization_config  # transformers does not know "aaac"; the weights are made dense here
+        del config.quantization_config  # the weights are made dense here, with no quantization library
     # Parameters on the meta device (no random init of weights about to be replaced); buffers such as
     # rotary tables stay real.
     with init_empty_weights():
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
-    state = dense_state_dict(path, quant["group_size"], dtype)
+    state = dense_state_dict(path, None if awq else quant["group_size"], dtype)
     result = model.load_state_dict(state, strict=False, assign=True)
     if result.unexpected_keys:
         raise AAACError(f"{path}: tensors the model does not have: {', '.join(result.unexpected_keys[:3])}")
@@ -45,16 +52,26 @@ def load_causal_lm(path: Path, dtype: torch.dtype = torch.float32, device: str =
     return model.to(device).eval()
 
 
-def dense_state_dict(path: Path, group_size: int, dtype: torch.dtype) -> dict[str, torch.Tensor]:
-    """The checkpoint's tensors with every (qweight, scales, codebooks) triple replaced by a dense weight."""
+def dense_state_dict(path: Path, group_size: int | None, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """The checkpoint's tensors with every quantized layer replaced by a dense weight.
+
+    AAAC layers are (qweight, scales, codebooks) triples at ``group_size``; with ``group_size`` None the
+    layers are AWQ-format (qweight, qzeros, scales) triples, whose shapes carry the group size.
+    """
     tensors = read_tensors(path)
+    parts = (".scales", ".codebooks") if group_size else (".qzeros", ".scales")
     state = {}
     for key, tensor in tensors.items():
         if key.endswith(".qweight"):
             prefix = key[: -len(".qweight")]
-            state[f"{prefix}.weight"] = dequantize(
-                tensor, tensors[f"{prefix}.scales"], tensors[f"{prefix}.codebooks"], group_size, dtype
-            )
-        elif not key.endswith((".scales", ".codebooks")):
+            try:
+                first, second = (tensors[f"{prefix}{part}"] for part in parts)
+            except KeyError as exc:
+                raise AAACError(f"{path}: tensor {exc.args[0]} is missing for quantized layer {prefix}") from None
+            if group_size:
+                state[f"{prefix}.weight"] = dequantize(tensor, first, second, group_size, dtype)
+            else:
+                state[f"{prefix}.weight"] = awq_format.dequantize(tensor, first, second, dtype)
+        elif not key.endswith(parts):
             state[key] = tensor.to(dtype) if tensor.is_floating_point() else tensor
     return state

@@ -1,4 +1,4 @@
-"""The block-by-block AAAC pipeline: calibration -> statistics -> codebooks -> packing -> checkpoint.
+"""The block-by-block pipeline: calibration -> statistics -> (AWQ scaling) -> per-layer method -> packing -> checkpoint.
 
 Block i+1 is calibrated on the outputs of the already-quantized block i, so
 each block's codebooks see the errors the blocks before it will make at
@@ -17,15 +17,12 @@ from safetensors import safe_open
 from torch import nn
 from tqdm.auto import tqdm
 
-from aaac_kernels.format import pack_indices
-from aaac_kernels.reference import dequantize
-
-from . import checkpoint, source
+from . import awq_format, checkpoint, source
 from .calibration import read_texts, token_windows
-from .codebooks import CodebookOptions, quantize_layer, weighted_error
+from .codebooks import CodebookOptions
 from .errors import AAACError
+from .methods import LinearInputs, MethodOptions, quantize_linear, rtn_reference_error, scale_block
 from .progress import Progress
-from .rtn import rtn_dequantized
 from .statistics import collect
 
 
@@ -40,6 +37,7 @@ class Settings:
     batch_size: int = 8
     max_shard_bytes: int = 4 << 30
     codebooks: CodebookOptions = field(default_factory=CodebookOptions)
+    method: MethodOptions = field(default_factory=MethodOptions)
 
 
 class _Captured(Exception):
@@ -121,6 +119,8 @@ def quantize_model(
     if output.exists() and not overwrite:
         raise AAACError(f"output folder {output} already exists; pass --overwrite to replace it")
     device = _resolve_device(settings.device)
+    method = settings.method
+    method.check()
 
     from transformers import AutoTokenizer
 
@@ -156,51 +156,62 @@ def quantize_model(
         calls = _capture_block_inputs(model, blocks, windows, settings.batch_size)
         extras = [(_to(a, device, compute_dtype), _to(k, device, compute_dtype)) for _, a, k in calls]
         inputs = progress.inputs(device) if done else [_to(h, device, compute_dtype) for h, _, _ in calls]
-        bar = tqdm(total=len(blocks), initial=done, desc="AAAC", unit="block", dynamic_ncols=True)
+        bar = tqdm(total=len(blocks), initial=done, desc=method.label, unit="block", dynamic_ncols=True)
         for i in range(done, len(blocks)):
             block = blocks[i]
             block_start = time.perf_counter()
             block.to(device=device, dtype=compute_dtype)
             block_lin = source.block_linears(block)
-            with collect(block_lin) as stats:
+            with collect(block_lin, full=method.needs_second_moment) as stats:
                 for h, (args, kwargs) in zip(inputs, extras):
                     block(h, *args, **kwargs)
+            linear_inputs = {
+                name: LinearInputs(st.mean(), st.second_moment() if method.needs_second_moment else None, st.abs_mean())
+                for name, st in stats.items()
+            }
+            original = {name: (m.weight.data.float().clone(), linear_inputs[name].h) for name, m in block_lin.items()}
             tensors, layers = {}, {}
+            if method.scales_channels:
+                folded = scale_block(block, i, block_lin, linear_inputs, settings.group_size)
+                for previous, record in folded.items():
+                    module = block.get_submodule(previous)
+                    module.weight.data = module.weight.data.to(model_dtype).to(compute_dtype)
+                    if not isinstance(module, nn.Linear):  # folded norms are stored; folded linears are quantized next
+                        tensors[f"{prefix}.{i}.{previous}.weight"] = module.weight.data.to(model_dtype).cpu()
+                    layers[f"{prefix}.{i}.{previous}"] = {"awq_alpha": record["alpha"], "scales": record["linears"]}
             for j, (name, module) in enumerate(block_lin.items()):
                 full = f"{prefix}.{i}.{name}"
-                weight, h = module.weight.data, stats[name].mean()
-                result = quantize_layer(weight, h, settings.group_size, settings.codebooks, seed=settings.seed + 1000 * i + j)
-                qweight, scales = pack_indices(result.indices), result.scales.t().contiguous()
-                tensors.update({f"{full}.qweight": qweight, f"{full}.scales": scales, f"{full}.codebooks": result.codebooks})
-                dense = dequantize(qweight, scales, result.codebooks, settings.group_size)
-                rtn = rtn_dequantized(weight, settings.group_size).float()
+                result = quantize_linear(name, module.weight.data, linear_inputs[name], settings.group_size, method,
+                                         settings.codebooks, seed=settings.seed + 1000 * i + j)
+                tensors.update({f"{full}.{suffix}": t.cpu() for suffix, t in result.tensors.items()})
                 layers[full] = {
-                    "shape": list(weight.shape),
-                    "weighted_error": result.error,
-                    "rtn_weighted_error": weighted_error(weight, rtn, h),
-                    "codebook1_share": result.codebook1_share,
-                    "codebooks": result.codebooks.float().tolist(),
+                    "shape": list(module.weight.shape),
+                    **result.details,
+                    "rtn_weighted_error": rtn_reference_error(*original[name], settings.group_size),
                 }
                 # What the next block sees is what inference will compute: the stored weights, in the model's dtype.
-                module.weight.data = dense.to(model_dtype).to(compute_dtype)
+                module.weight.data = result.dense.to(model_dtype).to(compute_dtype)
             inputs = [_first(block(h, *args, **kwargs)) for h, (args, kwargs) in zip(inputs, extras)]
             block.to(device="cpu", dtype=model_dtype)
             progress.commit(i, tensors, layers, time.perf_counter() - block_start, inputs)
-            ratio = sum(e["weighted_error"] for e in layers.values()) / max(sum(e["rtn_weighted_error"] for e in layers.values()), 1e-30)
+            linear_entries = [e for e in layers.values() if "weighted_error" in e]
+            ratio = sum(e["weighted_error"] for e in linear_entries) / max(sum(e["rtn_weighted_error"] for e in linear_entries), 1e-30)
             bar.update()
             bar.set_postfix(error_vs_rtn=f"{ratio:.2f}")
         bar.close()
 
         writer = checkpoint.ShardWriter(staging, settings.max_shard_bytes)
+        written = {f"{name}.weight" for name in linears}
         for i in range(len(blocks)):
             for name, tensor in progress.block_tensors(i).items():
                 writer.add(name, tensor)
-        quantized = {f"{name}.weight" for name in linears}
-        _copy_unquantized(source_dir, writer, quantized)
+                written.add(name)
+        _copy_unquantized(source_dir, writer, written)
         shards = writer.finish()
         checkpoint.write_manifest(staging)
         unconverted = sorted(n for n, m in model.named_modules() if isinstance(m, nn.Linear) and n not in linears)
-        checkpoint.write_config(config, staging, checkpoint.quantization_config(settings.group_size, unconverted))
+        make_config = awq_format.quantization_config if method.format == "awq" else checkpoint.quantization_config
+        checkpoint.write_config(config, staging, make_config(settings.group_size, unconverted))
         checkpoint.copy_side_files(source_dir, staging)
         report = _report(source_dir, settings, device, progress, shards, start, windows)
         (staging / checkpoint.REPORT_FILE).write_text(json.dumps(report, indent=2) + "\n")
@@ -212,20 +223,21 @@ def _first(output):
     return output[0] if isinstance(output, (tuple, list)) else output
 
 
-def _copy_unquantized(source_dir: Path, writer: checkpoint.ShardWriter, quantized: set[str]) -> None:
-    """Every source tensor except the quantized weights, bit for bit as stored in the source."""
+def _copy_unquantized(source_dir: Path, writer: checkpoint.ShardWriter, written: set[str]) -> None:
+    """Every source tensor not yet written (quantized weights, folded norms), bit for bit as stored in the source."""
     for file in source.weight_files(source_dir):
         with safe_open(str(file), framework="pt") as f:
             for key in f.keys():
-                if key not in quantized:
+                if key not in written:
                     writer.add(key, f.get_tensor(key))
 
 
 def _settings_record(settings: Settings) -> dict:
     return {
-        **{k: v for k, v in asdict(settings).items() if k not in ("calib", "codebooks")},
+        **{k: v for k, v in asdict(settings).items() if k not in ("calib", "codebooks", "method")},
         "calib": [str(p) for p in settings.calib],
         "codebooks": asdict(settings.codebooks),
+        "method": asdict(settings.method),
     }
 
 
@@ -235,10 +247,14 @@ def _report(source_dir, settings, device, progress: Progress, shards, start, win
     from . import __version__
 
     layers = progress.layers
-    errors = [v["weighted_error"] for v in layers.values()]
-    rtn = [v["rtn_weighted_error"] for v in layers.values()]
+    linear_layers = [v for v in layers.values() if "weighted_error" in v]
+    errors = [v["weighted_error"] for v in linear_layers]
+    rtn = [v["rtn_weighted_error"] for v in linear_layers]
+    shares = [v["codebook1_share"] for v in linear_layers if "codebook1_share" in v]
     return {
         "source": str(source_dir),
+        "method": settings.method.label,
+        "format": settings.method.format,
         "settings": {**_settings_record(settings), "calibration_tokens": int(windows.numel())},
         "device": str(device),
         "seconds": time.perf_counter() - start,
@@ -246,10 +262,10 @@ def _report(source_dir, settings, device, progress: Progress, shards, start, win
         "resumed_from_block": progress.resumed_from,
         "memory": _peak_memory(device),
         "summary": {
-            "layers": len(layers),
+            "layers": len(linear_layers),
             "mean_weighted_error": sum(errors) / len(errors),
             "mean_rtn_weighted_error": sum(rtn) / len(rtn),
-            "mean_codebook1_share": sum(v["codebook1_share"] for v in layers.values()) / len(layers),
+            "mean_codebook1_share": sum(shares) / len(shares) if shares else None,
         },
         "files": shards,
         "layers": layers,

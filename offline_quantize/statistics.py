@@ -1,4 +1,9 @@
-"""Activation statistics: h[k] = mean(x[k]^2) over calibration tokens, for every linear's input."""
+"""Activation statistics of every linear's input: h[k] = mean(x[k]^2), mean |x[k]|, optionally H = mean(x x^T).
+
+AAAC needs only the diagonal h. GPTQ, AWQ's search and error compensation need
+the full second-moment matrix H (GPTQ's Hessian up to a factor of 2), which
+costs a [K, K] matmul per batch; it is collected only when asked for.
+"""
 
 from contextlib import contextmanager
 
@@ -7,31 +12,64 @@ from torch import nn
 
 
 class ChannelStatistics:
-    """Running sum of squared inputs per channel, fed by a forward hook."""
+    """Running sums of x[k]^2 (and of x x^T when ``full``), fed by a forward hook."""
 
-    def __init__(self, features: int, device: torch.device):
+    def __init__(self, features: int, device: torch.device, full: bool = False):
         self.sum = torch.zeros(features, dtype=torch.float64, device=device)
+        self.abs_sum = torch.zeros(features, dtype=torch.float64, device=device)
+        self.gram = torch.zeros(features, features, dtype=torch.float64, device=device) if full else None
         self.tokens = 0
 
-    def add(self, x: torch.Tensor) -> None:
+    def add(self, x: torch.Tensor, gram: torch.Tensor | None = None) -> None:
         x = x.reshape(-1, x.shape[-1])
         self.sum += x.double().pow(2).sum(dim=0)
+        self.abs_sum += x.double().abs().sum(dim=0)
+        if self.gram is not None:
+            self.gram += gram
         self.tokens += x.shape[0]
 
     def mean(self) -> torch.Tensor:
+        """h [K] in fp32."""
         return (self.sum / max(self.tokens, 1)).float()
+
+    def abs_mean(self) -> torch.Tensor:
+        """mean |x[k]| [K] in fp32: AWQ's measure of a channel's salience."""
+        return (self.abs_sum / max(self.tokens, 1)).float()
+
+    def second_moment(self) -> torch.Tensor:
+        """H [K, K] in fp32; its diagonal is ``mean()``."""
+        if self.gram is None:
+            raise RuntimeError("statistics were collected without full=True")
+        return (self.gram / max(self.tokens, 1)).float()
 
 
 @contextmanager
-def collect(linears: dict[str, nn.Linear]):
-    """Within the block, record the statistics of every listed linear's input."""
-    stats = {name: ChannelStatistics(m.in_features, m.weight.device) for name, m in linears.items()}
+def collect(linears: dict[str, nn.Linear], full: bool = False):
+    """Within the block, record the statistics of every listed linear's input.
+
+    Linears fed the same tensor (q, k and v; gate and up) share one Gram
+    matmul per batch: the last input's product is reused when the next hook
+    sees the very same tensor.
+    """
+    stats = {name: ChannelStatistics(m.in_features, m.weight.device, full) for name, m in linears.items()}
+    last: list = [None, None]  # (input tensor, its Gram contribution)
+
+    def hook(stat: ChannelStatistics, x: torch.Tensor) -> None:
+        gram = None
+        if full:
+            if last[0] is not x:
+                flat = x.reshape(-1, x.shape[-1]).float()
+                last[:] = [x, (flat.t() @ flat).double()]
+            gram = last[1]
+        stat.add(x, gram)
+
     handles = [
-        module.register_forward_hook(lambda _m, args, _out, s=stats[name]: s.add(args[0]))
+        module.register_forward_hook(lambda _m, args, _out, s=stats[name]: hook(s, args[0]))
         for name, module in linears.items()
     ]
     try:
         yield stats
     finally:
+        last.clear()
         for handle in handles:
             handle.remove()

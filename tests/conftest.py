@@ -1,6 +1,7 @@
 """Shared, session-wide fixtures: the real SmolLM2 checkpoint, real BBC text, one AAAC quantization of it."""
 
 import gc
+import json
 import os
 import shutil
 import subprocess
@@ -43,6 +44,32 @@ def bbc_text() -> dict[str, Path]:
     paths = {part: TEXT / f"bbc-{part}.txt" for part in ("calib", "eval")}
     assert all(p.is_file() for p in paths.values()), f"{TEXT} is missing: run `make test`, which prepares it"
     return paths
+
+
+@pytest.fixture(scope="session")
+def pydoc_text() -> Path:
+    path = TEXT / "pydoc-topics.txt"
+    assert path.is_file(), f"{path} is missing: run `make test`, which prepares it"
+    return path
+
+
+@pytest.fixture(scope="session")
+def smollm2_two_blocks(tmp_path_factory, source_model) -> Path:
+    """The real SmolLM2 cut to its first two decoder blocks (trained weights, real tokenizer): every method
+    runs end to end on it in seconds."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    folder = tmp_path_factory.mktemp("smollm2-2") / "SmolLM2-2-blocks"
+    config = AutoConfig.from_pretrained(source_model)
+    config.num_hidden_layers = 2
+    model = AutoModelForCausalLM.from_pretrained(source_model, config=config, dtype=torch.bfloat16)
+    model.save_pretrained(folder)
+    for name in TOKENIZER_FILES:
+        shutil.copy(source_model / name, folder / name)
+    saved = json.loads((folder / "config.json").read_text())
+    saved["rope_theta"] = json.loads((source_model / "config.json").read_text())["rope_theta"]  # vLLM reads this key
+    (folder / "config.json").write_text(json.dumps(saved, indent=2))
+    return folder
 
 
 @pytest.fixture(scope="session")
@@ -108,10 +135,10 @@ os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
 
 @contextmanager
 def vllm_engine(model: Path, **kwargs):
-    """A vLLM engine on ``model`` with the ``aaac`` method, shut down (worker processes included) on exit."""
+    """A vLLM engine on ``model`` (``aaac`` method unless told), shut down (worker processes included) on exit."""
     from vllm import LLM
 
-    llm = LLM(model=str(model), quantization="aaac", seed=0, max_model_len=1024, **{"enforce_eager": True, **kwargs})
+    llm = LLM(model=str(model), seed=0, max_model_len=1024, **{"quantization": "aaac", "enforce_eager": True, **kwargs})
     try:
         yield llm
     finally:

@@ -9,7 +9,8 @@ from transformers import AutoTokenizer
 
 from offline_quantize.evaluate import perplexity
 from offline_quantize.hf_loader import load_causal_lm
-from offline_quantize.rtn import apply_rtn
+from offline_quantize.rtn import rtn_dequantized
+from offline_quantize.source import block_linears, decoder_blocks
 
 from .conftest import GROUP_SIZE, run_cli
 
@@ -18,7 +19,7 @@ EVAL_TOKENS = 8192
 
 def test_cli_prints_summary_and_progress(quantized):
     out, result = quantized
-    assert f"AAAC checkpoint written to {out}" in result.stdout
+    assert f"aaac checkpoint (aaac format) written to {out}" in result.stdout
     assert "210 linear layers" in result.stdout
     assert "30/30" in result.stderr  # the per-block progress bar reached the end
 
@@ -79,7 +80,12 @@ def test_perplexity_beats_round_to_nearest(quantized, source_model, eval_text):
     assert tokens == 4 * 2047
 
     # The fp32 model holds the checkpoint's bf16 values exactly, so this is RTN of the stored weights.
-    rtn_ppl, _ = perplexity(apply_rtn(load_causal_lm(source_model), GROUP_SIZE), tokenizer, eval_text, 2048, EVAL_TOKENS)
+    rtn = load_causal_lm(source_model)
+    with torch.no_grad():
+        for block in decoder_blocks(rtn):
+            for module in block_linears(block).values():
+                module.weight.data = rtn_dequantized(module.weight.data, GROUP_SIZE)
+    rtn_ppl, _ = perplexity(rtn, tokenizer, eval_text, 2048, EVAL_TOKENS)
     print(f"perplexity on {tokens} held-out BBC tokens: AAAC-g64 {aaac_ppl:.3f}, RTN-g64 {rtn_ppl:.3f}")
     assert aaac_ppl < rtn_ppl
 

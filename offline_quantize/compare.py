@@ -1,0 +1,193 @@
+"""`aaac-compare`: every method on one model and group size, quantized and evaluated in one run.
+
+Each method is quantized by its own `aaac-quantize` process (so its wall time and
+peak memory are its own, read back from its quantization report), with the same
+calibration settings; then every checkpoint, and the unquantized model, is
+evaluated on the same texts with the same perplexity protocol. Writes
+results.json (raw numbers), results.md (the table) and results.png
+(perplexity against quantization time) into the work folder.
+"""
+
+import json
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from .errors import AAACError
+from .evaluate import evaluation_device, perplexity
+
+# label -> aaac-quantize options; labels are MethodOptions.label of those options.
+VARIANTS: dict[str, list[str] | None] = {
+    "bf16": None,
+    "rtn": ["--method", "rtn"],
+    "rtn-sym": ["--method", "rtn-sym"],
+    "nf4": ["--method", "nf4"],
+    "gptq": ["--method", "gptq"],
+    "gptq+act-order": ["--method", "gptq", "--act-order"],
+    "awq": ["--method", "awq"],
+    "aaac": ["--method", "aaac"],
+    "aaac+awq": ["--method", "aaac", "--awq-scale"],
+    "aaac+compensate": ["--method", "aaac", "--compensate"],
+    "aaac+awq+compensate": ["--method", "aaac", "--awq-scale", "--compensate"],
+}
+BASELINE, YARDSTICK = "bf16", "rtn"  # gaps are to bf16, and as a fraction of asymmetric RTN's gap
+SERVED_BY = {"aaac": "vLLM `--quantization aaac`", "awq": "vLLM built-in `awq`"}
+
+
+def quantize_variant(label: str, source: Path, output: Path, options: list[str], reuse: bool) -> dict:
+    """Run aaac-quantize for one variant in its own process; return its report."""
+    report_file = output / "quantization_report.json"
+    if reuse and report_file.is_file():
+        return json.loads(report_file.read_text())
+    command = [sys.executable, "-m", "offline_quantize", str(source), str(output), *options, "--overwrite"]
+    print(f"[{label}] quantizing: aaac-quantize {' '.join(command[3:])}", flush=True)
+    result = subprocess.run(command, capture_output=True, text=True)
+    if result.returncode != 0:
+        last = (result.stderr.strip().splitlines() or ["(no output)"])[-1]
+        raise AAACError(f"quantizing {label} failed (exit {result.returncode}): {last}")
+    return json.loads(report_file.read_text())
+
+
+def run(source: Path, workdir: Path, texts: dict[str, Path], labels: list[str], quantize_options: list[str],
+        seqlen: int, max_tokens: int | None, device: str, reuse: bool) -> dict:
+    """Quantize and evaluate every variant in ``labels``; returns the results and writes the three files."""
+    from transformers import AutoTokenizer
+
+    from .hf_loader import load_causal_lm
+
+    for name, file in texts.items():
+        if not file.is_file():
+            raise AAACError(f"text {name}: file {file} does not exist")
+    workdir.mkdir(parents=True, exist_ok=True)
+    tokenizer = AutoTokenizer.from_pretrained(source)
+    contents = {name: file.read_text(encoding="utf-8") for name, file in texts.items()}
+    eval_device, dtype = evaluation_device(device)
+
+    # All quantization first, then all evaluation: each method's timing is taken with nothing else running.
+    methods: dict[str, dict] = {}
+    folders: dict[str, Path] = {}
+    for label in labels:
+        options = VARIANTS[label]
+        if options is None:
+            folders[label] = source
+            methods[label] = {"format": "unquantized", "quantize_seconds": 0.0}
+            continue
+        folders[label] = workdir / label
+        report = quantize_variant(label, source, folders[label], [*options, *quantize_options], reuse)
+        summary = report["summary"]
+        methods[label] = {
+            "format": report["format"], "quantize_seconds": report["seconds"], "device": report["device"],
+            "peak_host_rss_mib": report["memory"]["host_peak_rss_mib"],
+            "peak_device_mib": report["memory"].get("device_peak_allocated_mib"),
+            "mean_weighted_error": summary["mean_weighted_error"],
+            "mean_rtn_weighted_error": summary["mean_rtn_weighted_error"],
+            "checkpoint": str(folders[label]),
+        }
+        print(f"[{label}] quantized in {report['seconds']:.0f} s", flush=True)
+
+    token_counts: dict[str, int] = {}
+    for label in labels:
+        entry = methods[label]
+        entry["perplexity"] = {}
+        model = load_causal_lm(folders[label], dtype=dtype, device=eval_device)
+        for name, text in contents.items():
+            start = time.perf_counter()
+            entry["perplexity"][name], token_counts[name] = perplexity(model, tokenizer, text, seqlen, max_tokens)
+            print(f"[{label}] {name}: perplexity {entry['perplexity'][name]:.3f} "
+                  f"({time.perf_counter() - start:.0f} s)", flush=True)
+        del model
+
+    _add_gaps(methods)
+    results = {
+        "source": str(source),
+        "quantize_options": quantize_options,
+        "texts": {name: {"file": str(texts[name]), "tokens": token_counts[name]} for name in texts},
+        "protocol": {"seqlen": seqlen, "max_tokens": max_tokens, "eval_device": eval_device, "eval_dtype": str(dtype)},
+        "machine": _machine(),
+        "methods": methods,
+    }
+    (workdir / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+    (workdir / "results.md").write_text(markdown(results))
+    plot(results, workdir / "results.png")
+    return results
+
+
+def _add_gaps(methods: dict[str, dict]) -> None:
+    if BASELINE not in methods:
+        return
+    base = methods[BASELINE]["perplexity"]
+    for entry in methods.values():
+        entry["gap"] = {name: ppl - base[name] for name, ppl in entry["perplexity"].items()}
+    if YARDSTICK in methods:
+        yard = methods[YARDSTICK]["gap"]
+        for entry in methods.values():
+            entry["gap_vs_rtn"] = {name: gap / yard[name] if yard[name] > 0 else None for name, gap in entry["gap"].items()}
+
+
+def _machine() -> dict:
+    import transformers
+
+    return {
+        "processor": platform.processor() or platform.machine(),
+        "torch_threads": torch.get_num_threads(),
+        "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+    }
+
+
+def markdown(results: dict) -> str:
+    """The results table: perplexity per text, gap to bf16 as a fraction of RTN's, time, memory, format."""
+    names = list(results["texts"])
+    head = ["method"]
+    for name in names:
+        head += [f"{name} ppl", f"{name} gap / RTN gap"]
+    head += ["quantize s", "peak RSS MiB", "format (served by)"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for label, entry in results["methods"].items():
+        row = [label]
+        for name in names:
+            ratio = entry.get("gap_vs_rtn", {}).get(name)
+            row += [f"{entry['perplexity'][name]:.3f}", "" if ratio is None or label == BASELINE else f"{ratio:.2f}"]
+        rss = entry.get("peak_host_rss_mib")
+        served = SERVED_BY.get(entry["format"], "")
+        row += [f"{entry['quantize_seconds']:.0f}" if label != BASELINE else "",
+                f"{rss:.0f}" if rss else "", f"{entry['format']} ({served})" if served else entry["format"]]
+        lines.append("| " + " | ".join(row) + " |")
+    tokens = ", ".join(f"{name}: {info['tokens']} tokens" for name, info in results["texts"].items())
+    lines.append("")
+    lines.append(f"Perplexity over non-overlapping {results['protocol']['seqlen']}-token windows ({tokens}).")
+    return "\n".join(lines) + "\n"
+
+
+def plot(results: dict, path: Path) -> None:
+    """Perplexity on the first text against quantization time, one point per method, bf16 as a line."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    text = next(iter(results["texts"]))
+    fig, ax = plt.subplots(figsize=(7, 4.5), dpi=120)
+    for label, entry in results["methods"].items():
+        ppl = entry["perplexity"][text]
+        if label == BASELINE:
+            ax.axhline(ppl, color="gray", linestyle="--", linewidth=1)
+            ax.annotate("bf16", (0.01, ppl), xycoords=("axes fraction", "data"), va="bottom", color="gray")
+            continue
+        marker = "o" if label.startswith("aaac") else "s"
+        ax.scatter(entry["quantize_seconds"], ppl, marker=marker, s=36)
+        ax.annotate(label, (entry["quantize_seconds"], ppl), textcoords="offset points", xytext=(5, 3), fontsize=8)
+    ax.set_xscale("log")
+    ax.set_xlabel("quantization wall time (s, log scale)")
+    ax.set_ylabel(f"perplexity ({text})")
+    ax.set_title(f"{Path(results['source']).name}: perplexity vs quantization time")
+    ax.grid(True, which="both", alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)

@@ -1,0 +1,125 @@
+"""GPTQ (Frantar et al., 2022): round one input column at a time, and spread its error over the
+columns not yet rounded, weighted by the inverse of the layer's input second moment.
+
+Written after the reference implementation (``gptq.py`` of IST-DASLab/gptq): dead
+channels zeroed, 1% dampening, the upper Cholesky factor of H^-1, lazy batch
+updates of ``block_size`` columns. The grid is a parameter: the uniform INT4 grid
+gives GPTQ; AAAC's learned codebook pair gives AAAC with error compensation.
+
+Group parameters are fitted when GPTQ reaches a group's first column, on the
+weights as they are then (the reference's rule). With ``act_order`` columns are
+visited by decreasing H[k, k], and each group's parameters are fitted once, up
+front, on the original weights ("static groups", as GPTQModel and vLLM's Marlin
+expect), so groups stay contiguous in the checkpoint.
+"""
+
+from contextlib import contextmanager
+from typing import Protocol
+
+import torch
+
+from .errors import AAACError
+
+DAMPENING = (0.01, 0.03, 0.1, 0.3, 1.0)  # fractions of mean(diag H), tried in order until H is positive definite
+
+
+class Grid(Protocol):
+    def fit(self, w: torch.Tensor, h: torch.Tensor) -> tuple[torch.Tensor, ...]: ...
+
+    def quantize(self, w: torch.Tensor, params: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, torch.Tensor]: ...
+
+
+def _inverse_cholesky(h: torch.Tensor) -> torch.Tensor:
+    """Upper Cholesky factor of (H + damp I)^-1, with the smallest dampening that works."""
+    mean_diag = h.diagonal().mean()
+    eye = torch.eye(h.shape[0], dtype=h.dtype, device=h.device)
+    for damp in DAMPENING:
+        factor, info = torch.linalg.cholesky_ex(h + damp * mean_diag * eye)
+        if info == 0:
+            inverse = torch.cholesky_inverse(factor)
+            upper, info = torch.linalg.cholesky_ex(inverse, upper=True)
+            if info == 0:
+                return upper
+    raise AAACError(f"GPTQ: the input second moment is not positive definite even with {DAMPENING[-1]:.0%} dampening")
+
+
+@contextmanager
+def _one_cpu_thread(device: torch.device):
+    """The column loop is thousands of ops on a few thousand elements each: on a CPU, OpenMP's
+    fork and join per op costs more than the work (100x more when a core is busy elsewhere)."""
+    threads = torch.get_num_threads()
+    if device.type == "cpu":
+        torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
+def gptq(
+    weight: torch.Tensor,
+    h: torch.Tensor,
+    group_size: int,
+    grid: Grid,
+    act_order: bool = False,
+    block_size: int = 128,
+) -> tuple[torch.Tensor, tuple[torch.Tensor, ...], torch.Tensor]:
+    """Quantize weight [N, K] against second moment h [K, K].
+
+    Returns (codes uint8 [N, K], the grid's parameters stacked per group [N, K // G, 1] each,
+    dequantized weight fp32 [N, K]).
+    """
+    n, k = weight.shape
+    groups = k // group_size
+    w = weight.float().clone()
+    h = h.float().clone()
+    dead = h.diagonal() == 0
+    h[dead, dead] = 1
+    w[:, dead] = 0
+    diag = h.diagonal().clone()
+
+    static = None
+    if act_order:
+        static = grid.fit(w.reshape(n, groups, group_size), diag.reshape(groups, group_size))
+        perm = torch.argsort(diag, descending=True)
+    else:
+        perm = torch.arange(k, device=w.device)
+    w, h = w[:, perm], h[perm][:, perm]
+    hinv = _inverse_cholesky(h)
+
+    codes = torch.zeros(n, k, dtype=torch.uint8, device=w.device)
+    values = torch.zeros(n, k, device=w.device)
+    fitted: list[tuple[torch.Tensor, ...]] = []
+    # Blocks hold whole groups so that a group's parameters are fitted on fully updated weights.
+    block_size = max(group_size, block_size - block_size % group_size)
+    with _one_cpu_thread(w.device):
+        _columns(w, hinv, diag, perm, static, fitted, codes, values, grid, group_size, block_size)
+
+    inverse = torch.argsort(perm)
+    if static is None:
+        static = tuple(torch.stack(p, dim=1) for p in zip(*fitted))
+    return codes[:, inverse], static, values[:, inverse]
+
+
+def _columns(w, hinv, diag, perm, static, fitted, codes, values, grid: Grid, group_size: int, block_size: int) -> None:
+    """The GPTQ sweep, in place: round every column of ``w`` (permuted order) and spread its error."""
+    k = w.shape[1]
+    for i1 in range(0, k, block_size):
+        i2 = min(i1 + block_size, k)
+        w1, hinv1 = w[:, i1:i2].clone(), hinv[i1:i2, i1:i2]
+        err1 = torch.zeros_like(w1)
+        for i in range(i2 - i1):
+            column = int(perm[i1 + i])
+            if static is not None:
+                params = tuple(p[:, column // group_size] for p in static)
+            else:
+                if (i1 + i) % group_size == 0:
+                    params = grid.fit(w1[:, i : i + group_size].unsqueeze(1), diag[perm[i1 + i : i1 + i + group_size]].unsqueeze(0))
+                    params = tuple(p.squeeze(1) for p in params)
+                    fitted.append(params)
+            q, v = grid.quantize(w1[:, i : i + 1], params)
+            codes[:, i1 + i], values[:, i1 + i] = q[:, 0], v[:, 0]
+            err = (w1[:, i] - v[:, 0]) / hinv1[i, i]
+            w1[:, i:] -= err.unsqueeze(1) * hinv1[i, i:].unsqueeze(0)
+            err1[:, i] = err
+        w[:, i2:] -= err1 @ hinv[i1:i2, i2:]

@@ -1,0 +1,201 @@
+"""GPTQ, AWQ, NF4, the uniform grid and the AWQ format on cases whose right answer is known."""
+
+import pytest
+import torch
+from transformers import LlamaConfig
+from transformers.models.llama.modeling_llama import LlamaDecoderLayer, LlamaRotaryEmbedding
+
+from offline_quantize import awq, awq_format
+from offline_quantize.codebooks import NF4, CodebookGrid, CodebookOptions, nf4_grid
+from offline_quantize.errors import AAACError
+from offline_quantize.gptq import gptq
+from offline_quantize.methods import LinearInputs, MethodOptions, quantize_linear, scale_block
+from offline_quantize.rtn import UniformGrid, rtn_dequantized
+from offline_quantize.source import block_linears
+
+G = 32
+N, K = 48, 128
+
+
+def _second_moment(k: int = K, tokens: int = 2048, seed: int = 0) -> torch.Tensor:
+    """mean(x x^T) of correlated inputs with a few loud channels, as real activations have."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(tokens, k, generator=g) @ (torch.eye(k) + 0.3 * torch.randn(k, k, generator=g))
+    x[:, :4] *= 8
+    return x.t() @ x / tokens
+
+
+def _output_error(weight, approx, h):
+    return awq.output_error(weight.float(), approx.float(), h).item()
+
+
+def _on_grid(symmetric: bool, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """A weight already on the uniform grid (every group spans its full code range), and its codes."""
+    g = torch.Generator().manual_seed(seed)
+    codes = torch.randint(0, 16, (N, K), generator=g)
+    codes[:, ::G], codes[:, 1::G] = 0, 15  # the min/max rule then recovers scale and zero exactly
+    scale = (torch.rand(N, K // G, 1, generator=g) + 0.5).half().float() / 16
+    zero = torch.full_like(scale, 8) if symmetric else torch.randint(3, 13, scale.shape, generator=g).float()
+    weight = ((codes.reshape(N, K // G, G) - zero) * scale).reshape(N, K)
+    return weight, codes
+
+
+@pytest.mark.parametrize("act_order", [False, True])
+def test_gptq_reproduces_a_weight_already_on_the_grid(act_order):
+    weight, codes = _on_grid(symmetric=False)
+    got, (scale, zero), dense = gptq(weight, _second_moment(), G, UniformGrid(), act_order=act_order)
+    assert torch.equal(got.long(), codes)
+    assert torch.equal(dense, weight)
+
+
+def test_gptq_with_uncorrelated_inputs_is_round_to_nearest():
+    """With a diagonal H no error is spread to other columns: GPTQ must equal RTN exactly."""
+    weight = torch.randn(N, K, generator=torch.Generator().manual_seed(1))
+    h = torch.diag(torch.rand(K, generator=torch.Generator().manual_seed(2)) + 0.1)
+    _, _, dense = gptq(weight, h, G, UniformGrid())
+    assert torch.equal(dense, rtn_dequantized(weight, G))
+
+
+@pytest.mark.parametrize("act_order", [False, True])
+def test_gptq_lowers_the_output_error_of_rtn(act_order):
+    weight = torch.randn(N, K, generator=torch.Generator().manual_seed(3))
+    h = _second_moment()
+    _, _, dense = gptq(weight, h, G, UniformGrid(), act_order=act_order)
+    assert _output_error(weight, dense, h) < 0.8 * _output_error(weight, rtn_dequantized(weight, G), h)
+
+
+def test_gptq_with_learned_codebooks_reproduces_codebook_weights_and_compensates():
+    g = torch.Generator().manual_seed(4)
+    codebooks = torch.sort(torch.rand(2, 16, generator=g) * 1.8 - 0.9).values.half()
+    codebooks[:, 0], codebooks[:, -1] = -1, 1  # entries in [-1, 1], as learned on w / absmax
+    choice = torch.rand(N, K // G, 1, generator=g) < 0.5
+    idx = torch.randint(1, 15, (N, K // G, G), generator=g)
+    idx[..., 0] = 15
+    scale = (torch.rand(N, K // G, 1, generator=g) + 0.5).half().float()
+    table = codebooks.float()
+    weight = (torch.where(choice, table[1][idx], table[0][idx]) * scale).reshape(N, K)
+    grid = CodebookGrid(codebooks)
+    h = _second_moment()
+    _, (got_scale, got_choice), dense = gptq(weight, h, G, grid)
+    assert torch.equal(dense, weight) and torch.equal(got_choice, choice)
+
+    noisy = weight + 0.05 * torch.randn(N, K, generator=g)
+    _, params, compensated = gptq(noisy, h, G, grid)
+    plain = grid.quantize(noisy.reshape(N, K // G, G), params)[1].reshape(N, K)
+    assert _output_error(noisy, compensated, h) < 0.8 * _output_error(noisy, plain, h)
+
+
+def test_uniform_grid_rules():
+    w = torch.tensor([[-1.0, 0.0, 0.5, 2.0]])
+    scale, zero = UniformGrid().fit(w)
+    assert scale.item() == pytest.approx(3 / 15, rel=1e-3) and zero.item() == 5
+    codes, values = UniformGrid().quantize(w, (scale, zero))
+    assert codes.tolist() == [[0, 5, 8, 15]] and values[0, 0].item() == pytest.approx(-1.0, rel=1e-3)
+    scale, zero = UniformGrid(symmetric=True).fit(w)
+    assert zero.item() == 8 and scale.item() == pytest.approx(4 / 15, rel=1e-3)
+    assert UniformGrid().fit(torch.full((1, 4), 3.0))[1].item() == 0  # zero points stay in 4 bits
+
+
+def test_nf4_is_the_table_times_absmax():
+    w = torch.tensor(NF4).reshape(1, 1, 16) * 0.5
+    grid = nf4_grid()
+    scale, choice = grid.fit(w, torch.ones(1, 16))
+    codes, values = grid.quantize(w, (scale, choice))
+    assert scale.item() == 0.5 and codes.flatten().tolist() == list(range(16))
+    assert torch.allclose(values, torch.tensor(NF4).half().float() * 0.5)
+
+
+def test_awq_search_keeps_on_grid_weights_and_finds_salient_channels():
+    weight, _ = _on_grid(symmetric=False)
+    h = _second_moment()
+    activation = h.diagonal().sqrt()
+    s, alpha = awq.search_scale([weight], h, activation, G, UniformGrid())
+    assert alpha == 0 and torch.equal(s, torch.ones(K))  # nothing beats exact
+    assert torch.equal(awq.search_clip(weight, h, G, UniformGrid()), weight)
+
+    weight = torch.randn(N, K, generator=torch.Generator().manual_seed(5))
+    s, alpha = awq.search_scale([weight], h, activation, G, UniformGrid())
+    assert alpha > 0 and s[:4].min() > s[4:].max()  # the loud channels get the larger scales
+    scaled = rtn_dequantized(weight * s, G) / s
+    assert _output_error(weight, scaled, h) < 0.9 * _output_error(weight, rtn_dequantized(weight, G), h)
+    clipped = rtn_dequantized(awq.search_clip(weight, h, G, UniformGrid()), G)
+    assert _output_error(weight, clipped, h) < _output_error(weight, rtn_dequantized(weight, G), h)
+
+
+def _llama_block(kv_heads: int) -> tuple[LlamaDecoderLayer, LlamaConfig]:
+    torch.manual_seed(0)
+    config = LlamaConfig(hidden_size=64, intermediate_size=128, num_attention_heads=4, num_key_value_heads=kv_heads,
+                         num_hidden_layers=1, max_position_embeddings=256)
+    block = LlamaDecoderLayer(config, layer_idx=0).eval()
+    with torch.no_grad():
+        for norm in (block.input_layernorm, block.post_attention_layernorm):
+            norm.weight.uniform_(0.5, 1.5)
+    return block, config
+
+
+@pytest.mark.parametrize("kv_heads", [4, 2])
+def test_awq_scaling_leaves_the_float_block_unchanged(kv_heads):
+    block, config = _llama_block(kv_heads)
+    x = torch.randn(2, 16, 64)
+    position = torch.arange(16).unsqueeze(0)
+    rotary = LlamaRotaryEmbedding(config)(x, position)
+    with torch.no_grad():
+        before = block(x, position_embeddings=rotary)
+        before = before[0] if isinstance(before, tuple) else before
+        linears = block_linears(block)
+        stats = {}
+        for name, module in linears.items():
+            h = torch.eye(module.in_features) + 0.1
+            stats[name] = LinearInputs(h.diagonal().clone(), h, torch.rand(module.in_features) + 0.5)
+        folded = scale_block(block, 0, linears, stats, 32)
+        after = block(x, position_embeddings=rotary)
+        after = after[0] if isinstance(after, tuple) else after
+    assert ("self_attn.v_proj" in folded) == (kv_heads == 4)  # v -> o only without grouped-query attention
+    assert set(folded) >= {"input_layernorm", "post_attention_layernorm", "mlp.up_proj"}
+    assert torch.allclose(before, after, atol=1e-4)
+
+
+def test_awq_scaling_refuses_blocks_it_cannot_fold():
+    block, _ = _llama_block(4)
+    del block.post_attention_layernorm
+    with pytest.raises(AAACError, match="block 3 of this model has no post_attention_layernorm"):
+        awq.scaling_groups(block, 3)
+
+
+def test_awq_format_matches_vllm_packing_and_round_trips():
+    from vllm.model_executor.layers.quantization.utils.quant_utils import awq_pack
+
+    g = torch.Generator().manual_seed(6)
+    codes = torch.randint(0, 16, (N, K), generator=g, dtype=torch.uint8)
+    scale = torch.rand(N, K // G, generator=g).half().float()
+    zero = torch.randint(0, 16, (N, K // G), generator=g).float()
+    tensors = awq_format.pack(codes, scale, zero)
+    assert torch.equal(tensors["qweight"], awq_pack(codes.t().int(), 4, K, N))
+    assert torch.equal(tensors["qzeros"], awq_pack(zero.t().int(), 4, K // G, N))
+    dense = awq_format.dequantize(tensors["qweight"], tensors["qzeros"], tensors["scales"], torch.float32)
+    expected = (codes.float().reshape(N, K // G, G) - zero.unsqueeze(-1)) * scale.unsqueeze(-1)
+    assert torch.equal(dense, expected.reshape(N, K))
+
+
+def test_quantize_linear_dense_is_what_the_checkpoint_means():
+    weight = torch.randn(N, K, generator=torch.Generator().manual_seed(7))
+    h = _second_moment()
+    stats = LinearInputs(h.diagonal().clone(), h, h.diagonal().sqrt())
+    for method, extra in [("rtn", {}), ("gptq", {"act_order": True}), ("awq", {}), ("nf4", {}),
+                          ("aaac", {"compensate": True})]:
+        options = MethodOptions(method, **extra)
+        result = quantize_linear("mlp.down_proj", weight, stats, G, options, CodebookOptions(), seed=0)
+        assert result.dense.shape == (N, K) and torch.isfinite(result.dense).all()
+        assert result.details["output_error"] < 0.05, method
+        suffixes = {"qweight", "qzeros", "scales"} if options.format == "awq" else {"qweight", "scales", "codebooks"}
+        assert set(result.tensors) == suffixes
+
+
+@pytest.mark.parametrize("options, message", [
+    (MethodOptions("gptq", awq_scale=True), "--awq-scale applies to --method aaac, not gptq"),
+    (MethodOptions("rtn", compensate=True), "--compensate applies to --method aaac, not rtn"),
+    (MethodOptions("aaac", act_order=True), "--act-order applies to --method gptq, not aaac"),
+])
+def test_method_options_refuse_meaningless_combinations(options, message):
+    with pytest.raises(AAACError, match=message):
+        options.check()
