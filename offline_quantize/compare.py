@@ -184,6 +184,7 @@ def plot(results: dict, path: Path) -> None:
         ax.scatter(entry["quantize_seconds"], ppl, marker=marker, s=36)
         ax.annotate(label, (entry["quantize_seconds"], ppl), textcoords="offset points", xytext=(5, 3), fontsize=8)
     ax.set_xscale("log")
+    ax.margins(x=0.15)  # room for the labels of the rightmost points
     ax.set_xlabel("quantization wall time (s, log scale)")
     ax.set_ylabel(f"perplexity ({text})")
     ax.set_title(f"{Path(results['source']).name}: perplexity vs quantization time")
