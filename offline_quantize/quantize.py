@@ -185,6 +185,7 @@ def quantize_model(
                                          settings.codebooks, seed=settings.seed + 1000 * i + j)
                 tensors.update({f"{full}.{suffix}": t.cpu() for suffix, t in result.tensors.items()})
                 layers[full] = {
+                    **layers.get(full, {}),  # a linear that AWQ scaling folded into keeps its awq_alpha
                     "shape": list(module.weight.shape),
                     **result.details,
                     "rtn_weighted_error": rtn_reference_error(*original[name], settings.group_size),
