@@ -82,7 +82,7 @@ def scale_block(block: nn.Module, index: int, linears: dict[str, nn.Linear], inp
                 group_size: int) -> dict[str, dict]:
     """AWQ channel scaling of one block, in place: weights, the previous operations, and the statistics.
 
-    Returns, per scaling group, the previous operation's name, alpha and the folded tensor.
+    Returns {previous operation's name: {"alpha": searched alpha, "linears": the linears it feeds}}.
     """
     names = {module: name for name, module in block.named_modules()}
     record = {}
