@@ -1,5 +1,5 @@
 # Two commands: `make demo` (the main job on the bundled default) and `make test`; `make compare` re-runs
-# the accuracy study of docs/results.md (every method on SmolLM2 at group size 64: about an hour on 2 cores).
+# the accuracy study of docs/results.md (every method on SmolLM2 at group size 64; over an hour on 2 cores).
 # All set up .venv from nothing; a second run reuses what is there.
 
 SHELL := /bin/bash

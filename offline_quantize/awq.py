@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from .errors import AAACError
-from .rtn import UniformGrid
+from .rtn import UniformGrid, rtn_dequantized
 
 SCALE_STEPS = 20
 CLIP_STEPS, MAX_SHRINK = 20, 0.5
@@ -65,12 +65,6 @@ def output_error(weight: torch.Tensor, approx: torch.Tensor, h: torch.Tensor) ->
     return ((d @ h) * d).sum()
 
 
-def _rtn(weight: torch.Tensor, group_size: int, grid: UniformGrid) -> torch.Tensor:
-    n, k = weight.shape
-    w = weight.reshape(n, k // group_size, group_size)
-    return grid.quantize(w, grid.fit(w))[1].reshape(n, k)
-
-
 def search_scale(
     weights: list[torch.Tensor], h: torch.Tensor, activation: torch.Tensor, group_size: int, grid: UniformGrid
 ) -> tuple[torch.Tensor, float]:
@@ -80,7 +74,7 @@ def search_scale(
         alpha = step / SCALE_STEPS
         s = activation.pow(alpha).clamp_min(1e-4)
         s = s / (s.max() * s.min()).sqrt()
-        error = sum(output_error(w, _rtn(w * s, group_size, grid) / s, h) for w in weights).item()
+        error = sum(output_error(w, rtn_dequantized(w * s, group_size, grid.symmetric) / s, h) for w in weights).item()
         if error < best[0]:
             best = (error, s, alpha)
     return best[1], best[2]

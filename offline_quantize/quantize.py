@@ -169,7 +169,10 @@ def quantize_model(
                 name: LinearInputs(st.mean(), st.second_moment() if method.needs_second_moment else None, st.abs_mean())
                 for name, st in stats.items()
             }
-            original = {name: (m.weight.data.float().clone(), linear_inputs[name].h) for name, m in block_lin.items()}
+            rtn_errors = {  # on the unscaled weights, before AWQ scaling changes them
+                name: rtn_reference_error(m.weight.data, linear_inputs[name].h, settings.group_size)
+                for name, m in block_lin.items()
+            }
             tensors, layers = {}, {}
             if method.scales_channels:
                 folded = scale_block(block, i, block_lin, linear_inputs, settings.group_size)
@@ -188,7 +191,7 @@ def quantize_model(
                     **layers.get(full, {}),  # a linear that AWQ scaling folded into keeps its awq_alpha
                     "shape": list(module.weight.shape),
                     **result.details,
-                    "rtn_weighted_error": rtn_reference_error(*original[name], settings.group_size),
+                    "rtn_weighted_error": rtn_errors[name],
                 }
                 # What the next block sees is what inference will compute: the stored weights, in the model's dtype.
                 module.weight.data = result.dense.to(model_dtype).to(compute_dtype)
