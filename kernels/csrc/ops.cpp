@@ -1,0 +1,280 @@
+// torch bindings of the CPU kernels: the CPU kernel of torch.ops.aaac.linear, the instruction-set
+// dispatch, and the helpers aaac_kernels.cpu uses (ISA choice, the dequantizer the tests compare).
+//
+// The op's schema, its fake and its CUDA kernel are defined in aaac_kernels/linear.py; this file only
+// adds the CPU kernel, so the op has one definition whether or not the extension was built.
+#include <ATen/Parallel.h>
+#include <cpuid.h>
+#include <sys/syscall.h>
+#include <torch/extension.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <atomic>
+#include <cstdlib>
+#include <string>
+#include <vector>
+
+#include "cpu_kernels.h"
+
+namespace aaac {
+
+const uint16_t* codebook_pair(const GemmProblem& p, int64_t n) {
+  int64_t part = 0;
+  while (n >= p.part_ends[part]) ++part;
+  return p.codebooks + 32 * part;
+}
+
+namespace {
+
+struct IsaKernels {
+  const char* name;
+  GemvFn gemv;           // M <= kMaxDecodeRows
+  DequantFn dequant;     // larger M without gemm_bf16: dequantized tiles and at::mm
+  GemmFn gemm_bf16;      // bf16 activations from gemm_min_rows rows on, or nullptr
+  int64_t gemm_min_rows;
+  bool gemv_takes_bf16;  // else bf16 activations are widened to fp32 once per call
+};
+
+// Ordered from the most portable to the fastest. With AMX, the decode kernel still serves M = 1;
+// from 2 rows on the AMX tiles were as fast or faster (benchmarks/cpu_kernels.py).
+constexpr IsaKernels kIsas[] = {
+    {"scalar", gemv_scalar, dequant_scalar, nullptr, 0, true},
+    {"avx2", gemv_avx2, dequant_avx2, nullptr, 0, false},
+    {"avx512", gemv_avx512, dequant_avx512, nullptr, 0, false},
+    {"avx512_bf16", gemv_avx512_bf16, dequant_avx512_bf16, nullptr, 0, true},
+    {"amx_bf16", gemv_avx512_bf16, dequant_avx512_bf16, gemm_amx, 2, true},
+};
+
+enum class Path { kDecode, kAmx, kTiled };
+constexpr int kNumIsas = sizeof(kIsas) / sizeof(kIsas[0]);
+
+bool cpu_has(int isa) {
+  unsigned a, b, c, d;
+  if (isa == 0) return true;
+  if (!__get_cpuid(1, &a, &b, &c, &d)) return false;
+  const bool osxsave = c & (1u << 27), avx = c & (1u << 28), fma = c & (1u << 12), f16c = c & (1u << 29);
+  if (!(osxsave && avx && fma && f16c)) return false;
+  unsigned xcr0_lo, xcr0_hi;
+  __asm__("xgetbv" : "=a"(xcr0_lo), "=d"(xcr0_hi) : "c"(0));
+  if ((xcr0_lo & 0x6) != 0x6) return false;  // the OS saves the YMM state
+  __cpuid_count(7, 0, a, b, c, d);
+  const bool avx2 = b & (1u << 5);
+  if (isa == 1) return avx2;
+  const bool avx512 = (b & (1u << 16)) && (b & (1u << 17)) && (b & (1u << 30)) && (b & (1u << 31));  // F DQ BW VL
+  if (!(avx2 && avx512 && (xcr0_lo & 0xE6) == 0xE6)) return false;   // and the ZMM / mask state
+  if (isa == 2) return true;
+  const bool amx = (d & (1u << 22)) && (d & (1u << 24)) && (xcr0_lo & (3u << 17)) == (3u << 17);  // BF16, TILE
+  __cpuid_count(7, 1, a, b, c, d);
+  if (!(a & (1u << 5))) return false;  // AVX512_BF16
+  if (isa == 3) return true;
+  // Linux hands out the AMX tile state only to processes that ask (ARCH_REQ_XCOMP_PERM, XTILEDATA).
+  return amx && syscall(SYS_arch_prctl, 0x1023, 18) == 0;
+}
+
+int best_isa() {
+  int best = 0;
+  for (int i = 0; i < kNumIsas; ++i)
+    if (cpu_has(i)) best = i;
+  return best;
+}
+
+std::atomic<int> g_isa{best_isa()};
+
+int isa_index(const std::string& name) {
+  for (int i = 0; i < kNumIsas; ++i)
+    if (name == kIsas[i].name) return i;
+  return -1;
+}
+
+// Group size -> the chunk of the layout (cpu_kernels.h); must match aaac_kernels.cpu.chunk_size.
+int64_t chunk_size(int64_t group_size) {
+  if (group_size % 64 == 0) return 64;
+  if (group_size % 32 == 0) return 32;
+  return group_size;
+}
+
+ActDtype act_dtype(at::ScalarType t) {
+  return t == at::kBFloat16 ? ActDtype::kBFloat16 : ActDtype::kFloat32;
+}
+
+// The problem without x and y, checked: the layer's tensors as aaac_kernels.cpu.prepare made them.
+GemmProblem layer_problem(const at::Tensor& qbytes, const at::Tensor& scales, const at::Tensor& codebooks,
+                          const std::vector<int64_t>& part_ends) {
+  TORCH_CHECK(qbytes.dim() == 2 && qbytes.scalar_type() == at::kByte && qbytes.is_contiguous(),
+              "aaac::linear: qbytes must be a contiguous uint8 [N, K / 2] tensor, got ", qbytes.sizes(), " ",
+              qbytes.scalar_type());
+  const int64_t n = qbytes.size(0), k = 2 * qbytes.size(1);
+  TORCH_CHECK(scales.dim() == 2 && scales.size(0) == n && scales.size(1) > 0 && k % scales.size(1) == 0 &&
+                  scales.scalar_type() == at::kHalf && scales.is_contiguous(),
+              "aaac::linear: scales must be a contiguous fp16 [N, K / group_size] tensor, got ", scales.sizes());
+  TORCH_CHECK(codebooks.dim() == 3 && codebooks.size(0) == static_cast<int64_t>(part_ends.size()) &&
+                  codebooks.size(1) == 2 && codebooks.size(2) == 16 && codebooks.scalar_type() == at::kHalf &&
+                  codebooks.is_contiguous(),
+              "aaac::linear: codebooks must be a contiguous fp16 [parts, 2, 16] tensor, got ", codebooks.sizes());
+  TORCH_CHECK(!part_ends.empty() && part_ends.back() == n, "aaac::linear: part_sizes sum to ",
+              part_ends.empty() ? 0 : part_ends.back(), ", the layer has ", n, " output columns");
+  GemmProblem p{};
+  p.qbytes = qbytes.data_ptr<uint8_t>();
+  p.scales = reinterpret_cast<const uint16_t*>(scales.data_ptr<at::Half>());
+  p.codebooks = reinterpret_cast<const uint16_t*>(codebooks.data_ptr<at::Half>());
+  p.part_ends = part_ends.data();
+  p.n = n;
+  p.k = k;
+  p.group_size = k / scales.size(1);
+  p.chunk = chunk_size(p.group_size);
+  return p;
+}
+
+// The vector kernels read chunks of 32 or 64; other group sizes (multiples of 8) take the scalar path.
+const IsaKernels& kernels_for(const GemmProblem& p) {
+  return p.chunk == 32 || p.chunk == 64 ? kIsas[g_isa.load(std::memory_order_relaxed)] : kIsas[0];
+}
+
+std::vector<int64_t> part_ends_of(c10::IntArrayRef part_sizes) {
+  std::vector<int64_t> ends;
+  int64_t end = 0;
+  for (int64_t size : part_sizes) ends.push_back(end += size);
+  return ends;
+}
+
+// Columns per thread task: big enough to amortize the task, small enough to balance the threads.
+constexpr int64_t kColumnGrain = 16;
+// Bytes of one dequantized weight tile of the large-M path: it stays in L2 while the GEMM reads it.
+constexpr int64_t kTileBytes = 1024 * 1024;
+
+// M <= a few: stream the weights once, kMaxDecodeRows rows of x at a time.
+void decode(const IsaKernels& isa, GemmProblem p, const at::Tensor& x, at::Tensor& y) {
+  const int64_t elt = x.element_size();
+  at::parallel_for(0, p.n, kColumnGrain, [&](int64_t n_begin, int64_t n_end) {
+    GemmProblem rows = p;
+    for (int64_t m0 = 0; m0 < p.m; m0 += kMaxDecodeRows) {
+      rows.m = std::min(kMaxDecodeRows, p.m - m0);
+      rows.x = static_cast<const char*>(x.data_ptr()) + m0 * p.x_stride * elt;
+      rows.y = static_cast<char*>(y.data_ptr()) + m0 * p.y_stride * y.element_size();
+      isa.gemv(rows, n_begin, n_end);
+    }
+  });
+}
+
+// Larger M: dequantize a tile of columns into an L2-sized buffer (the reference's weight, bit for
+// bit) and hand it to at::mm, so each weight is decoded once per call, not once per row of x.
+void tiled(const IsaKernels& isa, const GemmProblem& p, const at::Tensor& x, const std::optional<at::Tensor>& bias,
+           at::Tensor& y) {
+  const int64_t tile_n = std::max<int64_t>(16, kTileBytes / (p.k * x.element_size()) / 16 * 16);
+  const int64_t tiles = (p.n + tile_n - 1) / tile_n;
+  at::parallel_for(0, tiles, 1, [&](int64_t t_begin, int64_t t_end) {
+    at::Tensor tile = at::empty({tile_n, p.k}, x.options());
+    for (int64_t t = t_begin; t < t_end; ++t) {
+      const int64_t n0 = t * tile_n, width = std::min(tile_n, p.n - n0);
+      isa.dequant(p, n0, n0 + width, tile.data_ptr());
+      const at::Tensor weight_t = tile.narrow(0, 0, width).t();
+      // addmm adds the bias before the one rounding of the output.
+      y.narrow(1, n0, width).copy_(bias ? at::addmm(bias->narrow(0, n0, width), x, weight_t) : at::mm(x, weight_t));
+    }
+  });
+}
+
+// Columns per task of the AMX path: one decoded panel (kernel_amx.cpp).
+constexpr int64_t kPanelColumns = 128;
+
+// bf16 batches on AMX: x packed once into tiles of x^T, each weight decoded once per call. The
+// workspace (a decoded panel and its fp32 sums) is kept per thread: it is reused call after call.
+void amx(const IsaKernels& isa, GemmProblem p, const at::Tensor& x) {
+  at::Tensor packed = at::empty({amx_packed_elements(p.m, p.k)}, x.options());
+  pack_amx_activations(reinterpret_cast<const uint16_t*>(x.data_ptr()), p.m, p.k, p.x_stride,
+                       reinterpret_cast<uint16_t*>(packed.data_ptr()));
+  p.x = packed.data_ptr();
+  at::parallel_for(0, (p.n + kPanelColumns - 1) / kPanelColumns, 1, [&](int64_t b, int64_t e) {
+    thread_local std::vector<char> workspace;
+    workspace.resize(std::max<size_t>(workspace.size(), amx_workspace_bytes(p)));
+    isa.gemm_bf16(p, kPanelColumns * b, std::min(p.n, kPanelColumns * e), workspace.data());
+  });
+}
+
+at::Tensor linear_cpu(const at::Tensor& x_in, const at::Tensor& qbytes, const at::Tensor& scales,
+                      const at::Tensor& codebooks, c10::IntArrayRef part_sizes, const std::optional<at::Tensor>& bias) {
+  const std::vector<int64_t> part_ends = part_ends_of(part_sizes);
+  GemmProblem p = layer_problem(qbytes, scales, codebooks, part_ends);
+  TORCH_CHECK(x_in.size(-1) == p.k, "aaac::linear: x has ", x_in.size(-1), " features, the layer takes ", p.k);
+  const IsaKernels& isa = kernels_for(p);
+  const at::ScalarType out_dtype = x_in.scalar_type();
+  const bool bf16 = out_dtype == at::kBFloat16;
+  at::Tensor x = x_in.reshape({-1, p.k});
+  p.m = x.size(0);
+  const Path path = isa.gemm_bf16 && bf16 && p.m >= isa.gemm_min_rows ? Path::kAmx
+                    : p.m <= kMaxDecodeRows                          ? Path::kDecode
+                                                                     : Path::kTiled;
+  // Activations the path does not read in their own dtype (fp16 always; bf16 where a decode kernel
+  // computes in fp32) are widened once per call; the output keeps the activations' dtype.
+  const bool bf16_compute = bf16 && (path != Path::kDecode || isa.gemv_takes_bf16);
+  x = x.to(bf16_compute ? at::kBFloat16 : at::kFloat).contiguous();
+  at::Tensor y = at::empty({p.m, p.n}, x.options().dtype(bf16 ? at::kBFloat16 : at::kFloat));
+  at::Tensor bias_f32;
+  if (bias.has_value() && path != Path::kTiled) {
+    bias_f32 = bias->to(at::kFloat).contiguous();
+    p.bias = bias_f32.data_ptr<float>();
+  }
+  p.x = x.data_ptr();
+  p.x_stride = p.k;
+  p.x_dtype = act_dtype(x.scalar_type());
+  p.y = y.data_ptr();
+  p.y_stride = p.n;
+  p.y_dtype = act_dtype(y.scalar_type());
+  if (p.m > 0) {
+    switch (path) {
+      case Path::kDecode: decode(isa, p, x, y); break;
+      case Path::kAmx: amx(isa, p, x); break;
+      case Path::kTiled: tiled(isa, p, x, bias, y); break;
+    }
+  }
+  std::vector<int64_t> shape(x_in.sizes().begin(), x_in.sizes().end());
+  shape.back() = p.n;
+  return y.to(out_dtype).view(shape);
+}
+
+at::Tensor dequantize(const at::Tensor& qbytes, const at::Tensor& scales, const at::Tensor& codebooks,
+                      std::vector<int64_t> part_sizes, at::ScalarType dtype) {
+  TORCH_CHECK(dtype == at::kFloat || dtype == at::kBFloat16, "aaac dequantize: dtype must be float32 or bfloat16");
+  const std::vector<int64_t> part_ends = part_ends_of(part_sizes);
+  GemmProblem p = layer_problem(qbytes, scales, codebooks, part_ends);
+  p.y_dtype = act_dtype(dtype);
+  at::Tensor out = at::empty({p.n, p.k}, qbytes.options().dtype(dtype));
+  const IsaKernels& isa = kernels_for(p);
+  at::parallel_for(0, p.n, kColumnGrain, [&](int64_t b, int64_t e) {
+    isa.dequant(p, b, e, static_cast<char*>(out.data_ptr()) + b * p.k * out.element_size());
+  });
+  return out;
+}
+
+std::vector<std::string> supported_isas() {
+  std::vector<std::string> names;
+  for (int i = 0; i < kNumIsas; ++i)
+    if (cpu_has(i)) names.emplace_back(kIsas[i].name);
+  return names;
+}
+
+void set_isa(const std::string& name) {
+  const int i = isa_index(name);
+  std::string known;
+  for (const IsaKernels& isa : kIsas) known += std::string(known.empty() ? "" : ", ") + isa.name;
+  TORCH_CHECK_VALUE(i >= 0, "unknown AAAC CPU kernel path '", name, "' (known: ", known, ")");
+  TORCH_CHECK_VALUE(cpu_has(i), "this CPU cannot run the AAAC '", name, "' kernels (it supports: ",
+                    c10::Join(", ", supported_isas()), ")");
+  g_isa.store(i);
+}
+
+std::string current_isa() { return kIsas[g_isa.load()].name; }
+
+}  // namespace
+}  // namespace aaac
+
+TORCH_LIBRARY_IMPL(aaac, CPU, m) { m.impl("linear", &aaac::linear_cpu); }
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.doc() = "AAAC CPU kernels (see aaac_kernels.cpu)";
+  m.def("supported_isas", &aaac::supported_isas, "Kernel paths this CPU can run, most portable first");
+  m.def("set_isa", &aaac::set_isa, "Use the kernel path of this name (ValueError if unknown or unsupported)");
+  m.def("isa", &aaac::current_isa, "The kernel path in use");
+  m.def("dequantize", &aaac::dequantize, "The dense [N, K] weight of a layer in the CPU layout, by the current path");
+}

@@ -1,0 +1,65 @@
+// Scalar conversions shared by the kernel files. They have internal linkage on purpose: each
+// translation unit, whatever ISA it targets, gets its own copy, so no copy compiled for AVX-512
+// can be the one an AVX2 machine runs (see cpu_kernels.h). Include before any `#pragma GCC target`.
+#pragma once
+
+#include <cstdint>
+#include <algorithm>
+#include <cstring>
+
+#include "cpu_kernels.h"
+
+namespace aaac {
+namespace {
+
+inline float bits_to_float(uint32_t bits) {
+  float f;
+  std::memcpy(&f, &bits, sizeof f);
+  return f;
+}
+
+inline uint32_t float_to_bits(float f) {
+  uint32_t bits;
+  std::memcpy(&bits, &f, sizeof bits);
+  return bits;
+}
+
+// IEEE half -> float, subnormals included (small group scales are fp16 subnormals).
+inline float half_to_float(uint16_t h) {
+  const uint32_t sign = static_cast<uint32_t>(h & 0x8000) << 16;
+  const uint32_t exponent = (h >> 10) & 0x1F;
+  uint32_t mantissa = h & 0x3FF;
+  if (exponent == 0x1F) return bits_to_float(sign | 0x7F800000 | (mantissa << 13));
+  if (exponent != 0) return bits_to_float(sign | ((exponent + 112) << 23) | (mantissa << 13));
+  if (mantissa == 0) return bits_to_float(sign);
+  int shift = 0;
+  while (!(mantissa & 0x400)) {
+    mantissa <<= 1;
+    ++shift;
+  }
+  return bits_to_float(sign | static_cast<uint32_t>(113 - shift) << 23 | ((mantissa & 0x3FF) << 13));
+}
+
+// Round to nearest even, as torch's .to(torch.bfloat16).
+inline uint16_t float_to_bf16(float f) {
+  const uint32_t bits = float_to_bits(f);
+  if ((bits & 0x7FFFFFFF) > 0x7F800000) return static_cast<uint16_t>((bits >> 16) | 0x40);
+  return static_cast<uint16_t>((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16);
+}
+
+inline void store_value(ActDtype dtype, void* base, int64_t offset, float value) {
+  if (dtype == ActDtype::kFloat32) {
+    static_cast<float*>(base)[offset] = value;
+  } else {
+    static_cast<uint16_t*>(base)[offset] = float_to_bf16(value);
+  }
+}
+
+// The output of column n for row m, bias added: every gemv kernel ends here.
+inline void store_output(const GemmProblem& p, int64_t m, int64_t n, float value) {
+  if (p.bias) value += p.bias[n];
+  store_value(p.y_dtype, p.y, m * p.y_stride + n, value);
+}
+
+}  // namespace
+}  // namespace aaac
