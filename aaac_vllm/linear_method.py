@@ -1,6 +1,7 @@
 """``AAACLinearMethod``: parameters, loading (merged layers, tensor-parallel shards) and the forward pass."""
 
 import torch
+from vllm.logger import init_logger
 from vllm.model_executor.layers.linear import LinearMethodBase, register_weight_loader_v2_supported_method
 from vllm.model_executor.parameter import BasevLLMParameter, GroupQuantScaleParameter, PackedvLLMParameter
 
@@ -9,6 +10,8 @@ from aaac_kernels.format import CODEBOOK_SIZE, NUM_CODEBOOKS, PACK_FACTOR
 from offline_quantize.errors import AAACError
 
 from .config import AAACConfig
+
+logger = init_logger(__name__)
 
 
 class CodebookParameter(BasevLLMParameter):
@@ -91,6 +94,8 @@ class AAACLinearMethod(LinearMethodBase):
             raise AAACError(f"{name}.codebooks holds NaN or Inf values")
         if not torch.isfinite(layer.scales).all():
             raise AAACError(f"{name}.scales holds NaN or Inf values")
+        if layer.qweight.device.type == "cpu":
+            logger.info_once("AAAC CPU kernels: %s (AAAC_CPU_ISA forces a path)", aaac_linear.cpu_kernel_path())
         # The layout of this device's kernels (docs/kernels.md) replaces the checkpoint's tensors.
         layout = aaac_linear.prepare(layer.qweight.data, layer.scales.data, layer.codebooks.data)
         del layer.qweight, layer.scales, layer.codebooks

@@ -29,6 +29,11 @@ def _(x, qweight, scales, codebooks, part_sizes, bias):
     return x.new_empty((*x.shape[:-1], qweight.shape[0]))
 
 
+def cpu_kernel_path() -> str:
+    """What aaac::linear runs on CPU: a path of the C++ kernels (``amx_bf16``, ``avx2``, ...) or ``torch``."""
+    return native.isa() if native is not None else cpu.TORCH_PATH
+
+
 def prepare(
     qweight: torch.Tensor, scales: torch.Tensor, codebooks: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -49,7 +49,8 @@ constexpr int64_t kMaxDecodeRows = 4;
 
 // Batches above kMaxDecodeRows with bf16 activations on CPUs with AMX (kernel_amx.cpp): p.x points
 // to the activations packed by pack_amx_activations (amx_packed_elements(M, K) bf16 values), and each
-// thread passes its own workspace of amx_workspace_bytes(p).
+// thread passes its own workspace of amx_workspace_bytes(p) and a range of whole panels.
+constexpr int64_t kAmxPanelColumns = 128;
 using GemmFn = void (*)(const GemmProblem&, int64_t n_begin, int64_t n_end, void* workspace);
 void gemm_amx(const GemmProblem&, int64_t, int64_t, void*);
 int64_t amx_workspace_bytes(const GemmProblem&);

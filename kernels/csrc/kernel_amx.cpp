@@ -21,7 +21,7 @@ constexpr int kTile = 16;                // rows of every tile: columns of W, ro
 constexpr int kTileK = 32;               // k per tile: 64 bytes of bf16
 constexpr int kTileElems = kTile * kTileK;
 constexpr int kRowBlocks = 4;            // C tiles 0..3: 64 rows of x per sweep of a panel
-constexpr int64_t kPanelColumns = 128;   // 8 column tiles
+constexpr int64_t kPanelColumns = kAmxPanelColumns;  // 8 column tiles
 constexpr int64_t kPanelDepth = 2048;    // k per decoded panel, rounded to whole groups
 
 struct alignas(64) TileConfig {
@@ -41,10 +41,15 @@ void configure_tiles() {
   _tile_loadconfig(&config);
 }
 
+// Not std::min: a standard-library template instantiated under this file's target could be the copy
+// the linker keeps for a generic caller (cpu_kernels.h).
+int64_t min64(int64_t a, int64_t b) { return a < b ? a : b; }
+int64_t max64(int64_t a, int64_t b) { return a > b ? a : b; }
+
 int64_t row_blocks(const GemmProblem& p) { return (p.m + kTile - 1) / kTile; }
 
 int64_t panel_depth(const GemmProblem& p) {
-  return std::max(p.group_size, kPanelDepth / p.group_size * p.group_size);
+  return max64(p.group_size, kPanelDepth / p.group_size * p.group_size);
 }
 
 // The packed tile of x^T for k block kb and row block mb: 16 rows of k pairs x 16 rows of x.
@@ -60,13 +65,13 @@ void decode_panel(const GemmProblem& p, int64_t n0, int64_t columns, int64_t k0,
   const int64_t padded = (columns + kTile - 1) / kTile * kTile;
   for (int64_t c = columns; c < padded; ++c)
     for (int64_t kb = 0; kb < k_blocks; ++kb)
-      std::fill_n(panel + ((c / kTile) * k_blocks + kb) * kTileElems + (c % kTile) * kTileK, kTileK, uint16_t{0});
+      std::memset(panel + ((c / kTile) * k_blocks + kb) * kTileElems + (c % kTile) * kTileK, 0, kTileK * 2);
   for (int64_t c = 0; c < columns; ++c) {
     ColumnStream col;
     col.open(p, n0 + c);
     uint16_t* tiles = panel + (c / kTile) * k_blocks * kTileElems + (c % kTile) * kTileK;
     for (int64_t g0 = k0 / p.group_size; g0 < k1 / p.group_size; g0 += kScaleBatch) {
-      const int64_t batch = std::min<int64_t>(k1 / p.group_size - g0, kScaleBatch);
+      const int64_t batch = min64(k1 / p.group_size - g0, kScaleBatch);
       col.load_scales(g0, batch);
       for (int j = 0; j < batch; ++j) {
         const __m512i table = Bf16::table(col.scaled(j));
@@ -120,7 +125,7 @@ void stream_columns(const GemmProblem& p, int64_t n0, int64_t columns) {
   if constexpr (kBlocks > 3) _tile_zero(3);
   const int64_t groups = p.k / p.group_size;
   for (int64_t g0 = 0; g0 < groups; g0 += kScaleBatch) {
-    const int64_t batch = std::min<int64_t>(groups - g0, kScaleBatch);
+    const int64_t batch = min64(groups - g0, kScaleBatch);
     for (int c = 0; c < columns; ++c) col[c].load_scales(g0, batch);
     for (int j = 0; j < batch; ++j) {
       __m512i table[kTile];
@@ -154,7 +159,7 @@ void stream_columns(const GemmProblem& p, int64_t n0, int64_t columns) {
 template <int kChunk>
 void stream_chunked(const GemmProblem& p, int64_t n_begin, int64_t n_end) {
   for (int64_t n0 = n_begin; n0 < n_end; n0 += kTile) {
-    const int64_t columns = std::min<int64_t>(kTile, n_end - n0);
+    const int64_t columns = min64(kTile, n_end - n0);
     switch (row_blocks(p)) {
       case 1: stream_columns<1, kChunk>(p, n0, columns); break;
       case 2: stream_columns<2, kChunk>(p, n0, columns); break;
@@ -169,13 +174,13 @@ template <int kChunk>
 void gemm_chunked(const GemmProblem& p, int64_t n_begin, int64_t n_end, uint16_t* panel, float* sums) {
   const int64_t m_blocks = row_blocks(p), depth = panel_depth(p);
   for (int64_t n0 = n_begin; n0 < n_end; n0 += kPanelColumns) {
-    const int64_t columns = std::min(kPanelColumns, n_end - n0), column_tiles = (columns + kTile - 1) / kTile;
-    std::fill_n(sums, m_blocks * column_tiles * kTile * kTile, 0.0f);
+    const int64_t columns = min64(kPanelColumns, n_end - n0), column_tiles = (columns + kTile - 1) / kTile;
+    std::memset(sums, 0, m_blocks * column_tiles * kTile * kTile * sizeof(float));
     for (int64_t k0 = 0; k0 < p.k; k0 += depth) {
-      const int64_t k1 = std::min(p.k, k0 + depth), k_blocks = (k1 - k0) / kTileK;
+      const int64_t k1 = min64(p.k, k0 + depth), k_blocks = (k1 - k0) / kTileK;
       decode_panel<kChunk>(p, n0, columns, k0, k1, panel);
       for (int64_t mb0 = 0; mb0 < m_blocks; mb0 += kRowBlocks) {
-        switch (std::min<int64_t>(kRowBlocks, m_blocks - mb0)) {
+        switch (min64(kRowBlocks, m_blocks - mb0)) {
           case 1: multiply_panel<1>(p, panel, column_tiles, k_blocks, k0 / kTileK, mb0, sums); break;
           case 2: multiply_panel<2>(p, panel, column_tiles, k_blocks, k0 / kTileK, mb0, sums); break;
           case 3: multiply_panel<3>(p, panel, column_tiles, k_blocks, k0 / kTileK, mb0, sums); break;

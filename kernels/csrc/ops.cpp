@@ -175,9 +175,6 @@ void tiled(const IsaKernels& isa, const GemmProblem& p, const at::Tensor& x, con
   });
 }
 
-// Columns per task of the AMX path: one decoded panel (kernel_amx.cpp).
-constexpr int64_t kPanelColumns = 128;
-
 // bf16 batches on AMX: x packed once into tiles of x^T, each weight decoded once per call. The
 // workspace (a decoded panel and its fp32 sums) is kept per thread: it is reused call after call.
 void amx(const IsaKernels& isa, GemmProblem p, const at::Tensor& x) {
@@ -185,10 +182,10 @@ void amx(const IsaKernels& isa, GemmProblem p, const at::Tensor& x) {
   pack_amx_activations(reinterpret_cast<const uint16_t*>(x.data_ptr()), p.m, p.k, p.x_stride,
                        reinterpret_cast<uint16_t*>(packed.data_ptr()));
   p.x = packed.data_ptr();
-  at::parallel_for(0, (p.n + kPanelColumns - 1) / kPanelColumns, 1, [&](int64_t b, int64_t e) {
+  at::parallel_for(0, (p.n + kAmxPanelColumns - 1) / kAmxPanelColumns, 1, [&](int64_t b, int64_t e) {
     thread_local std::vector<char> workspace;
     workspace.resize(std::max<size_t>(workspace.size(), amx_workspace_bytes(p)));
-    isa.gemm_bf16(p, kPanelColumns * b, std::min(p.n, kPanelColumns * e), workspace.data());
+    isa.gemm_bf16(p, kAmxPanelColumns * b, std::min(p.n, kAmxPanelColumns * e), workspace.data());
   });
 }
 

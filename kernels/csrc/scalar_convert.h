@@ -4,7 +4,6 @@
 #pragma once
 
 #include <cstdint>
-#include <algorithm>
 #include <cstring>
 
 #include "cpu_kernels.h"

@@ -1,0 +1,206 @@
+"""A Llama-3.2-1B-shaped model with random weights, in bf16, AAAC and AWQ checkpoints, for speed measurements.
+
+    python benchmarks/synthetic_model.py OUT_DIR [--tokenizer artifacts/SmolLM2-135M-Instruct] [--seed 0]
+
+writes OUT_DIR/bf16, OUT_DIR/aaac and OUT_DIR/awq (a folder that already holds a config.json is kept;
+each is built in a hidden staging folder and renamed when complete, so a present folder is a whole one).
+
+Shapes are Llama-3.2-1B's: hidden 2048, intermediate 8192, 16 layers, 32 heads, 8 KV heads, head_dim 64,
+tied embeddings, rope_theta 500000 (default RoPE; Llama 3.2's "llama3" long-context rope scaling is left
+out, it does not change the cost of a step). The vocabulary is SmolLM2's (49152 tokens, not Llama's
+128256): its tokenizer files are copied from ``--tokenizer``, so prompts tokenize exactly as for SmolLM2;
+the embedding / lm_head matrix is therefore 49152 x 2048 instead of 128256 x 2048.
+
+The weights are random, so the model writes garbage: it is for speed and memory only, never accuracy.
+
+* bf16: ``LlamaForCausalLM(config)`` with transformers' random initialization (seeded), saved with
+  ``save_pretrained``; ``rope_theta`` is then written at the top level of config.json too (readers that
+  do not know ``rope_parameters`` would use 10000).
+* aaac and awq: written directly from random packed tensors, with no calibration (quantizing 1B
+  parameters on 2 CPU cores takes far too long), through the quantizer's own writers in
+  ``offline_quantize`` (``checkpoint.ShardWriter``, ``write_manifest``, ``write_config``,
+  ``copy_side_files``, ``quantization_config``; ``awq_format.pack`` and ``awq_format.quantization_config``)
+  and with the tensor names ``aaac-quantize`` writes: one checkpoint module per ``nn.Linear`` of the
+  decoder blocks (q/k/v and gate/up separately; vLLM merges them at load). Every other tensor
+  (embeddings, norms) is copied from the bf16 checkpoint. The AAAC checkpoint passes
+  ``offline_quantize.checkpoint.verify_checkpoint``.
+
+  AAAC, per linear with weight [N, K] and group size G (64): ``qweight`` = ``pack_indices`` of uniform
+  random indices 0..15, ``scales`` = ``encode_scales`` of magnitudes 0.005..0.015 with a random codebook
+  choice per group (both codebooks in use), ``codebooks`` = two sorted random fp16 tables in [-1, 1].
+  AWQ: uniform random codes 0..15, zero point 8, scales 0.001..0.003, packed by ``awq_format.pack``.
+"""
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+
+ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:  # run as a script from anywhere: offline_quantize is importable from the repo root
+    sys.path.insert(0, str(ROOT))
+
+from aaac_kernels.format import CODEBOOK_SIZE, NUM_CODEBOOKS, encode_scales, pack_indices  # noqa: E402
+from offline_quantize import awq_format, checkpoint, source  # noqa: E402
+
+GROUP_SIZE = 64
+VOCAB_SIZE = 49152  # SmolLM2's, so that its tokenizer fits
+SHAPE = {
+    "hidden_size": 2048,
+    "intermediate_size": 8192,
+    "num_hidden_layers": 16,
+    "num_attention_heads": 32,
+    "num_key_value_heads": 8,
+    "head_dim": 64,
+    "rope_theta": 500000.0,
+}
+FORMATS = ("bf16", "aaac", "awq")
+NOTE_FILE = "synthetic_model.json"  # a side file: copy_side_files carries it into the quantized folders
+
+
+def llama_config(source_config: dict):
+    """Llama-3.2-1B's shapes with the vocabulary and special token ids of ``source_config`` (SmolLM2's config.json)."""
+    from transformers import LlamaConfig
+
+    if source_config.get("vocab_size") != VOCAB_SIZE:
+        raise SystemExit(f"error: the tokenizer's model has vocab_size {source_config.get('vocab_size')}, "
+                         f"expected {VOCAB_SIZE} (SmolLM2's)")
+
+    return LlamaConfig(
+        vocab_size=VOCAB_SIZE,
+        hidden_size=SHAPE["hidden_size"],
+        intermediate_size=SHAPE["intermediate_size"],
+        num_hidden_layers=SHAPE["num_hidden_layers"],
+        num_attention_heads=SHAPE["num_attention_heads"],
+        num_key_value_heads=SHAPE["num_key_value_heads"],
+        head_dim=SHAPE["head_dim"],
+        rope_parameters={"rope_type": "default", "rope_theta": SHAPE["rope_theta"]},
+        max_position_embeddings=8192,
+        rms_norm_eps=1e-5,
+        tie_word_embeddings=True,
+        bos_token_id=source_config.get("bos_token_id", 1),
+        eos_token_id=source_config.get("eos_token_id", 2),
+        pad_token_id=source_config.get("pad_token_id", 2),
+    )
+
+
+def write_bf16(out: Path, tokenizer: Path, seed: int) -> None:
+    """The random bf16 model, saved by transformers, with SmolLM2's tokenizer and generation files."""
+    from transformers import LlamaForCausalLM
+
+    config = llama_config(checkpoint.read_config(tokenizer))
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(config).to(torch.bfloat16).eval()
+    with checkpoint.staging_folder(out) as staging:
+        model.save_pretrained(staging)
+        saved = json.loads((staging / "config.json").read_text())
+        saved["rope_theta"] = SHAPE["rope_theta"]  # older readers ignore rope_parameters and fall back to 10000
+        (staging / "config.json").write_text(json.dumps(saved, indent=2, sort_keys=True) + "\n")
+        checkpoint.copy_side_files(tokenizer, staging)  # tokenizer.json, tokenizer_config.json, chat template, ...
+        note = {
+            "what": "random weights in Llama-3.2-1B shapes, for speed and memory measurements only",
+            "shape": SHAPE,
+            "vocab_size": VOCAB_SIZE,
+            "tokenizer": f"copied from {tokenizer} (SmolLM2's 49152-token vocabulary)",
+            "seed": seed,
+            "written_by": "benchmarks/synthetic_model.py",
+        }
+        (staging / NOTE_FILE).write_text(json.dumps(note, indent=2) + "\n")
+
+
+def block_linears(bf16: Path) -> dict[str, tuple[int, int]]:
+    """{full name: (out_features, in_features)} of every nn.Linear in the decoder blocks, as aaac-quantize finds them."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(bf16))
+    blocks = source.decoder_blocks(model)
+    prefix = source.blocks_prefix(model, blocks)
+    return {
+        f"{prefix}.{i}.{name}": (module.out_features, module.in_features)
+        for i, block in enumerate(blocks)
+        for name, module in source.block_linears(block).items()
+    }
+
+
+def aaac_tensors(n: int, k: int, generator: torch.Generator) -> dict[str, torch.Tensor]:
+    indices = torch.randint(0, CODEBOOK_SIZE, (n, k), dtype=torch.uint8, generator=generator)
+    groups = k // GROUP_SIZE
+    magnitudes = 0.005 + 0.01 * torch.rand(n, groups, generator=generator)
+    choices = torch.rand(n, groups, generator=generator) < 0.5
+    codebooks = (2 * torch.rand(NUM_CODEBOOKS, CODEBOOK_SIZE, generator=generator) - 1).half().sort(dim=-1).values
+    return {
+        "qweight": pack_indices(indices),  # [K / 8, N]
+        "scales": encode_scales(magnitudes, choices).t().contiguous(),  # [K / G, N]
+        "codebooks": codebooks,  # [2, 16]
+    }
+
+
+def awq_tensors(n: int, k: int, generator: torch.Generator) -> dict[str, torch.Tensor]:
+    codes = torch.randint(0, 16, (n, k), dtype=torch.uint8, generator=generator)
+    groups = k // GROUP_SIZE
+    scale = 0.001 + 0.002 * torch.rand(n, groups, generator=generator)
+    zero = torch.full((n, groups), 8.0)
+    return awq_format.pack(codes, scale, zero)
+
+
+def write_quantized(out: Path, bf16: Path, kind: str, seed: int) -> None:
+    """The AAAC or AWQ checkpoint of random packed tensors, every other tensor copied from ``bf16``."""
+    make = aaac_tensors if kind == "aaac" else awq_tensors
+    linears = block_linears(bf16)
+    config = checkpoint.read_config(bf16)
+    generator = torch.Generator().manual_seed(seed + (1 if kind == "aaac" else 2))
+    with checkpoint.staging_folder(out) as staging:
+        writer = checkpoint.ShardWriter(staging, 4 << 30)
+        for name, (n, k) in linears.items():
+            for suffix, tensor in make(n, k, generator).items():
+                writer.add(f"{name}.{suffix}", tensor)
+        replaced = {f"{name}.weight" for name in linears}
+        for file in source.weight_files(bf16):
+            with safe_open(str(file), framework="pt") as f:
+                for key in f.keys():
+                    if key not in replaced:
+                        writer.add(key, f.get_tensor(key))
+        writer.finish()
+        checkpoint.write_manifest(staging)
+        # No nn.Linear outside the decoder blocks is quantized; lm_head is tied to the embeddings.
+        make_config = checkpoint.quantization_config if kind == "aaac" else awq_format.quantization_config
+        checkpoint.write_config(config, staging, make_config(GROUP_SIZE, ["lm_head"]))
+        checkpoint.copy_side_files(bf16, staging)
+    if kind == "aaac":
+        checkpoint.verify_checkpoint(out, GROUP_SIZE)
+
+
+def build(out_dir: Path, tokenizer: Path, seed: int = 0, log=print) -> dict[str, Path]:
+    """Write whatever of OUT_DIR/{bf16,aaac,awq} is missing; return the three folders."""
+    folders = {kind: out_dir / kind for kind in FORMATS}
+    for kind, folder in folders.items():
+        if (folder / "config.json").is_file():
+            log(f"synthetic model: keeping {folder}")
+            continue
+        start = time.perf_counter()
+        if kind == "bf16":
+            write_bf16(folder, tokenizer, seed)
+        else:
+            write_quantized(folder, folders["bf16"], kind, seed)
+        size = sum(f.stat().st_size for f in folder.glob("*.safetensors"))
+        log(f"synthetic model: wrote {folder} ({size / 2**30:.2f} GiB of tensors) in {time.perf_counter() - start:.0f} s")
+    return folders
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("out_dir", type=Path, help="writes OUT_DIR/bf16, OUT_DIR/aaac, OUT_DIR/awq")
+    parser.add_argument("--tokenizer", type=Path, default=ROOT / "artifacts" / "SmolLM2-135M-Instruct",
+                        help="model folder whose tokenizer files are copied (SmolLM2-135M-Instruct: vocabulary of 49152)")
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args()
+    build(args.out_dir, args.tokenizer, args.seed)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,192 @@
+"""torch.ops.aaac.linear on CPU: the C++ kernels of every instruction-set path this CPU runs, the
+load-time layout, the plain-torch fallback, and the op under torch.compile.
+
+What is exact and what is not: every path computes with the reference dequantizer's weight in the
+activations' dtype (bf16 for bf16 activations; fp32 for fp32 and fp16 ones), bit for bit (checked
+directly on the dequantizers), and accumulates in fp32 in its own order. So against a float64 product
+with the same weight, an output may differ by (a) the fp32 summation, at most K * 2^-24 times the sum
+of |w x| (the classic bound for recursive summation, which covers any order and the products
+themselves), and (b) one rounding to the output dtype, at most one unit in its last place relative to
+the result (2^-8 for bf16, 2^-11 for fp16, 2^-24 for fp32). A wrong index, scale, codebook or part is
+off by the size of a weight and fails by orders of magnitude.
+"""
+
+import importlib
+import warnings
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from aaac_kernels import cpu
+from aaac_kernels import linear as aaac_linear
+from aaac_kernels.format import unpack_indices
+
+from .conftest import random_layer
+
+NATIVE = aaac_linear.native
+ISAS = ["scalar", "avx2", "avx512", "avx512_bf16", "amx_bf16"]
+SUPPORTED = NATIVE.supported_isas() if NATIVE else []
+PARTS = [64, 32, 43]  # a merged QKV-like layer; N = 139 is a multiple of no column block (4, 16, 128)
+M_VALUES = [1, 2, 3, 4, 5, 16, 33, 128]
+# (K, group size): chunks of 64; chunks of 32 (group 32, and 96 = 3 x 32); a group size that is not
+# a multiple of 32 (the scalar kernel serves it on every path); K past the AMX panel depth (2048).
+SHAPES = [(256, 64), (192, 32), (384, 96), (144, 48), (4224, 128)]
+OUTPUT_UNIT = {torch.bfloat16: 2.0**-8, torch.float16: 2.0**-11, torch.float32: 2.0**-24}
+
+
+@pytest.fixture
+def isa(request):
+    """Run the test on one kernel path, then restore the automatic choice."""
+    name = request.param
+    if name not in SUPPORTED:
+        pytest.skip(f"this CPU cannot run the {name} path (it runs: {', '.join(SUPPORTED)})")
+    chosen = NATIVE.isa()
+    NATIVE.set_isa(name)
+    yield name
+    NATIVE.set_isa(chosen)
+
+
+def _layer(k: int, group_size: int, seed: int = 0):
+    qweight, scales, codebooks, dense = random_layer(PARTS, k, group_size, seed=seed)
+    return cpu.prepare(qweight, scales, codebooks), dense
+
+
+def _check(got: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> None:
+    """``got`` is x @ weightᵀ + bias up to fp32 summation and one rounding (module docstring)."""
+    assert got.dtype == x.dtype and got.shape == (*x.shape[:-1], weight.shape[0])
+    x64, w64 = x.double().reshape(-1, x.shape[-1]), weight.double()
+    want = x64 @ w64.t() + (0 if bias is None else bias.double())
+    magnitude = x64.abs() @ w64.abs().t() + (0 if bias is None else bias.double().abs())
+    bound = OUTPUT_UNIT[x.dtype] * want.abs() + x.shape[-1] * 2.0**-24 * magnitude
+    error = (got.double().reshape(want.shape) - want).abs()
+    assert (error <= bound).all(), f"worst error {(error - bound).max().item():.3g} past the bound"
+
+
+def test_extension_is_built():
+    # The project's install builds it (make test / make demo); a silent fallback would hide a broken build.
+    assert NATIVE is not None, "aaac_kernels._C is missing: run `make test` (pip install --no-build-isolation -e .)"
+    assert NATIVE.isa() == SUPPORTED[-1], "the automatic choice is the fastest path the CPU supports"
+
+
+def test_layer_exercises_both_codebooks_and_negative_zero():
+    _, scales, codebooks, _ = random_layer(PARTS, 256, 64)
+    bits = scales.view(torch.int16)
+    assert 0.3 < (bits < 0).float().mean() < 0.7 and (bits == -32768).any()
+    assert not torch.equal(codebooks[0], codebooks[1])
+
+
+@pytest.mark.parametrize("k,group_size", SHAPES)
+def test_layout_and_torch_path_are_exact(k, group_size):
+    qweight, scales, codebooks, dense = random_layer(PARTS, k, group_size)
+    layout = cpu.prepare(qweight, scales, codebooks)
+    qbytes, chunk = layout[0], cpu.chunk_size(group_size)
+    assert qbytes.shape == (sum(PARTS), k // 2) and qbytes.dtype == torch.uint8
+    # The first byte of a chunk holds its first index (low nibble) and its middle one (high nibble).
+    indices = unpack_indices(qweight).t()
+    assert torch.equal(qbytes[:, 0] & 0xF, indices[:, 0]) and torch.equal(qbytes[:, 0] >> 4, indices[:, chunk // 2])
+    for dtype in (torch.float32, torch.bfloat16, torch.float16):
+        assert torch.equal(cpu.dequantize_torch(*layout, PARTS, dtype), dense.to(dtype))
+
+
+@pytest.mark.parametrize("isa", ISAS, indirect=True)
+@pytest.mark.parametrize("k,group_size", SHAPES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_dequantizer_is_exact(isa, k, group_size, dtype):
+    layout, dense = _layer(k, group_size)
+    assert torch.equal(NATIVE.dequantize(*layout, PARTS, dtype), dense.to(dtype))
+
+
+@pytest.mark.parametrize("isa", ISAS, indirect=True)
+@pytest.mark.parametrize("k,group_size", SHAPES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_op_matches_reference(isa, k, group_size, dtype):
+    layout, dense = _layer(k, group_size, seed=k)
+    weight = dense.to(dtype) if dtype == torch.bfloat16 else dense
+    for m in M_VALUES:
+        x = torch.randn(m, k).to(dtype)
+        bias = torch.randn(sum(PARTS)).to(dtype) if m % 2 else None
+        _check(torch.ops.aaac.linear(x, *layout, PARTS, bias), x, weight, bias)
+
+
+@pytest.mark.parametrize("isa", ISAS, indirect=True)
+def test_fp16_activations_compute_in_fp32(isa):
+    layout, dense = _layer(256, 64)
+    for m in (1, 7):
+        x = torch.randn(m, 256).half()
+        _check(torch.ops.aaac.linear(x, *layout, PARTS, None), x, dense, None)
+
+
+@pytest.mark.parametrize("isa", ISAS, indirect=True)
+def test_parts_read_their_own_codebooks(isa):
+    qweight, scales, codebooks, _ = random_layer(PARTS, 256, 64)
+    x = torch.randn(8, 256).bfloat16()
+    first, swapped = (
+        torch.ops.aaac.linear(x, *cpu.prepare(qweight, scales, c), PARTS, None) for c in (codebooks, codebooks.flip(0))
+    )
+    q, k, _ = torch.tensor(PARTS).cumsum(0).tolist()
+    # Swapping the q and v pairs changes q's and v's columns and leaves k's alone.
+    assert torch.equal(first[:, q:k], swapped[:, q:k])
+    assert not torch.allclose(first[:, :q], swapped[:, :q]) and not torch.allclose(first[:, k:], swapped[:, k:])
+
+
+def test_leading_dims_and_empty_batch():
+    layout, dense = _layer(256, 64)
+    x = torch.randn(2, 3, 256).bfloat16()
+    _check(torch.ops.aaac.linear(x, *layout, PARTS, None), x, dense.bfloat16(), None)
+    assert torch.ops.aaac.linear(torch.empty(0, 256).bfloat16(), *layout, PARTS, None).shape == (0, sum(PARTS))
+
+
+def test_torch_path_matches_native():
+    layout, dense = _layer(256, 64)
+    x, bias = torch.randn(5, 256).bfloat16(), torch.randn(sum(PARTS)).bfloat16()
+    assert torch.equal(cpu.linear_torch(x, *layout, PARTS, bias), F.linear(x, dense.bfloat16(), bias))
+    _check(cpu.linear_torch(x, *layout, PARTS, bias), x, dense.bfloat16(), bias)
+
+
+def test_bad_arguments_are_named():
+    layout, _ = _layer(256, 64)
+    with pytest.raises(RuntimeError, match="x has 128 features, the layer takes 256"):
+        torch.ops.aaac.linear(torch.randn(1, 128), *layout, PARTS, None)
+    with pytest.raises(RuntimeError, match="part_sizes sum to 140"):
+        torch.ops.aaac.linear(torch.randn(1, 256), *layout, [64, 32, 44], None)
+    with pytest.raises(ValueError, match="unknown AAAC CPU kernel path 'sse9'"):
+        NATIVE.set_isa("sse9")
+
+
+def test_isa_variable(monkeypatch):
+    monkeypatch.setenv(cpu.ISA_VARIABLE, "torch")
+    assert cpu.load_native() is None
+    monkeypatch.setenv(cpu.ISA_VARIABLE, "sse9")
+    with pytest.raises(ValueError, match="AAAC_CPU_ISA=sse9: unknown AAAC CPU kernel path"):
+        cpu.load_native()
+    chosen = NATIVE.isa()
+    monkeypatch.setenv(cpu.ISA_VARIABLE, SUPPORTED[0])
+    try:
+        assert cpu.load_native().isa() == SUPPORTED[0]
+    finally:
+        NATIVE.set_isa(chosen)
+
+
+def test_missing_extension_warns_and_falls_back(monkeypatch):
+    monkeypatch.delenv(cpu.ISA_VARIABLE, raising=False)
+    real_import = importlib.import_module
+
+    def without_extension(name, *args):
+        if name.endswith("._C"):
+            raise ImportError(f"No module named {name!r}")
+        return real_import(name, *args)
+
+    monkeypatch.setattr(importlib, "import_module", without_extension)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert cpu.load_native() is None
+    assert any("C++ CPU kernels are not built" in str(w.message) for w in caught)
+
+
+def test_op_traces_under_torch_compile():
+    layout, dense = _layer(256, 64)
+    compiled = torch.compile(lambda x: torch.ops.aaac.linear(x, *layout, PARTS, None) * 2, fullgraph=True, backend="eager")
+    x = torch.randn(5, 256)
+    _check(compiled(x) / 2, x, dense, None)
+    torch.library.opcheck(torch.ops.aaac.linear.default, (x, *layout, PARTS, None))
