@@ -41,4 +41,5 @@ def _extension() -> dict:
     return {"ext_modules": [extension], "cmdclass": {"build_ext": BuildExtension.with_options(use_ninja=True)}}
 
 
-setup(**_extension())
+if __name__ == "__main__":  # as setuptools' build backend runs it; tests import _extension
+    setup(**_extension())

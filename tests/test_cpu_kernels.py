@@ -12,6 +12,7 @@ off by the size of a weight and fails by orders of magnitude.
 """
 
 import importlib
+import importlib.util
 import warnings
 
 import pytest
@@ -22,7 +23,7 @@ from aaac_kernels import cpu
 from aaac_kernels import linear as aaac_linear
 from aaac_kernels.format import unpack_indices
 
-from .conftest import random_layer
+from .conftest import ROOT, random_layer
 
 NATIVE = aaac_linear.native
 ISAS = ["scalar", "avx2", "avx512", "avx512_bf16", "amx_bf16"]
@@ -182,6 +183,18 @@ def test_missing_extension_warns_and_falls_back(monkeypatch):
         warnings.simplefilter("always")
         assert cpu.load_native() is None
     assert any("C++ CPU kernels are not built" in str(w.message) for w in caught)
+
+
+def test_build_without_compiler_says_so_and_skips(monkeypatch, capsys):
+    spec = importlib.util.spec_from_file_location("aaac_setup", ROOT / "setup.py")
+    setup_module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(setup_module)
+    monkeypatch.setenv("CXX", "no-such-c++")
+    assert setup_module._extension() == {}
+    assert capsys.readouterr().err.strip() == (
+        "aaac-vllm: not building the C++ CPU kernels (no C++ compiler: 'no-such-c++' is not on PATH; install g++ "
+        "or set CXX); aaac::linear will use its torch path on CPU"
+    )
 
 
 def test_op_traces_under_torch_compile():
