@@ -14,6 +14,12 @@ from .config import AAACConfig
 logger = init_logger(__name__)
 
 
+def cpu_kernel_path(model: torch.nn.Module) -> str:
+    """The AAAC CPU kernels a worker runs (``amx_bf16``, ``avx2``, ..., ``torch``), for
+    ``LLM.apply_model(cpu_kernel_path)``: vLLM pickles the function, so it lives at module level."""
+    return aaac_linear.cpu_kernel_path()
+
+
 class CodebookParameter(BasevLLMParameter):
     """Codebooks [parts, 2, 16]: one pair per logical matrix of a merged layer (q, k, v or gate, up).
 

@@ -4,7 +4,8 @@ import torch
 from transformers import AutoTokenizer
 
 from aaac_kernels import cpu
-from aaac_kernels.linear import cpu_kernel_path, native
+from aaac_kernels.linear import native
+from aaac_vllm.linear_method import cpu_kernel_path
 from offline_quantize.hf_loader import load_causal_lm
 
 from .conftest import vllm_engine
@@ -98,13 +99,13 @@ def test_native_kernels_match_torch_path(smollm2_engine, quantized, monkeypatch)
     # reference's bf16 weights and differ only in the order of the fp32 sums, which moves a bf16 logit
     # by a step now and then (seen: up to 0.25 in log-probability): the texts must agree, or part at a
     # near tie in at most one prompt.
-    assert smollm2_engine.apply_model(lambda model: cpu_kernel_path()) == [native.supported_isas()[-1]]
+    assert smollm2_engine.apply_model(cpu_kernel_path) == [native.supported_isas()[-1]]
     tokenizer = AutoTokenizer.from_pretrained(quantized[0])
     prompts_ids = [tokenizer(p).input_ids for p in PROMPTS]
     got = _vllm_greedy(smollm2_engine, prompts_ids)
     monkeypatch.setenv(cpu.ISA_VARIABLE, cpu.TORCH_PATH)
     with vllm_engine(quantized[0]) as llm:
-        assert llm.apply_model(lambda model: cpu_kernel_path()) == [cpu.TORCH_PATH]
+        assert llm.apply_model(cpu_kernel_path) == [cpu.TORCH_PATH]
         reference = _vllm_greedy(llm, prompts_ids)
     assert _check_close(reference, got, PROMPTS, logprob_tol=BF16_LOGPROB_TOL) >= len(PROMPTS) - 1
 
