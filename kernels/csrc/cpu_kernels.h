@@ -51,6 +51,8 @@ constexpr int64_t kMaxDecodeRows = 4;
 // to the activations packed by pack_amx_activations (amx_packed_elements(M, K) bf16 values), and each
 // thread passes its own workspace of amx_workspace_bytes(p) and a range of whole panels.
 constexpr int64_t kAmxPanelColumns = 128;
+constexpr int64_t kAmxSweepRows = 64;     // rows of x one streaming sweep serves (4 accumulator tiles)
+constexpr int64_t kAmxPanelDepth = 2048;  // k per decoded panel beyond one sweep
 using GemmFn = void (*)(const GemmProblem&, int64_t n_begin, int64_t n_end, void* workspace);
 void gemm_amx(const GemmProblem&, int64_t, int64_t, void*);
 int64_t amx_workspace_bytes(const GemmProblem&);

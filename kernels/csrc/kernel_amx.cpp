@@ -20,9 +20,9 @@ namespace {
 constexpr int kTile = 16;                // rows of every tile: columns of W, rows of x
 constexpr int kTileK = 32;               // k per tile: 64 bytes of bf16
 constexpr int kTileElems = kTile * kTileK;
-constexpr int kRowBlocks = 4;            // C tiles 0..3: 64 rows of x per sweep of a panel
+constexpr int kRowBlocks = kAmxSweepRows / 16;  // C tiles 0..3: 64 rows of x per sweep
 constexpr int64_t kPanelColumns = kAmxPanelColumns;  // 8 column tiles
-constexpr int64_t kPanelDepth = 2048;    // k per decoded panel, rounded to whole groups
+constexpr int64_t kPanelDepth = kAmxPanelDepth;  // k per decoded panel, rounded to whole groups
 
 struct alignas(64) TileConfig {
   uint8_t palette = 1, start_row = 0, reserved[14] = {};
