@@ -191,7 +191,7 @@ void amx(const IsaKernels& isa, GemmProblem p, const at::Tensor& x) {
 
 // Beyond one sweep of rows the AMX kernel decodes panels into L2; with K within one panel, a dequantized
 // tile handed to oneDNN measured about 2x faster (SmolLM2's layers at M = 128 and 512), with a long K
-// the panels were (Llama-3-8B down_proj at M = 512: 74 against 127 ms), benchmarks/cpu_kernels.py.
+// the panels were (Llama-3-8B's down_proj shape at M = 512: 74 against 127 ms). docs/kernels.md.
 bool amx_pays(const GemmProblem& p) { return p.m <= kAmxSweepRows || p.k > kAmxPanelDepth; }
 
 at::Tensor linear_cpu(const at::Tensor& x_in, const at::Tensor& qbytes, const at::Tensor& scales,
