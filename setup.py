@@ -31,7 +31,8 @@ def _extension() -> dict:
         return _skip("torch is not importable in the build environment; install torch first and use "
                      "pip install --no-build-isolation")
     # Each ISA's kernels select their own target with `#pragma GCC target`; the baseline stays generic
-    # x86-64 so the library loads on any machine (never -march=native: build and run machines differ).
+    # x86-64 so the library loads on any machine (no flag for the build machine's own CPU: build and
+    # run machines differ).
     extension = CppExtension(
         "aaac_kernels._C",
         [os.path.join("kernels", "csrc", name) for name in SOURCES],
