@@ -13,7 +13,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from aaac_kernels import linear as aaac_linear
+import aaac_kernels.linear  # noqa: F401  registers torch.ops.aaac.linear (the CUDA-graph test calls it)
 from aaac_kernels import triton_gemm
 
 from .conftest import ROOT, random_layer
