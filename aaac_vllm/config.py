@@ -9,7 +9,10 @@ from vllm.model_executor.layers.quantization import register_quantization_config
 from vllm.model_executor.layers.quantization.base_config import QuantizationConfig, QuantizeMethodBase
 from vllm.model_executor.layers.quantization.utils.quant_utils import is_layer_skipped
 
-from offline_quantize.checkpoint import check_quant_config, verify_checkpoint
+from aaac_kernels.format.config import check_quant_config
+from aaac_kernels.format.verify import verify_checkpoint
+
+from .linear_method import AAACLinearMethod
 
 
 @register_quantization_config("aaac")
@@ -51,9 +54,7 @@ class AAACConfig(QuantizationConfig):
             return None  # embeddings and lm_head stay in the model dtype
         if is_layer_skipped(prefix, self.modules_to_not_convert, self.packed_modules_mapping, match_mode="suffix"):
             return UnquantizedLinearMethod()
-        from .linear_method import AAACLinearMethod
-
-        return AAACLinearMethod(self)
+        return AAACLinearMethod(self.group_size)
 
     def apply_vllm_mapper(self, hf_to_vllm_mapper) -> None:
         self.modules_to_not_convert = hf_to_vllm_mapper.apply_list(self.modules_to_not_convert)

@@ -6,10 +6,9 @@ from vllm.model_executor.layers.linear import LinearMethodBase, register_weight_
 from vllm.model_executor.parameter import BasevLLMParameter, GroupQuantScaleParameter, PackedvLLMParameter
 
 from aaac_kernels import linear as aaac_linear  # registers torch.ops.aaac.linear
-from aaac_kernels.format import CODEBOOK_SIZE, NUM_CODEBOOKS, PACK_FACTOR
-from offline_quantize.errors import AAACError
-
-from .config import AAACConfig
+from aaac_kernels.format.errors import AAACError
+from aaac_kernels.format.layout import CODEBOOK_SIZE, NUM_CODEBOOKS, PACK_FACTOR
+from aaac_kernels.format.serving import prepare
 
 logger = init_logger(__name__)
 
@@ -49,8 +48,8 @@ class CodebookParameter(BasevLLMParameter):
 class AAACLinearMethod(LinearMethodBase):
     """Linear method for AAAC checkpoints: 4-bit codebook indices, signed fp16 group scales, two codebooks."""
 
-    def __init__(self, quant_config: AAACConfig) -> None:
-        self.quant_config = quant_config
+    def __init__(self, group_size: int) -> None:
+        self.group_size = group_size
 
     def create_weights(
         self,
@@ -62,7 +61,7 @@ class AAACLinearMethod(LinearMethodBase):
         params_dtype: torch.dtype,
         **extra_weight_attrs,
     ) -> None:
-        group_size = self.quant_config.group_size
+        group_size = self.group_size
         if input_size_per_partition % group_size:
             raise AAACError(
                 f"{getattr(layer, 'prefix', 'a linear layer')}: {input_size} input features split over tensor-parallel "
@@ -103,7 +102,7 @@ class AAACLinearMethod(LinearMethodBase):
         if layer.qweight.device.type == "cpu":
             logger.info_once("AAAC CPU kernels: %s (AAAC_CPU_ISA forces a path)", aaac_linear.cpu_kernel_path())
         # The layout of this device's kernels (docs/kernels.md) replaces the checkpoint's tensors.
-        layout = aaac_linear.prepare(layer.qweight.data, layer.scales.data, layer.codebooks.data)
+        layout = prepare(layer.qweight.data, layer.scales.data, layer.codebooks.data)
         del layer.qweight, layer.scales, layer.codebooks
         for key, value in zip(("qweight", "scales", "codebooks"), layout):
             layer.register_parameter(key, torch.nn.Parameter(value, requires_grad=False))

@@ -22,7 +22,7 @@ batch size M it times y = x @ Wᵀ with bf16 activations x, each way built and c
          ``int4_scaled_mm_cpu`` per call, which quantizes x to int8 on the fly; otherwise ``w4a16``:
          ``cpu_gemm_wna16(..., isa_hint)`` on bf16 x (isa_hint "amx" with AMX, else "vec"). ``--awq`` times
          either or both (the variable is set around each load step).
-  AAAC   ``torch.ops.aaac.linear`` on ``aaac_linear.prepare``'s layout of random checkpoint tensors, on the
+  AAAC   ``torch.ops.aaac.linear`` on ``format.serving.prepare``'s layout of random checkpoint tensors, on the
          C++ extension's automatically chosen instruction-set path, or on each path ``--isa`` names.
 
 Every path is first checked against dequantize + matmul in fp32 (relative error under 1%, 3% for w4a8)
@@ -364,15 +364,16 @@ def build_aaac(
     (one copy where llc is None), one variant per ISA (sharing the copies); and, where llc is None, the
     dense [N, K] fp32 weight from the reference dequantizer."""
     from aaac_kernels import linear as aaac_linear
-    from aaac_kernels import reference
-    from aaac_kernels.format import encode_scales, pack_indices
+    from aaac_kernels.format import reference
+    from aaac_kernels.format.layout import encode_scales, pack_indices
+    from aaac_kernels.format.serving import prepare
 
     n = sum(parts)
     qweight = pack_indices(torch.randint(0, 16, (n, k), dtype=torch.uint8))
     magnitude = torch.rand(k // group_size, n) * 0.02 + 1e-3
     scales = encode_scales(magnitude, torch.rand_like(magnitude) < 0.5)
     codebooks = torch.randn(len(parts), 2, 16).sort(dim=-1).values.half()
-    layout = aaac_linear.prepare(qweight, scales, codebooks)
+    layout = prepare(qweight, scales, codebooks)
     nbytes = sum(t.numel() * t.element_size() for t in layout)
     layouts = list(zip(*(stacked_copies(t, copies_for(nbytes, llc)) for t in layout), strict=True))
     op = torch.ops.aaac.linear

@@ -22,7 +22,8 @@ import torch
 
 from aaac_kernels import linear as aaac_linear
 from aaac_kernels import triton_gemm
-from aaac_kernels.format import encode_scales
+from aaac_kernels.format.layout import encode_scales
+from aaac_kernels.format.serving import prepare
 
 # (hidden, intermediate, attention heads, KV heads, head dim)
 MODELS = {"8b": (4096, 14336, 32, 8, 128), "70b": (8192, 28672, 64, 8, 128)}
@@ -48,7 +49,7 @@ def random_layer(parts: list[int], k: int, group_size: int) -> tuple[torch.Tenso
     magnitude = torch.rand(k // group_size, n, device="cuda") * 0.02
     scales = encode_scales(magnitude, torch.rand_like(magnitude) < 0.5)
     codebooks = torch.randn(len(parts), 2, 16, device="cuda").sort(dim=-1).values.half()
-    return aaac_linear.prepare(qweight, scales, codebooks)
+    return prepare(qweight, scales, codebooks)
 
 
 def timed(fn) -> float:

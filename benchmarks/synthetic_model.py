@@ -18,12 +18,12 @@ The weights are random, so the model writes garbage: it is for speed and memory 
   do not know ``rope_parameters`` would use 10000).
 * aaac and awq: written directly from random packed tensors, with no calibration (quantizing 1B
   parameters on 2 CPU cores takes far too long), through the quantizer's own writers in
-  ``offline_quantize`` (``checkpoint.ShardWriter``, ``write_manifest``, ``write_config``,
-  ``copy_side_files``, ``quantization_config``; ``awq_format.pack`` and ``awq_format.quantization_config``)
+  ``aaac_kernels.format`` (``files.ShardWriter``, ``write_manifest``, ``write_config``,
+  ``copy_side_files``, ``quantization_config``; ``awq.pack`` and ``awq.quantization_config``)
   and with the tensor names ``aaac-quantize`` writes: one checkpoint module per ``nn.Linear`` of the
   decoder blocks (q/k/v and gate/up separately; vLLM merges them at load). Every other tensor
   (embeddings, norms) is copied from the bf16 checkpoint. The AAAC checkpoint passes
-  ``offline_quantize.checkpoint.verify_checkpoint``.
+  ``aaac_kernels.format.verify.verify_checkpoint``.
 
   AAAC, per linear with weight [N, K] and group size G (64): ``qweight`` = ``pack_indices`` of uniform
   random indices 0..15, ``scales`` = ``encode_scales`` of magnitudes 0.005..0.015 with a random codebook
@@ -44,8 +44,14 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:  # run as a script from anywhere: offline_quantize is importable from the repo root
     sys.path.insert(0, str(ROOT))
 
-from aaac_kernels.format import CODEBOOK_SIZE, NUM_CODEBOOKS, encode_scales, pack_indices  # noqa: E402
-from offline_quantize import awq_format, checkpoint, source  # noqa: E402
+from aaac_kernels.format import awq as awq_format  # noqa: E402
+from aaac_kernels.format.config import quantization_config, read_config, write_config  # noqa: E402
+from aaac_kernels.format.files import ShardWriter, copy_side_files  # noqa: E402
+from aaac_kernels.format.layout import CODEBOOK_SIZE, NUM_CODEBOOKS, encode_scales, pack_indices  # noqa: E402
+from aaac_kernels.format.manifest import write_manifest  # noqa: E402
+from aaac_kernels.format.verify import verify_checkpoint  # noqa: E402
+from offline_quantize import source  # noqa: E402
+from offline_quantize.staging import staging_folder  # noqa: E402
 
 GROUP_SIZE = 64
 VOCAB_SIZE = 49152  # SmolLM2's, so that its tokenizer fits
@@ -92,15 +98,15 @@ def write_bf16(out: Path, tokenizer: Path, seed: int) -> None:
     """The random bf16 model, saved by transformers, with SmolLM2's tokenizer and generation files."""
     from transformers import LlamaForCausalLM
 
-    config = llama_config(checkpoint.read_config(tokenizer))
+    config = llama_config(read_config(tokenizer))
     torch.manual_seed(seed)
     model = LlamaForCausalLM(config).to(torch.bfloat16).eval()
-    with checkpoint.staging_folder(out) as staging:
+    with staging_folder(out) as staging:
         model.save_pretrained(staging)
         saved = json.loads((staging / "config.json").read_text())
         saved["rope_theta"] = SHAPE["rope_theta"]  # older readers ignore rope_parameters and fall back to 10000
         (staging / "config.json").write_text(json.dumps(saved, indent=2, sort_keys=True) + "\n")
-        checkpoint.copy_side_files(tokenizer, staging)  # tokenizer.json, tokenizer_config.json, chat template, ...
+        copy_side_files(tokenizer, staging)  # tokenizer.json, tokenizer_config.json, chat template, ...
         note = {
             "what": "random weights in Llama-3.2-1B shapes, for speed and memory measurements only",
             "shape": SHAPE,
@@ -152,10 +158,10 @@ def write_quantized(out: Path, bf16: Path, kind: str, seed: int) -> None:
     """The AAAC or AWQ checkpoint of random packed tensors, every other tensor copied from ``bf16``."""
     make = aaac_tensors if kind == "aaac" else awq_tensors
     linears = block_linears(bf16)
-    config = checkpoint.read_config(bf16)
+    config = read_config(bf16)
     generator = torch.Generator().manual_seed(seed + (1 if kind == "aaac" else 2))
-    with checkpoint.staging_folder(out) as staging:
-        writer = checkpoint.ShardWriter(staging, 4 << 30)
+    with staging_folder(out) as staging:
+        writer = ShardWriter(staging, 4 << 30)
         for name, (n, k) in linears.items():
             for suffix, tensor in make(n, k, generator).items():
                 writer.add(f"{name}.{suffix}", tensor)
@@ -166,13 +172,13 @@ def write_quantized(out: Path, bf16: Path, kind: str, seed: int) -> None:
                     if key not in replaced:
                         writer.add(key, f.get_tensor(key))
         writer.finish()
-        checkpoint.write_manifest(staging)
+        write_manifest(staging)
         # No nn.Linear outside the decoder blocks is quantized; lm_head is tied to the embeddings.
-        make_config = checkpoint.quantization_config if kind == "aaac" else awq_format.quantization_config
-        checkpoint.write_config(config, staging, make_config(GROUP_SIZE, ["lm_head"]))
-        checkpoint.copy_side_files(bf16, staging)
+        make_config = quantization_config if kind == "aaac" else awq_format.quantization_config
+        write_config(config, staging, make_config(GROUP_SIZE, ["lm_head"]))
+        copy_side_files(bf16, staging)
     if kind == "aaac":
-        checkpoint.verify_checkpoint(out, GROUP_SIZE)
+        verify_checkpoint(out, GROUP_SIZE)
 
 
 def build(out_dir: Path, tokenizer: Path, seed: int = 0, log=print) -> dict[str, Path]:

@@ -1,8 +1,9 @@
-"""AAAC kernels, installed as ``aaac_kernels``.
+"""AAAC kernels and format, installed as ``aaac_kernels`` (the folder is ``kernels/``: a top-level
+package named ``kernels`` would shadow the PyPI package of that name that transformers imports).
 
-``format`` holds the checkpoint layout (the one place that knows how indices and
-codebook choices are stored); ``reference`` holds the dequantizer that every
-other path is tested against; ``linear`` the load-time layout and the torch
-custom op ``aaac::linear`` (plain torch on CPU); ``triton_gemm`` the Triton
-kernels the op runs on CUDA. docs/kernels.md describes them.
+``format`` is everything an AAAC checkpoint is (layout, reference dequantizer, config schema, files,
+manifest, checks, serving layouts); both the quantizer and the vLLM backend stand on it and it
+imports neither. ``linear`` is the torch custom op ``aaac::linear``; ``cpu`` its CPU side (the C++
+kernels of ``csrc/`` and a plain-torch path); ``triton_gemm`` its CUDA kernels. docs/kernels.md
+describes them.
 """

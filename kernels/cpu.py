@@ -1,20 +1,10 @@
-"""The CPU side of ``aaac::linear``: the layout the C++ kernels read, their instruction-set choice,
-and the plain-torch path that runs where they were not built.
-
-``prepare`` makes the layout once at load time (docs/kernels.md):
-
-* ``qbytes`` uint8 [N, K / 2]: per column, per chunk of C consecutive k (C = 64 when the group size
-  is a multiple of 64, else 32 when it is a multiple of 32, else the group size), C / 2 bytes whose low
-  nibbles hold the first half of the chunk and whose high nibbles the second half: one load, a
-  widening and one shift give the indices of C consecutive k, nothing to de-interleave;
-* ``scales`` fp16 [N, K / G]: the checkpoint's signed scales, transposed so a column's groups are
-  contiguous;
-* ``codebooks`` fp16 [parts, 2, 16]: as stored.
+"""The CPU side of ``aaac::linear``: the instruction-set choice of the C++ kernels, and the plain-torch
+path that runs where they were not built. Both read ``aaac_kernels.format.serving.cpu_layout``.
 
 The C++ extension ``aaac_kernels._C`` (kernels/csrc, built by ``pip install --no-build-isolation``)
 registers the op's CPU kernel. It holds one path per instruction set and picks the fastest the CPU
-reports; ``AAAC_CPU_ISA`` forces one (``scalar``, ``avx2``, ``avx512``, ``avx512_bf16``) or, with
-``torch``, the plain-torch path.
+reports; ``AAAC_CPU_ISA`` forces one (``scalar``, ``avx2``, ``avx512``, ``avx512_bf16``, ``amx_bf16``)
+or, with ``torch``, the plain-torch path.
 """
 
 import importlib
@@ -25,27 +15,10 @@ from types import ModuleType
 import torch
 import torch.nn.functional as F
 
-from .format import unpack_indices
+from .format.serving import chunk_size
 
 ISA_VARIABLE = "AAAC_CPU_ISA"
 TORCH_PATH = "torch"
-
-
-def chunk_size(group_size: int) -> int:
-    """The chunk of the CPU layout for a group size (the C++ side's ``chunk_size`` too)."""
-    return 64 if group_size % 64 == 0 else 32 if group_size % 32 == 0 else group_size
-
-
-def prepare(
-    qweight: torch.Tensor, scales: torch.Tensor, codebooks: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Checkpoint tensors -> (qbytes, scales, codebooks) in the CPU layout; codebooks is [parts, 2, 16]."""
-    indices = unpack_indices(qweight).t()  # [N, K]
-    n, k = indices.shape
-    chunk = chunk_size(k // scales.shape[0])
-    halves = indices.reshape(n, k // chunk, 2, chunk // 2)
-    qbytes = (halves[:, :, 0] | (halves[:, :, 1] << 4)).reshape(n, k // 2).contiguous()
-    return qbytes, scales.t().contiguous(), codebooks.to(torch.float16).contiguous()
 
 
 def dequantize_torch(

@@ -1,14 +1,6 @@
 """Triton kernels for AAAC layers on NVIDIA GPUs: a fused dequant-GEMM and a dequantizer.
 
-Both read the layout that ``prepare`` makes once at load time (docs/kernels.md):
-
-* ``qbytes`` uint8 [N, K / 2], read here as int32 [N, K / 8]: word ``w`` of row ``n`` holds the
-  indices of k = 8w .. 8w + 7 in nibbles 0 .. 7 (little-endian bytes, low nibble = even k);
-* ``scales`` fp16 [N, K / G], read as int16: bit 15 selects the codebook, bits 0-14 are |scale|;
-* ``lut`` fp32 [parts, 512, 2]: a byte-pair table (row ``s * 256 + b`` of a part holds the values of
-  byte b's two nibbles under codebook s). Row ``s * 256 + v`` (v < 16) holds entry v of codebook s in
-  its first column, so ``lut[part * 1024 + s * 512 + 2 * v]`` is the codebook itself: 16 entries
-  8 bytes apart, one 128-byte cache line per codebook.
+Both read the layout that ``aaac_kernels.format.serving.cuda_layout`` makes once at load time.
 
 The fused kernel dequantizes W tile by tile in registers (table lookup, times |scale|, one rounding
 to the activation dtype, exactly as the reference dequantizer) and feeds ``tl.dot`` with fp32
@@ -25,23 +17,6 @@ import torch
 import triton
 import triton.language as tl
 
-from .format import NUM_CODEBOOKS, unpack_indices
-
-_BYTE_VALUES = 1 << 8
-
-
-def prepare(
-    qweight: torch.Tensor, scales: torch.Tensor, codebooks: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Checkpoint layout -> (qbytes, scales, lut) for the kernels; ``codebooks`` is [parts, 2, 16]."""
-    indices = unpack_indices(qweight).t()  # [N, K]
-    qbytes = (indices[:, 0::2] | (indices[:, 1::2] << 4)).contiguous()
-    byte = torch.arange(_BYTE_VALUES, device=codebooks.device)
-    table = codebooks.float()
-    # Products of two fp16 numbers are exact in fp32, so the table is kept in fp32 and the
-    # result is rounded once, as in the reference dequantizer.
-    lut = torch.stack([table[..., byte & 0xF], table[..., byte >> 4]], dim=-1)
-    return qbytes, scales.t().contiguous(), lut.reshape(len(codebooks), NUM_CODEBOOKS * _BYTE_VALUES, 2).contiguous()
 
 
 class TileConfig(NamedTuple):

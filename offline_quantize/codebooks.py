@@ -1,15 +1,15 @@
 """Learning the two codebooks of a layer and assigning every group to one of them.
 
-All errors here are activation-weighted: an error on input channel k costs
-h[k] = mean(x[k]^2) times its square, so the objective is sum_k h[k] (w - w_hat)^2,
-the diagonal approximation of ||X W^T - X W_hat^T||^2.
+All errors here are activation-weighted: an error on input channel k costs mean_square[k] =
+mean(x[k]^2) times its square, so the objective is sum_k mean_square[k] (w - w_hat)^2, the diagonal
+approximation of ||X W^T - X W_hat^T||^2.
 """
 
 from dataclasses import dataclass, field
 
 import torch
 
-from aaac_kernels.format import CODEBOOK_SIZE, NUM_CODEBOOKS, encode_scales
+from aaac_kernels.format.layout import CODEBOOK_SIZE, NUM_CODEBOOKS, encode_scales
 
 
 @dataclass(frozen=True)
@@ -57,11 +57,11 @@ def _normalize(w: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
 
 
 def _group_errors(
-    w: torch.Tensor, h: torch.Tensor, scale: torch.Tensor, codebooks: torch.Tensor
+    w: torch.Tensor, mean_square: torch.Tensor, scale: torch.Tensor, codebooks: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Weighted error of every group under each codebook, and the matching indices.
 
-    w: [N, Gn, G]; h: [Gn, G]; scale: [N, Gn, 1]; codebooks: [2, 16].
+    w: [N, Gn, G]; mean_square: [Gn, G]; scale: [N, Gn, 1]; codebooks: [2, 16].
     Returns errors [2, N, Gn] and indices [2, N, Gn, G].
     """
     u = _normalize(w, scale)
@@ -69,7 +69,7 @@ def _group_errors(
     for codebook in codebooks:
         idx = _nearest(u, codebook)
         diff = w - codebook[idx] * scale
-        errors.append((diff * diff * h).sum(dim=-1))
+        errors.append((diff * diff * mean_square).sum(dim=-1))
         indices.append(idx)
     return torch.stack(errors), torch.stack(indices)
 
@@ -84,10 +84,10 @@ def _weighted_quantiles(values: torch.Tensor, weights: torch.Tensor, count: int)
 
 
 def _quantile_codebook(
-    u: torch.Tensor, weight: torch.Tensor, members: torch.Tensor, generator: torch.Generator, samples: int
+    u: torch.Tensor, error_weight: torch.Tensor, members: torch.Tensor, generator: torch.Generator, samples: int
 ) -> torch.Tensor:
     """16 weighted quantiles of the normalized weights of the member groups, on a seeded subsample."""
-    vals, wts = u[members].reshape(-1), weight.expand_as(u)[members].reshape(-1)
+    vals, wts = u[members].reshape(-1), error_weight.expand_as(u)[members].reshape(-1)
     if vals.numel() > samples:
         pick = torch.randint(vals.numel(), (samples,), generator=generator).to(vals.device)
         vals, wts = vals[pick], wts[pick]
@@ -97,7 +97,7 @@ def _quantile_codebook(
 
 
 def _initial_codebooks(
-    u: torch.Tensor, weight: torch.Tensor, generator: torch.Generator, samples: int
+    u: torch.Tensor, error_weight: torch.Tensor, generator: torch.Generator, samples: int
 ) -> torch.Tensor:
     """Deterministic start: one codebook from the peaked groups, one from the flat ones.
 
@@ -105,17 +105,17 @@ def _initial_codebooks(
     many small ones) seed C0 with their 16 weighted quantiles; the other half
     seeds C1.
     """
-    weight = weight.expand_as(u)
-    flatness = (u.abs() * weight).sum(-1) / weight.sum(-1).clamp_min(1e-30)
+    error_weight = error_weight.expand_as(u)
+    flatness = (u.abs() * error_weight).sum(-1) / error_weight.sum(-1).clamp_min(1e-30)
     peaked = flatness <= flatness.median()
     if peaked.all():  # all groups equally flat: start from all of them, the first re-seed splits
-        return torch.stack([_quantile_codebook(u, weight, peaked, generator, samples)] * NUM_CODEBOOKS)
-    return torch.stack([_quantile_codebook(u, weight, half, generator, samples) for half in (peaked, ~peaked)])
+        return torch.stack([_quantile_codebook(u, error_weight, peaked, generator, samples)] * NUM_CODEBOOKS)
+    return torch.stack([_quantile_codebook(u, error_weight, half, generator, samples) for half in (peaked, ~peaked)])
 
 
 def _lloyd(
     w: torch.Tensor,
-    h: torch.Tensor,
+    mean_square: torch.Tensor,
     scale: torch.Tensor,
     codebooks: torch.Tensor,
     options: CodebookOptions,
@@ -129,11 +129,11 @@ def _lloyd(
     times). Starting from two equal codebooks, the first re-seed is the split.
     """
     u = _normalize(w, scale)
-    weight = h * scale * scale  # error weight of u: h[k] * s^2
+    error_weight = mean_square * scale * scale  # the error of u on channel k costs mean_square[k] * s^2
     best, best_total = codebooks, float("inf")
     previous, reseeds = None, 0
     for _ in range(options.lloyd_iters):
-        errors, indices = _group_errors(w, h, scale, codebooks)
+        errors, indices = _group_errors(w, mean_square, scale, codebooks)
         choice = errors[1] < errors[0]
         total = torch.where(choice, errors[1], errors[0]).sum().item()
         if total < best_total:
@@ -144,7 +144,7 @@ def _lloyd(
             served = errors[1 - rare]
             worse = served >= served.median()
             codebooks = codebooks.clone()
-            codebooks[rare] = _quantile_codebook(u, weight, worse, generator, options.init_samples)
+            codebooks[rare] = _quantile_codebook(u, error_weight, worse, generator, options.init_samples)
             previous, reseeds = None, reseeds + 1
             continue
         if previous is not None and previous - total <= options.tol * previous:
@@ -153,8 +153,8 @@ def _lloyd(
         # One weighted histogram over 32 bins (codebook * 16 + entry) gives both codebooks' new means.
         entry = torch.where(choice.unsqueeze(-1), indices[1] + CODEBOOK_SIZE, indices[0]).reshape(-1)
         bins = NUM_CODEBOOKS * CODEBOOK_SIZE
-        num = torch.bincount(entry, weights=(weight * u).reshape(-1), minlength=bins)
-        den = torch.bincount(entry, weights=weight.expand_as(u).reshape(-1), minlength=bins)
+        num = torch.bincount(entry, weights=(error_weight * u).reshape(-1), minlength=bins)
+        den = torch.bincount(entry, weights=error_weight.expand_as(u).reshape(-1), minlength=bins)
         # An entry nobody maps to keeps its value instead of collapsing to 0.
         flat = torch.where(den > 0, num / den.clamp_min(1e-30), codebooks.reshape(-1).double())
         codebooks = torch.sort(flat.to(codebooks.dtype).reshape(NUM_CODEBOOKS, CODEBOOK_SIZE)).values
@@ -162,15 +162,15 @@ def _lloyd(
 
 
 def _search_scales(
-    w: torch.Tensor, h: torch.Tensor, absmax: torch.Tensor, codebooks: torch.Tensor, options: CodebookOptions
+    w: torch.Tensor, mean_square: torch.Tensor, absmax: torch.Tensor, codebooks: torch.Tensor, options: CodebookOptions
 ) -> torch.Tensor:
     """Per group, the |scale| = absmax * alpha (alpha on a grid) with the lowest error under either codebook."""
     lo, hi, steps = options.scale_grid
     best_scale = absmax.clone()
-    best_error = _group_errors(w, h, absmax, codebooks)[0].min(dim=0).values
+    best_error = _group_errors(w, mean_square, absmax, codebooks)[0].min(dim=0).values
     for alpha in torch.linspace(lo, hi, steps).tolist():
         scale = absmax * alpha
-        error = _group_errors(w, h, scale, codebooks)[0].min(dim=0).values
+        error = _group_errors(w, mean_square, scale, codebooks)[0].min(dim=0).values
         better = error < best_error
         best_error = torch.where(better, error, best_error)
         best_scale = torch.where(better.unsqueeze(-1), scale, best_scale)
@@ -179,33 +179,33 @@ def _search_scales(
 
 def quantize_layer(
     weight: torch.Tensor,
-    h: torch.Tensor,
+    mean_square: torch.Tensor,
     group_size: int,
     options: CodebookOptions = CodebookOptions(),
     seed: int = 0,
 ) -> LayerResult:
-    """AAAC for one linear layer: weight [N, K], channel statistics h [K]."""
+    """AAAC for one linear layer: weight [N, K], channel statistics mean_square [K]."""
     n, k = weight.shape
     w = weight.float().reshape(n, k // group_size, group_size)
-    hg = h.float().reshape(k // group_size, group_size)
+    group_mean_square = mean_square.float().reshape(k // group_size, group_size)
     generator = torch.Generator().manual_seed(seed)
 
     absmax = w.abs().amax(dim=-1, keepdim=True)
     scale = absmax
-    codebooks = _initial_codebooks(_normalize(w, scale), hg * scale * scale, generator, options.init_samples)
-    codebooks = _lloyd(w, hg, scale, codebooks, options, generator)
+    codebooks = _initial_codebooks(_normalize(w, scale), group_mean_square * scale * scale, generator, options.init_samples)
+    codebooks = _lloyd(w, group_mean_square, scale, codebooks, options, generator)
     for _ in range(options.refine_rounds):
-        scale = _search_scales(w, hg, absmax, codebooks, options)
-        codebooks = _lloyd(w, hg, scale, codebooks, options, generator)
+        scale = _search_scales(w, group_mean_square, absmax, codebooks, options)
+        codebooks = _lloyd(w, group_mean_square, scale, codebooks, options, generator)
 
     # Final assignment with exactly the values that are stored (fp16), so the
     # choice and indices are optimal for what the dequantizer will read.
     codebooks16 = torch.sort(codebooks.to(torch.float16)).values
     scale16 = scale.to(torch.float16)
-    errors, indices = _group_errors(w, hg, scale16.float(), codebooks16.float())
+    errors, indices = _group_errors(w, group_mean_square, scale16.float(), codebooks16.float())
     choice = errors[1] < errors[0]
     chosen = torch.where(choice.unsqueeze(-1), indices[1], indices[0])
-    energy = (w * w * hg).sum().item()
+    energy = (w * w * group_mean_square).sum().item()
     error = torch.where(choice, errors[1], errors[0]).sum().item()
     return LayerResult(
         indices=chosen.reshape(n, k).to(torch.uint8),
@@ -233,15 +233,15 @@ class CodebookGrid:
     def __post_init__(self):
         object.__setattr__(self, "_float", self.codebooks.float())
 
-    def fit(self, w: torch.Tensor, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """w [N, Gn, G], h [Gn, G] -> (|scale| fp16-valued [N, Gn, 1], choice of C1 [N, Gn, 1])."""
+    def fit(self, w: torch.Tensor, mean_square: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """w [N, Gn, G], mean_square [Gn, G] -> (|scale| fp16-valued [N, Gn, 1], choice of C1 [N, Gn, 1])."""
         absmax = w.abs().amax(dim=-1, keepdim=True)
         scale = absmax
         if self.scale_grid is not None:
             options = CodebookOptions(scale_grid=self.scale_grid)
-            scale = _search_scales(w, h, absmax, self._float, options)
+            scale = _search_scales(w, mean_square, absmax, self._float, options)
         scale = scale.half().float()
-        errors, _ = _group_errors(w, h, scale, self._float)
+        errors, _ = _group_errors(w, mean_square, scale, self._float)
         return scale, (errors[1] < errors[0]).unsqueeze(-1)
 
     def quantize(self, w: torch.Tensor, params: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -257,8 +257,3 @@ def nf4_grid() -> CodebookGrid:
     table = torch.tensor(NF4).half()
     return CodebookGrid(torch.stack([table, table]))
 
-
-def weighted_error(weight: torch.Tensor, approx: torch.Tensor, h: torch.Tensor) -> float:
-    """sum_k h[k] (W - W_hat)^2 / sum_k h[k] W^2: the figure every method is compared on."""
-    w, diff = weight.float(), weight.float() - approx.float()
-    return ((diff * diff * h.float()).sum() / (w * w * h.float()).sum().clamp_min(1e-30)).item()

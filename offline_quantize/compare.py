@@ -17,25 +17,14 @@ from pathlib import Path
 
 import torch
 
-from .errors import AAACError
+from aaac_kernels.format.errors import AAACError
 from .evaluate import evaluation_device, perplexity
+from .methods import compared_variants
+from .methods.registry import FORMATS
 
-# label -> aaac-quantize options; labels are MethodOptions.label of those options.
-VARIANTS: dict[str, list[str] | None] = {
-    "bf16": None,
-    "rtn": ["--method", "rtn"],
-    "rtn-sym": ["--method", "rtn-sym"],
-    "nf4": ["--method", "nf4"],
-    "gptq": ["--method", "gptq"],
-    "gptq+act-order": ["--method", "gptq", "--act-order"],
-    "awq": ["--method", "awq"],
-    "aaac": ["--method", "aaac"],
-    "aaac+awq": ["--method", "aaac", "--awq-scale"],
-    "aaac+compensate": ["--method", "aaac", "--compensate"],
-    "aaac+awq+compensate": ["--method", "aaac", "--awq-scale", "--compensate"],
-}
+# label -> aaac-quantize options (None: the source model itself), from the method registry.
+VARIANTS: dict[str, list[str] | None] = {"bf16": None, **{v.label: v.arguments for v in compared_variants()}}
 BASELINE, YARDSTICK = "bf16", "rtn"  # gaps are to bf16, and as a fraction of asymmetric RTN's gap
-SERVED_BY = {"aaac": "vLLM `--quantization aaac`", "awq": "vLLM built-in `awq`"}
 
 
 def quantize_variant(label: str, source: Path, output: Path, options: list[str], reuse: bool) -> dict:
@@ -155,7 +144,7 @@ def markdown(results: dict) -> str:
             ratio = entry.get("gap_vs_rtn", {}).get(name)
             row += [f"{entry['perplexity'][name]:.3f}", "" if ratio is None or label == BASELINE else f"{ratio:.2f}"]
         rss = entry.get("peak_host_rss_mib")
-        served = SERVED_BY.get(entry["format"], "")
+        served = FORMATS.get(entry["format"], "")
         row += [f"{entry['quantize_seconds']:.0f}" if label != BASELINE else "",
                 f"{rss:.0f}" if rss else "", f"{entry['format']} ({served})" if served else entry["format"]]
         lines.append("| " + " | ".join(row) + " |")

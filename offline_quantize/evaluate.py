@@ -5,7 +5,7 @@ import math
 import torch
 from torch import nn
 
-from .errors import AAACError
+from aaac_kernels.format.errors import AAACError
 
 
 def evaluation_device(name: str) -> tuple[str, torch.dtype]:

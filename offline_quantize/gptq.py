@@ -18,23 +18,23 @@ from typing import Protocol
 
 import torch
 
-from .errors import AAACError
+from aaac_kernels.format.errors import AAACError
 
 DAMPENING = (0.01, 0.03, 0.1, 0.3, 1.0)  # fractions of mean(diag H), tried in order until H is positive definite
 
 
 class Grid(Protocol):
-    def fit(self, w: torch.Tensor, h: torch.Tensor) -> tuple[torch.Tensor, ...]: ...
+    def fit(self, w: torch.Tensor, mean_square: torch.Tensor) -> tuple[torch.Tensor, ...]: ...
 
     def quantize(self, w: torch.Tensor, params: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, torch.Tensor]: ...
 
 
-def _inverse_cholesky(h: torch.Tensor) -> torch.Tensor:
+def _inverse_cholesky(second_moment: torch.Tensor) -> torch.Tensor:
     """Upper Cholesky factor of (H + damp I)^-1, with the smallest dampening that works."""
-    mean_diag = h.diagonal().mean()
-    eye = torch.eye(h.shape[0], dtype=h.dtype, device=h.device)
+    mean_diag = second_moment.diagonal().mean()
+    eye = torch.eye(second_moment.shape[0], dtype=second_moment.dtype, device=second_moment.device)
     for damp in DAMPENING:
-        factor, info = torch.linalg.cholesky_ex(h + damp * mean_diag * eye)
+        factor, info = torch.linalg.cholesky_ex(second_moment + damp * mean_diag * eye)
         if info == 0:
             inverse = torch.cholesky_inverse(factor)
             upper, info = torch.linalg.cholesky_ex(inverse, upper=True)
@@ -58,13 +58,13 @@ def _one_cpu_thread(device: torch.device):
 
 def gptq(
     weight: torch.Tensor,
-    h: torch.Tensor,
+    second_moment: torch.Tensor,
     group_size: int,
     grid: Grid,
     act_order: bool = False,
     block_size: int = 128,
 ) -> tuple[torch.Tensor, tuple[torch.Tensor, ...], torch.Tensor]:
-    """Quantize weight [N, K] against second moment h [K, K].
+    """Quantize weight [N, K] against the input second moment [K, K] (mean x x^T).
 
     Returns (codes uint8 [N, K], the grid's parameters stacked per group [N, K // G, 1] each,
     dequantized weight fp32 [N, K]).
@@ -72,20 +72,20 @@ def gptq(
     n, k = weight.shape
     groups = k // group_size
     w = weight.float().clone()
-    h = h.float().clone()
-    dead = h.diagonal() == 0
-    h[dead, dead] = 1
+    second_moment = second_moment.float().clone()
+    dead = second_moment.diagonal() == 0
+    second_moment[dead, dead] = 1
     w[:, dead] = 0
-    diag = h.diagonal().clone()
+    mean_square = second_moment.diagonal().clone()
 
     static = None
     if act_order:
-        static = grid.fit(w.reshape(n, groups, group_size), diag.reshape(groups, group_size))
-        perm = torch.argsort(diag, descending=True)
+        static = grid.fit(w.reshape(n, groups, group_size), mean_square.reshape(groups, group_size))
+        perm = torch.argsort(mean_square, descending=True)
     else:
         perm = torch.arange(k, device=w.device)
-    w, h = w[:, perm], h[perm][:, perm]
-    hinv = _inverse_cholesky(h)
+    w, second_moment = w[:, perm], second_moment[perm][:, perm]
+    hinv = _inverse_cholesky(second_moment)
 
     codes = torch.zeros(n, k, dtype=torch.uint8, device=w.device)
     values = torch.zeros(n, k, device=w.device)
@@ -93,7 +93,7 @@ def gptq(
     # Blocks hold whole groups so that a group's parameters are fitted on fully updated weights.
     block_size = max(group_size, block_size - block_size % group_size)
     with _one_cpu_thread(w.device):
-        _columns(w, hinv, diag, perm, static, fitted, codes, values, grid, group_size, block_size)
+        _columns(w, hinv, mean_square, perm, static, fitted, codes, values, grid, group_size, block_size)
 
     inverse = torch.argsort(perm)
     if static is None:
@@ -101,7 +101,7 @@ def gptq(
     return codes[:, inverse], static, values[:, inverse]
 
 
-def _columns(w, hinv, diag, perm, static, fitted, codes, values, grid: Grid, group_size: int, block_size: int) -> None:
+def _columns(w, hinv, mean_square, perm, static, fitted, codes, values, grid: Grid, group_size: int, block_size: int) -> None:
     """The GPTQ sweep, in place: round every column of ``w`` (permuted order) and spread its error."""
     k = w.shape[1]
     for i1 in range(0, k, block_size):
@@ -114,7 +114,7 @@ def _columns(w, hinv, diag, perm, static, fitted, codes, values, grid: Grid, gro
                 params = tuple(p[:, column // group_size] for p in static)
             else:
                 if (i1 + i) % group_size == 0:
-                    params = grid.fit(w1[:, i : i + group_size].unsqueeze(1), diag[perm[i1 + i : i1 + i + group_size]].unsqueeze(0))
+                    params = grid.fit(w1[:, i : i + group_size].unsqueeze(1), mean_square[perm[i1 + i : i1 + i + group_size]].unsqueeze(0))
                     params = tuple(p.squeeze(1) for p in params)
                     fitted.append(params)
             q, v = grid.quantize(w1[:, i : i + 1], params)

@@ -1,8 +1,8 @@
 """Run a checkpoint in transformers: a plain one as it is, an AAAC or AWQ-format one made dense here.
 
 This is the ground-truth execution of an AAAC checkpoint: every quantized
-linear gets the dense weight ``aaac_kernels.reference.dequantize`` defines.
-AWQ-format checkpoints (the uniform-grid baselines) get ``awq_format.dequantize``,
+linear gets the dense weight ``aaac_kernels.format.reference.dequantize`` defines.
+AWQ-format checkpoints (the uniform-grid baselines) get ``aaac_kernels.format.awq.dequantize``,
 so comparing methods needs neither AutoAWQ nor a GPU.
 """
 
@@ -11,11 +11,13 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from aaac_kernels.reference import dequantize
-
-from . import awq_format
-from .checkpoint import read_config, read_quant_config, read_tensors, verify_checkpoint, verify_manifest
-from .errors import AAACError
+from aaac_kernels.format import awq as awq_format
+from aaac_kernels.format.config import read_config, read_quant_config
+from aaac_kernels.format.errors import AAACError
+from aaac_kernels.format.files import read_tensors
+from aaac_kernels.format.manifest import verify_manifest
+from aaac_kernels.format.reference import dequantize
+from aaac_kernels.format.verify import verify_checkpoint
 
 
 def load_causal_lm(path: Path, dtype: torch.dtype = torch.float32, device: str = "cpu") -> nn.Module:

@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from .errors import AAACError
+from aaac_kernels.format.errors import AAACError
 
 PROGRESS_DIR = ".progress"
 _STATE = "progress.json"
@@ -31,7 +31,16 @@ class Progress:
         self.layers: dict[str, dict] = {}
         self.block_seconds: list[float] = []
 
-    def resume(self) -> int:
+    def start(self, resume: bool) -> int:
+        """Begin a run in the staging folder; returns how many blocks are done (0 unless ``resume`` finds a
+        committed state). Shards of an interrupted run are removed: they are rebuilt from its blocks."""
+        done = self._load() if resume else 0
+        for stale in self.folder.parent.iterdir():
+            if stale != self.folder:
+                stale.unlink()
+        return done
+
+    def _load(self) -> int:
         """Load the last committed state; returns how many blocks are done (0 when there is none).
 
         Refuses progress made from another source model or with other settings: its blocks would not

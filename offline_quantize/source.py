@@ -6,8 +6,8 @@ import torch
 from safetensors import safe_open
 from torch import nn
 
-from .checkpoint import read_config
-from .errors import AAACError
+from aaac_kernels.format.config import read_config
+from aaac_kernels.format.errors import AAACError
 
 
 def check_source(path: Path) -> dict:

@@ -1,46 +1,53 @@
-"""Activation statistics of every linear's input: h[k] = mean(x[k]^2), mean |x[k]|, optionally H = mean(x x^T).
+"""Activation statistics of every linear's input: mean(x[k]^2), mean |x[k]|, optionally mean(x x^T).
 
-AAAC needs only the diagonal h. GPTQ, AWQ's search and error compensation need
+AAAC needs only the mean squares (the diagonal of the second moment). GPTQ, AWQ's search and error compensation need
 the full second-moment matrix H (GPTQ's Hessian up to a factor of 2), which
 costs a [K, K] matmul per batch; it is collected only when asked for.
 """
 
 from contextlib import contextmanager
+from dataclasses import dataclass
 
 import torch
 from torch import nn
+
+
+@dataclass(frozen=True)
+class LinearStatistics:
+    """What one linear's quantization sees of its inputs x (fp32)."""
+
+    mean_square: torch.Tensor  # [K]: mean(x[k]^2), the weight of an error on input channel k
+    mean_abs: torch.Tensor  # [K]: mean |x[k]|, AWQ's measure of a channel's salience
+    second_moment: torch.Tensor | None  # [K, K]: mean(x x^T), where the method asked for it
+
+    def scaled(self, s: torch.Tensor) -> "LinearStatistics":
+        """The statistics of x / s: the inputs after AWQ folds a channel scale s [K] into the previous operation."""
+        second_moment = None if self.second_moment is None else self.second_moment / torch.outer(s, s)
+        return LinearStatistics(self.mean_square / (s * s), self.mean_abs / s, second_moment)
 
 
 class ChannelStatistics:
     """Running sums of x[k]^2 (and of x x^T when ``full``), fed by a forward hook."""
 
     def __init__(self, features: int, device: torch.device, full: bool = False):
-        self.sum = torch.zeros(features, dtype=torch.float64, device=device)
+        self.square_sum = torch.zeros(features, dtype=torch.float64, device=device)
         self.abs_sum = torch.zeros(features, dtype=torch.float64, device=device)
         self.gram = torch.zeros(features, features, dtype=torch.float64, device=device) if full else None
         self.tokens = 0
 
     def add(self, x: torch.Tensor, gram: torch.Tensor | None = None) -> None:
         x = x.reshape(-1, x.shape[-1])
-        self.sum += x.double().pow(2).sum(dim=0)
+        self.square_sum += x.double().pow(2).sum(dim=0)
         self.abs_sum += x.double().abs().sum(dim=0)
         if self.gram is not None:
             self.gram += gram
         self.tokens += x.shape[0]
 
-    def mean(self) -> torch.Tensor:
-        """h [K] in fp32."""
-        return (self.sum / max(self.tokens, 1)).float()
-
-    def abs_mean(self) -> torch.Tensor:
-        """mean |x[k]| [K] in fp32: AWQ's measure of a channel's salience."""
-        return (self.abs_sum / max(self.tokens, 1)).float()
-
-    def second_moment(self) -> torch.Tensor:
-        """H [K, K] in fp32; its diagonal is ``mean()``."""
-        if self.gram is None:
-            raise RuntimeError("statistics were collected without full=True")
-        return (self.gram / max(self.tokens, 1)).float()
+    def result(self) -> LinearStatistics:
+        """The means so far, in fp32."""
+        tokens = max(self.tokens, 1)
+        second_moment = None if self.gram is None else (self.gram / tokens).float()
+        return LinearStatistics((self.square_sum / tokens).float(), (self.abs_sum / tokens).float(), second_moment)
 
 
 @contextmanager

@@ -1,12 +1,13 @@
 """Shared, session-wide fixtures: the real SmolLM2 checkpoint, real BBC text, one AAAC quantization of it."""
 
 import gc
+import io
 import json
 import os
 import shutil
 import subprocess
 import sys
-from contextlib import contextmanager
+from contextlib import contextmanager, redirect_stderr, redirect_stdout
 from pathlib import Path
 
 import pytest
@@ -31,6 +32,18 @@ def run_cli(tool: str, *args, check: bool = True, timeout: int = 1800) -> subpro
     if check and result.returncode != 0:
         raise AssertionError(f"{tool} failed ({result.returncode}):\n{result.stdout}\n{result.stderr}")
     return result
+
+
+def in_process(main, *args) -> subprocess.CompletedProcess:
+    """A command's ``main`` called with ``args`` in this process, its exit code and output captured. An
+    exception it lets through (a traceback for a user) fails the test."""
+    stdout, stderr = io.StringIO(), io.StringIO()
+    with redirect_stdout(stdout), redirect_stderr(stderr):
+        try:
+            code = main([str(a) for a in args])
+        except SystemExit as exit:  # argparse's usage errors
+            code = exit.code
+    return subprocess.CompletedProcess(args, code, stdout.getvalue(), stderr.getvalue())
 
 
 @pytest.fixture(scope="session")
@@ -91,8 +104,8 @@ def random_layer(
     Returns (qweight, scales, codebooks [parts, 2, 16], dense fp32 weight [N, K] from the reference
     dequantizer). Both codebooks are in use, and a few scales are -0.0 (a zero group that selects C1).
     """
-    from aaac_kernels.format import encode_scales, pack_indices
-    from aaac_kernels.reference import dequantize
+    from aaac_kernels.format.layout import encode_scales, pack_indices
+    from aaac_kernels.format.reference import dequantize
 
     g = torch.Generator().manual_seed(seed)
     n, groups = sum(parts), in_features // group_size

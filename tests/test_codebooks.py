@@ -3,11 +3,12 @@
 import pytest
 import torch
 
-from aaac_kernels.format import pack_indices
-from aaac_kernels.reference import dequantize
+from aaac_kernels.format.layout import pack_indices
+from aaac_kernels.format.reference import dequantize
 from offline_quantize.calibration import token_windows
-from offline_quantize.codebooks import quantize_layer, weighted_error
-from offline_quantize.rtn import rtn_dequantized
+from offline_quantize.codebooks import quantize_layer
+from offline_quantize.objectives import weighted_error
+from offline_quantize.uniform_grid import rtn_dequantized
 from offline_quantize.source import block_linears, decoder_blocks, load_model
 from offline_quantize.statistics import collect
 
@@ -28,7 +29,7 @@ def block_statistics(source_model, bbc_text):
     linears = block_linears(decoder_blocks(model)[BLOCK])
     with torch.no_grad(), collect(linears) as stats:
         model(input_ids=windows)
-    return {name: (m.weight.detach().clone(), stats[name].mean()) for name, m in linears.items()}
+    return {name: (m.weight.detach().clone(), stats[name].result().mean_square) for name, m in linears.items()}
 
 
 def test_statistics_are_mean_squares(block_statistics):

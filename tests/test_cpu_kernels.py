@@ -20,8 +20,9 @@ import torch
 import torch.nn.functional as F
 
 from aaac_kernels import cpu
+from aaac_kernels.format.serving import chunk_size, cpu_layout
 from aaac_kernels import linear as aaac_linear
-from aaac_kernels.format import unpack_indices
+from aaac_kernels.format.layout import unpack_indices
 
 from .conftest import ROOT, random_layer
 
@@ -50,7 +51,7 @@ def isa(request):
 
 def _layer(k: int, group_size: int, seed: int = 0):
     qweight, scales, codebooks, dense = random_layer(PARTS, k, group_size, seed=seed)
-    return cpu.prepare(qweight, scales, codebooks), dense
+    return cpu_layout(qweight, scales, codebooks), dense
 
 
 def _check(got: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> None:
@@ -80,8 +81,8 @@ def test_layer_exercises_both_codebooks_and_negative_zero():
 @pytest.mark.parametrize("k,group_size", SHAPES)
 def test_layout_and_torch_path_are_exact(k, group_size):
     qweight, scales, codebooks, dense = random_layer(PARTS, k, group_size)
-    layout = cpu.prepare(qweight, scales, codebooks)
-    qbytes, chunk = layout[0], cpu.chunk_size(group_size)
+    layout = cpu_layout(qweight, scales, codebooks)
+    qbytes, chunk = layout[0], chunk_size(group_size)
     assert qbytes.shape == (sum(PARTS), k // 2) and qbytes.dtype == torch.uint8
     # The first byte of a chunk holds its first index (low nibble) and its middle one (high nibble).
     indices = unpack_indices(qweight).t()
@@ -123,7 +124,7 @@ def test_parts_read_their_own_codebooks(isa):
     qweight, scales, codebooks, _ = random_layer(PARTS, 256, 64)
     x = torch.randn(8, 256).bfloat16()
     first, swapped = (
-        torch.ops.aaac.linear(x, *cpu.prepare(qweight, scales, c), PARTS, None) for c in (codebooks, codebooks.flip(0))
+        torch.ops.aaac.linear(x, *cpu_layout(qweight, scales, c), PARTS, None) for c in (codebooks, codebooks.flip(0))
     )
     q, k, _ = torch.tensor(PARTS).cumsum(0).tolist()
     # Swapping the q and v pairs changes q's and v's columns and leaves k's alone.

@@ -9,7 +9,7 @@ from transformers import AutoTokenizer
 
 from offline_quantize.evaluate import perplexity
 from offline_quantize.hf_loader import load_causal_lm
-from offline_quantize.rtn import rtn_dequantized
+from offline_quantize.uniform_grid import rtn_dequantized
 from offline_quantize.source import block_linears, decoder_blocks
 
 from .conftest import GROUP_SIZE, run_cli
@@ -94,5 +94,5 @@ def test_aaac_eval_json(quantized, bbc_text):
     out, _ = quantized
     result = run_cli("aaac-eval", out, "--text", bbc_text["eval"], "--seqlen", 512, "--max-tokens", 1024, "--json")
     last = json.loads(result.stdout.strip().splitlines()[-1])
-    assert set(last) == {"perplexity", "tokens", "seconds"}
+    assert set(last) == {"model", "perplexity", "tokens", "seconds"} and last["model"] == str(out)
     assert last["tokens"] == 2 * 511 and 1 < last["perplexity"] < 100

@@ -2,8 +2,8 @@
 
 import torch
 
-from aaac_kernels.format import decode_scales, encode_scales, pack_indices, unpack_indices
-from aaac_kernels.reference import dequantize
+from aaac_kernels.format.layout import decode_scales, encode_scales, pack_indices, unpack_indices
+from aaac_kernels.format.reference import dequantize
 
 CODEBOOKS = torch.tensor(
     [[-8 + i for i in range(16)], [(-8 + i) / 8 for i in range(16)]], dtype=torch.float16

@@ -5,13 +5,17 @@ import torch
 from transformers import LlamaConfig
 from transformers.models.llama.modeling_llama import LlamaDecoderLayer, LlamaRotaryEmbedding
 
-from offline_quantize import awq, awq_format
-from offline_quantize.codebooks import NF4, CodebookGrid, CodebookOptions, nf4_grid
-from offline_quantize.errors import AAACError
+from aaac_kernels.format import awq as awq_format
+from aaac_kernels.format.errors import AAACError
+from offline_quantize import awq_search
+from offline_quantize.codebooks import NF4, CodebookGrid, nf4_grid
 from offline_quantize.gptq import gptq
-from offline_quantize.methods import LinearInputs, MethodOptions, quantize_linear, scale_block
-from offline_quantize.rtn import UniformGrid, rtn_dequantized
+from offline_quantize.methods import LayerOptions, MethodOptions, compared_variants
+from offline_quantize.objectives import output_error
+from offline_quantize.pipeline import _errors
 from offline_quantize.source import block_linears
+from offline_quantize.statistics import LinearStatistics
+from offline_quantize.uniform_grid import UniformGrid, rtn_dequantized
 
 G = 32
 N, K = 48, 128
@@ -26,7 +30,7 @@ def _second_moment(k: int = K, tokens: int = 2048, seed: int = 0) -> torch.Tenso
 
 
 def _output_error(weight, approx, h):
-    return awq.output_error(weight.float(), approx.float(), h).item()
+    return output_error(weight.float(), approx.float(), h).item()
 
 
 def _on_grid(symmetric: bool, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
@@ -109,16 +113,16 @@ def test_awq_search_keeps_on_grid_weights_and_finds_salient_channels():
     weight, _ = _on_grid(symmetric=False)
     h = _second_moment()
     activation = h.diagonal().sqrt()
-    s, alpha = awq.search_scale([weight], h, activation, G, UniformGrid())
+    s, alpha = awq_search.search_scale([weight], h, activation, G, UniformGrid())
     assert alpha == 0 and torch.equal(s, torch.ones(K))  # nothing beats exact
-    assert torch.equal(awq.search_clip(weight, h, G, UniformGrid()), weight)
+    assert torch.equal(awq_search.search_clip(weight, h, G, UniformGrid()), weight)
 
     weight = torch.randn(N, K, generator=torch.Generator().manual_seed(5))
-    s, alpha = awq.search_scale([weight], h, activation, G, UniformGrid())
+    s, alpha = awq_search.search_scale([weight], h, activation, G, UniformGrid())
     assert alpha > 0 and s[:4].min() > s[4:].max()  # the loud channels get the larger scales
     scaled = rtn_dequantized(weight * s, G) / s
     assert _output_error(weight, scaled, h) < 0.9 * _output_error(weight, rtn_dequantized(weight, G), h)
-    clipped = rtn_dequantized(awq.search_clip(weight, h, G, UniformGrid()), G)
+    clipped = rtn_dequantized(awq_search.search_clip(weight, h, G, UniformGrid()), G)
     assert _output_error(weight, clipped, h) < _output_error(weight, rtn_dequantized(weight, G), h)
 
 
@@ -146,8 +150,8 @@ def test_awq_scaling_leaves_the_float_block_unchanged(kv_heads):
         stats = {}
         for name, module in linears.items():
             h = torch.eye(module.in_features) + 0.1
-            stats[name] = LinearInputs(h.diagonal().clone(), h, torch.rand(module.in_features) + 0.5)
-        folded = scale_block(block, 0, linears, stats, 32)
+            stats[name] = LinearStatistics(h.diagonal().clone(), torch.rand(module.in_features) + 0.5, h)
+        folded = awq_search.scale_block(block, 0, linears, stats, 32)
         after = block(x, position_embeddings=rotary)
         after = after[0] if isinstance(after, tuple) else after
     assert ("self_attn.v_proj" in folded) == (kv_heads == 4)  # v -> o only without grouped-query attention
@@ -159,7 +163,7 @@ def test_awq_scaling_refuses_blocks_it_cannot_fold():
     block, _ = _llama_block(4)
     del block.post_attention_layernorm
     with pytest.raises(AAACError, match="block 3 of this model has no post_attention_layernorm"):
-        awq.scaling_groups(block, 3)
+        awq_search.scaling_groups(block, 3)
 
 
 def test_awq_format_matches_vllm_packing_and_round_trips():
@@ -180,21 +184,22 @@ def test_awq_format_matches_vllm_packing_and_round_trips():
 def test_quantize_linear_dense_is_what_the_checkpoint_means():
     weight = torch.randn(N, K, generator=torch.Generator().manual_seed(7))
     h = _second_moment()
-    stats = LinearInputs(h.diagonal().clone(), h, h.diagonal().sqrt())
-    for method, extra in [("rtn", {}), ("gptq", {"act_order": True}), ("awq", {}), ("nf4", {}),
-                          ("aaac", {"compensate": True})]:
-        options = MethodOptions(method, **extra)
-        result = quantize_linear("mlp.down_proj", weight, stats, G, options, CodebookOptions(), seed=0)
+    stats = LinearStatistics(h.diagonal().clone(), h.diagonal().sqrt(), h)
+    for options in compared_variants():
+        layer = LayerOptions("mlp.down_proj", G, options.flags)
+        result = options.handler.quantize(weight, stats, layer)
         assert result.dense.shape == (N, K) and torch.isfinite(result.dense).all()
-        assert result.details["output_error"] < 0.05, method
+        assert _errors(weight, result.dense, stats)["output_error"] < 0.05, options.label
         suffixes = {"qweight", "qzeros", "scales"} if options.format == "awq" else {"qweight", "scales", "codebooks"}
         assert set(result.tensors) == suffixes
 
 
 @pytest.mark.parametrize("options, message", [
-    (MethodOptions("gptq", awq_scale=True), "--awq-scale applies to --method aaac, not gptq"),
-    (MethodOptions("rtn", compensate=True), "--compensate applies to --method aaac, not rtn"),
-    (MethodOptions("aaac", act_order=True), "--act-order applies to --method gptq, not aaac"),
+    (MethodOptions("gptq", {"awq-scale"}), "--awq-scale applies to --method aaac, not gptq"),
+    (MethodOptions("rtn", {"compensate"}), "--compensate applies to --method aaac, not rtn"),
+    (MethodOptions("aaac", {"act-order"}), "--act-order applies to --method gptq, not aaac"),
+    (MethodOptions("aaac", {"fast"}), "unknown flag --fast"),
+    (MethodOptions("int3"), "unknown method 'int3'"),
 ])
 def test_method_options_refuse_meaningless_combinations(options, message):
     with pytest.raises(AAACError, match=message):

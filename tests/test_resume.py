@@ -9,7 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from offline_quantize.checkpoint import REPORT_FILE, staging_path
+from offline_quantize.report import REPORT_FILE
+from offline_quantize.staging import staging_path
 from offline_quantize.progress import PROGRESS_DIR
 
 from .conftest import BIN, run_cli, tiny_llama

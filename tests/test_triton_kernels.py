@@ -15,6 +15,7 @@ import torch.nn.functional as F
 
 import aaac_kernels.linear  # noqa: F401  registers torch.ops.aaac.linear (the CUDA-graph test calls it)
 from aaac_kernels import triton_gemm
+from aaac_kernels.format.serving import cuda_layout
 
 from .conftest import ROOT, random_layer
 
@@ -30,7 +31,7 @@ SHAPES = [(512, 128), (384, 32), (576, 192)]
 def _layer(k: int = K, group_size: int = GROUP) -> tuple[tuple[torch.Tensor, ...], torch.Tensor]:
     """The ``prepare`` layout on DEVICE and the reference dense weight (fp32, CPU)."""
     qweight, scales, codebooks, dense = random_layer(PARTS, k, group_size)
-    layout = triton_gemm.prepare(qweight.to(DEVICE), scales.to(DEVICE), codebooks.to(DEVICE))
+    layout = cuda_layout(qweight.to(DEVICE), scales.to(DEVICE), codebooks.to(DEVICE))
     return layout, dense
 
 
@@ -86,7 +87,7 @@ def test_split_k_with_uneven_tiles(split_k):
 def test_parts_read_their_own_codebooks():
     qweight, scales, codebooks, _ = random_layer(PARTS, K, GROUP)
     x = torch.randn(4, K, device=DEVICE).half()
-    layouts = [triton_gemm.prepare(qweight.to(DEVICE), scales.to(DEVICE), c.to(DEVICE)) for c in (codebooks, codebooks.flip(0))]
+    layouts = [cuda_layout(qweight.to(DEVICE), scales.to(DEVICE), c.to(DEVICE)) for c in (codebooks, codebooks.flip(0))]
     first, swapped = (triton_gemm.gemm(x, *layout, PARTS) for layout in layouts)
     q, k, v = torch.tensor(PARTS).cumsum(0).tolist()
     # Swapping the q and v pairs changes q's and v's columns and leaves k's alone.

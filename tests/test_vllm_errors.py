@@ -3,6 +3,7 @@ at fault, by vLLM and by the reference loader (aaac-eval), before either reads a
 
 Each case damages a copy of a small quantized checkpoint. Cases that change tensors or headers rewrite the
 manifest too, so that the check behind the manifest is the one under test; the manifest cases leave it stale.
+The reference loader is tried in-process on every case, and ``aaac-eval`` once, as a process, on all of them.
 """
 
 import json
@@ -15,7 +16,10 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from offline_quantize.checkpoint import INDEX_FILE, MANIFEST_FILE, write_manifest
+from aaac_kernels.format.errors import AAACError
+from aaac_kernels.format.files import INDEX_FILE
+from aaac_kernels.format.manifest import MANIFEST_FILE, write_manifest
+from offline_quantize.hf_loader import load_causal_lm
 
 from .conftest import run_cli, vllm_engine
 
@@ -159,13 +163,16 @@ CASES = {
 }
 
 
-@pytest.fixture(params=list(CASES), ids=list(CASES))
-def broken(request, tiny_quantized, tmp_path) -> tuple[Path, str]:
-    damage, message = CASES[request.param]
-    folder = tmp_path / "broken"
+def _broken_copy(tiny_quantized: Path, folder: Path, case: str) -> tuple[Path, str]:
+    damage, message = CASES[case]
     shutil.copytree(tiny_quantized, folder)
     damage(folder)
     return folder, message
+
+
+@pytest.fixture(params=list(CASES), ids=list(CASES))
+def broken(request, tiny_quantized, tmp_path) -> tuple[Path, str]:
+    return _broken_copy(tiny_quantized, tmp_path / "broken", request.param)
 
 
 def test_quantizer_writes_a_manifest(tiny_quantized):
@@ -182,19 +189,32 @@ def test_vllm_refuses_broken_checkpoint(broken):
             pass
 
 
-def test_eval_refuses_broken_checkpoint(broken, bbc_text):
+def test_reference_loader_refuses_broken_checkpoint(broken):
     folder, message = broken
-    result = run_cli("aaac-eval", folder, "--text", bbc_text["eval"], check=False)
-    assert result.returncode == 2, result.stderr[-2000:]
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
-    assert re.search(message, lines[0]), lines[0]
+    with pytest.raises(AAACError, match=message):
+        load_causal_lm(folder)
 
 
-def test_checksums_can_be_switched_off(tiny_quantized, tmp_path, bbc_text, monkeypatch):
+def test_eval_reports_every_broken_checkpoint_in_one_run(tiny_quantized, tmp_path, bbc_text):
+    """One aaac-eval process over every case and an intact copy: one ``error:`` line per broken checkpoint, in
+    order, each naming what is at fault; the intact one still evaluated; exit code 2."""
+    folders = [_broken_copy(tiny_quantized, tmp_path / f"case-{i}", case) for i, case in enumerate(CASES)]
+    result = run_cli("aaac-eval", *[f for f, _ in folders], tiny_quantized, "--text", bbc_text["eval"],
+                     "--seqlen", 128, "--max-tokens", 256, check=False)
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr[-3000:]
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
+    assert len(errors) == len(CASES), result.stderr[-3000:]
+    for (_, message), line in zip(folders, errors):
+        assert re.search(message, line), line
+    assert result.stdout.startswith(f"{tiny_quantized}: perplexity ")
+
+
+def test_checksums_can_be_switched_off(tiny_quantized, tmp_path, monkeypatch):
     # A flipped bit in a weight is then not caught (sizes still are), and the checkpoint loads.
     folder = tmp_path / "flipped"
     shutil.copytree(tiny_quantized, folder)
     _flip_a_bit(folder)
+    with pytest.raises(AAACError, match="SHA-256 differs"):
+        load_causal_lm(folder)
     monkeypatch.setenv("AAAC_VERIFY_SHA256", "0")
-    run_cli("aaac-eval", folder, "--text", bbc_text["eval"], "--seqlen", 128, "--max-tokens", 256)
+    load_causal_lm(folder)

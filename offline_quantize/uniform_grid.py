@@ -42,3 +42,12 @@ def rtn_dequantized(weight: torch.Tensor, group_size: int, symmetric: bool = Fal
     w = weight.float().reshape(n, k // group_size, group_size)
     grid = UniformGrid(symmetric)
     return grid.quantize(w, grid.fit(w))[1].reshape(n, k)
+
+
+def round_to_grid(weight: torch.Tensor, group_size: int, grid: UniformGrid) -> tuple[torch.Tensor, ...]:
+    """Weight [N, K] -> (codes uint8 [N, K], scale [N, K // G], zero [N, K // G]) on ``grid``."""
+    n, k = weight.shape
+    groups = weight.float().reshape(n, k // group_size, group_size)
+    scale, zero = grid.fit(groups)
+    codes = grid.quantize(groups, (scale, zero))[0].reshape(n, k)
+    return codes, scale.squeeze(-1), zero.squeeze(-1)

@@ -21,8 +21,11 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .errors import AAACError
-from .rtn import UniformGrid, rtn_dequantized
+from aaac_kernels.format.errors import AAACError
+
+from .objectives import output_error
+from .statistics import LinearStatistics
+from .uniform_grid import UniformGrid, rtn_dequantized
 
 SCALE_STEPS = 20
 CLIP_STEPS, MAX_SHRINK = 20, 0.5
@@ -59,28 +62,22 @@ def scaling_groups(block: nn.Module, index: int) -> list[ScalingGroup]:
     return groups
 
 
-def output_error(weight: torch.Tensor, approx: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
-    """mean over tokens of ||x W^T - x approx^T||^2, from H = mean(x x^T)."""
-    d = weight - approx
-    return ((d @ h) * d).sum()
-
-
 def search_scale(
-    weights: list[torch.Tensor], h: torch.Tensor, activation: torch.Tensor, group_size: int, grid: UniformGrid
+    weights: list[torch.Tensor], second_moment: torch.Tensor, mean_abs: torch.Tensor, group_size: int, grid: UniformGrid
 ) -> tuple[torch.Tensor, float]:
     """The per-channel scale s [K] with the lowest output error; returns (s, alpha)."""
-    best = (float("inf"), torch.ones_like(activation), 0.0)
+    best = (float("inf"), torch.ones_like(mean_abs), 0.0)
     for step in range(SCALE_STEPS):
         alpha = step / SCALE_STEPS
-        s = activation.pow(alpha).clamp_min(1e-4)
+        s = mean_abs.pow(alpha).clamp_min(1e-4)
         s = s / (s.max() * s.min()).sqrt()
-        error = sum(output_error(w, rtn_dequantized(w * s, group_size, grid.symmetric) / s, h) for w in weights).item()
+        error = sum(output_error(w, rtn_dequantized(w * s, group_size, grid.symmetric) / s, second_moment) for w in weights).item()
         if error < best[0]:
             best = (error, s, alpha)
     return best[1], best[2]
 
 
-def search_clip(weight: torch.Tensor, h: torch.Tensor, group_size: int, grid: UniformGrid) -> torch.Tensor:
+def search_clip(weight: torch.Tensor, second_moment: torch.Tensor, group_size: int, grid: UniformGrid) -> torch.Tensor:
     """Weight [N, K] with every group clipped to the range (shrunk by up to 50%) of lowest output error.
 
     Each group's error is its own output contribution, d_g H_gg d_g^T, as AutoAWQ measures it.
@@ -88,7 +85,7 @@ def search_clip(weight: torch.Tensor, h: torch.Tensor, group_size: int, grid: Un
     n, k = weight.shape
     groups = k // group_size
     w = weight.reshape(n, groups, group_size)
-    blocks = torch.stack([h[g * group_size : (g + 1) * group_size, g * group_size : (g + 1) * group_size] for g in range(groups)])
+    blocks = torch.stack([second_moment[g * group_size : (g + 1) * group_size, g * group_size : (g + 1) * group_size] for g in range(groups)])
     absmax = w.abs().amax(-1, keepdim=True)
     best_error = torch.full((n, groups), float("inf"), device=w.device)
     best_max = absmax.clone()
@@ -117,3 +114,22 @@ def fold(group: ScalingGroup, linears: dict[str, nn.Linear], s: torch.Tensor) ->
             previous.bias.div_(s)
     for name in group.linears:
         linears[name].weight.mul_(s)
+
+
+def scale_block(block: nn.Module, index: int, linears: dict[str, nn.Linear], stats: dict[str, LinearStatistics],
+                group_size: int) -> dict[str, dict]:
+    """AWQ channel scaling of one block, in place: weights, the previous operations, and the statistics.
+
+    Returns {previous operation's name: {"alpha": searched alpha, "linears": the linears it feeds}}.
+    """
+    names = {module: name for name, module in block.named_modules()}
+    record = {}
+    for group in scaling_groups(block, index):
+        first = stats[group.linears[0]]
+        weights = [linears[name].weight.float() for name in group.linears]
+        s, alpha = search_scale(weights, first.second_moment, first.mean_abs, group_size, UniformGrid())
+        fold(group, linears, s.to(linears[group.linears[0]].weight.dtype))
+        for name in group.linears:
+            stats[name] = stats[name].scaled(s)
+        record[names[group.previous]] = {"alpha": alpha, "linears": group.linears}
+    return record

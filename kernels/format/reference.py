@@ -5,7 +5,7 @@
 
 import torch
 
-from .format import decode_scales, unpack_indices
+from .layout import decode_scales, unpack_indices
 
 
 def dequantize(

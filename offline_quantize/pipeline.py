@@ -1,0 +1,263 @@
+"""``quantize_model``: a Hugging Face causal LM -> a 4-bit checkpoint, one decoder block at a time.
+
+    capture block 0's inputs -> per block: statistics -> (AWQ channel scaling) -> quantize -> commit
+    -> write the checkpoint -> report
+
+Block i + 1 is calibrated on the outputs of the already-quantized block i, so each block's codebooks
+see the errors the blocks before it will make at inference. Only one block at a time lives on the
+compute device. Every finished block is committed to the run's progress (progress.py), from which
+``--resume`` continues.
+"""
+
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from torch import nn
+from tqdm.auto import tqdm
+
+from aaac_kernels.format import awq as awq_format
+from aaac_kernels.format.config import quantization_config, write_config
+from aaac_kernels.format.errors import AAACError
+from aaac_kernels.format.files import ShardWriter, copy_side_files
+from aaac_kernels.format.manifest import write_manifest
+
+from . import source
+from .awq_search import scale_block
+from .calibration import read_texts, token_windows
+from .capture import capture_block_inputs, move
+from .codebooks import CodebookOptions
+from .methods import LayerOptions, MethodOptions
+from .objectives import output_error, rtn_reference_error, weighted_error
+from .progress import Progress
+from .report import write_report
+from .staging import staging_folder
+from .statistics import LinearStatistics, collect
+
+
+@dataclass
+class Settings:
+    group_size: int = 128
+    nsamples: int = 128
+    seqlen: int = 512
+    device: str = "auto"
+    seed: int = 0
+    calib: list[Path] = field(default_factory=list)
+    batch_size: int = 8
+    max_shard_bytes: int = 4 << 30
+    codebooks: CodebookOptions = field(default_factory=CodebookOptions)
+    method: MethodOptions = field(default_factory=MethodOptions)
+
+    def record(self) -> dict:
+        """The settings as JSON values: the report's record and the fingerprint a resumed run must match."""
+        return {
+            **{k: v for k, v in asdict(self).items() if k not in ("calib", "codebooks", "method")},
+            "calib": [str(p) for p in self.calib],
+            "codebooks": asdict(self.codebooks),
+            "method": {"method": self.method.method, "flags": sorted(self.method.flags)},
+        }
+
+
+@dataclass
+class BlockInputs:
+    """What the model feeds a decoder block: hidden states per batch, and the other arguments of each call."""
+
+    hidden: list[torch.Tensor]
+    arguments: list[tuple[tuple, dict]]
+
+    def feed(self, block: nn.Module) -> None:
+        """Run the block on every batch, for the hooks that collect statistics."""
+        for h, (args, kwargs) in zip(self.hidden, self.arguments):
+            block(h, *args, **kwargs)
+
+    def advance(self, block: nn.Module) -> None:
+        """Replace the hidden states with the block's outputs: the next block's inputs."""
+        outputs = [block(h, *args, **kwargs) for h, (args, kwargs) in zip(self.hidden, self.arguments)]
+        self.hidden = [out[0] if isinstance(out, (tuple, list)) else out for out in outputs]
+
+
+def quantize_model(
+    source_dir: Path, output: Path, settings: Settings, overwrite: bool = False, resume: bool = False
+) -> dict:
+    """Quantize ``source_dir`` into a checkpoint at ``output``; return the report.
+
+    With ``resume``, an interrupted run of the same source and settings continues from its last
+    finished block, and writes the same bytes an uninterrupted run would.
+    """
+    start = time.perf_counter()
+    source_dir, output = source_dir.resolve(), output.resolve()
+    config = _check_paths(source_dir, output, overwrite)
+    settings.method.check()
+    device = resolve_device(settings.device)
+    windows = calibration_windows(source_dir, settings)
+    model = source.load_model(source_dir)
+    linears = _check_model(model, source_dir, settings.group_size)
+    blocks = source.decoder_blocks(model)
+    # CPUs without native bf16 matmul are far faster in fp32; GPUs compute in the model's dtype.
+    compute_dtype = torch.float32 if device.type == "cpu" else next(blocks[0].parameters()).dtype
+    fingerprint = {
+        "source": str(source_dir),
+        "source files": {f.name: f.stat().st_size for f in source.weight_files(source_dir)},
+        **settings.record(),
+    }
+    with torch.no_grad(), staging_folder(output, resume) as staging:
+        progress = Progress(staging, fingerprint)
+        done = progress.start(resume)
+        inputs = _first_block_inputs(model, blocks, windows, settings.batch_size, device, compute_dtype)
+        if done:
+            inputs.hidden = progress.inputs(device)
+        bar = tqdm(total=len(blocks), initial=done, desc=settings.method.label, unit="block", dynamic_ncols=True)
+        for i in range(done, len(blocks)):
+            block_start = time.perf_counter()
+            tensors, layers = quantize_block(model, i, inputs, settings, device, compute_dtype)
+            progress.commit(i, tensors, layers, time.perf_counter() - block_start, inputs.hidden)
+            bar.update()
+            bar.set_postfix(error_vs_rtn=f"{_error_ratio(layers):.2f}")
+        bar.close()
+        shards = write_checkpoint(source_dir, staging, config, model, linears, progress, settings)
+        report = write_report(staging, source_dir, settings, device, progress, shards, start, windows)
+        progress.remove()
+    return report
+
+
+def quantize_block(
+    model: nn.Module, index: int, inputs: BlockInputs, settings: Settings, device: torch.device,
+    compute_dtype: torch.dtype,
+) -> tuple[dict[str, torch.Tensor], dict[str, dict]]:
+    """Statistics -> channel scaling -> quantization of block ``index``; ``inputs.hidden`` becomes its outputs.
+
+    Returns the tensors to store (full names) and the report entries of its layers.
+    """
+    blocks = source.decoder_blocks(model)
+    prefix = f"{source.blocks_prefix(model, blocks)}.{index}"
+    block = blocks[index]
+    model_dtype = next(block.parameters()).dtype
+    block.to(device=device, dtype=compute_dtype)
+    linears = source.block_linears(block)
+    method = settings.method
+    with collect(linears, full=method.needs_second_moment) as accumulators:
+        inputs.feed(block)
+    stats = {name: acc.result() for name, acc in accumulators.items()}
+    rtn_errors = {  # on the unscaled weights, before AWQ scaling changes them
+        name: rtn_reference_error(m.weight.data, stats[name].mean_square, settings.group_size) for name, m in linears.items()
+    }
+    tensors: dict[str, torch.Tensor] = {}
+    layers: dict[str, dict] = {}
+    if method.scales_channels:
+        for previous, record in scale_block(block, index, linears, stats, settings.group_size).items():
+            module = block.get_submodule(previous)
+            module.weight.data = module.weight.data.to(model_dtype).to(compute_dtype)
+            if not isinstance(module, nn.Linear):  # folded norms are stored; folded linears are quantized next
+                tensors[f"{prefix}.{previous}.weight"] = module.weight.data.to(model_dtype).cpu()
+            layers[f"{prefix}.{previous}"] = {"awq_alpha": record["alpha"], "scales": record["linears"]}
+    for j, (name, module) in enumerate(linears.items()):
+        options = LayerOptions(name, settings.group_size, method.flags, settings.codebooks, settings.seed + 1000 * index + j)
+        weight = module.weight.data.float()
+        result = method.handler.quantize(weight, stats[name], options)
+        tensors.update({f"{prefix}.{name}.{suffix}": t.cpu() for suffix, t in result.tensors.items()})
+        layers[f"{prefix}.{name}"] = {
+            **layers.get(f"{prefix}.{name}", {}),  # a linear that AWQ scaling folded into keeps its awq_alpha
+            "shape": list(module.weight.shape),
+            **result.details,
+            **_errors(weight, result.dense, stats[name]),
+            "rtn_weighted_error": rtn_errors[name],
+        }
+        # What the next block sees is what inference will compute: the stored weights, in the model's dtype.
+        module.weight.data = result.dense.to(model_dtype).to(compute_dtype)
+    inputs.advance(block)
+    block.to(device="cpu", dtype=model_dtype)
+    return tensors, layers
+
+
+def write_checkpoint(
+    source_dir: Path, staging: Path, config: dict, model: nn.Module, linears: dict[str, nn.Linear],
+    progress: Progress, settings: Settings,
+) -> list[str]:
+    """Shards (every block's tensors, then every source tensor not replaced, bit for bit), manifest, config
+    and side files into ``staging``; returns the shard names."""
+    writer = ShardWriter(staging, settings.max_shard_bytes)
+    written = {f"{name}.weight" for name in linears}
+    for i in range(progress.blocks_done):
+        for name, tensor in progress.block_tensors(i).items():
+            writer.add(name, tensor)
+            written.add(name)
+    for file in source.weight_files(source_dir):
+        with safe_open(str(file), framework="pt") as f:
+            for key in f.keys():
+                if key not in written:
+                    writer.add(key, f.get_tensor(key))
+    shards = writer.finish()
+    write_manifest(staging)
+    unconverted = sorted(n for n, m in model.named_modules() if isinstance(m, nn.Linear) and n not in linears)
+    make_config = awq_format.quantization_config if settings.method.format == "awq" else quantization_config
+    write_config(config, staging, make_config(settings.group_size, unconverted))
+    copy_side_files(source_dir, staging)
+    return shards
+
+
+def calibration_windows(source_dir: Path, settings: Settings) -> torch.Tensor:
+    """The calibration token windows [nsamples, seqlen], tokenized with the source model's tokenizer."""
+    from transformers import AutoTokenizer
+
+    texts = read_texts(settings.calib)
+    if not texts:
+        raise AAACError(f"calibration data is empty: no text in {', '.join(map(str, settings.calib))}")
+    tokenizer = AutoTokenizer.from_pretrained(source_dir)
+    return token_windows(texts, tokenizer, settings.nsamples, settings.seqlen, settings.seed)
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise AAACError("--device cuda was asked for, but torch sees no CUDA device; use --device cpu")
+    return torch.device(name)
+
+
+def _check_paths(source_dir: Path, output: Path, overwrite: bool) -> dict:
+    """The source's config.json, after checking the source folder and where the output goes."""
+    config = source.check_source(source_dir)
+    if output == source_dir or source_dir.is_relative_to(output) or output.is_relative_to(source_dir):
+        raise AAACError(f"output folder {output} must be outside the source model folder {source_dir}")
+    if output.exists() and not overwrite:
+        raise AAACError(f"output folder {output} already exists; pass --overwrite to replace it")
+    return config
+
+
+def _check_model(model: nn.Module, source_dir: Path, group_size: int) -> dict[str, nn.Linear]:
+    """The quantizable linears by full name, each checked to be stored under its own name in the source."""
+    linears = source.check_linears(model, group_size)
+    stored = source.tensor_names(source_dir)
+    for name in linears:
+        if f"{name}.weight" not in stored:
+            raise AAACError(f"layer {name}: no tensor {name}.weight in the safetensors files of {source_dir}")
+    return linears
+
+
+def _first_block_inputs(
+    model: nn.Module, blocks: nn.ModuleList, windows: torch.Tensor, batch_size: int, device: torch.device,
+    dtype: torch.dtype,
+) -> BlockInputs:
+    calls = capture_block_inputs(model, blocks, windows, batch_size)
+    return BlockInputs(
+        hidden=[move(h, device, dtype) for h, _, _ in calls],
+        arguments=[(move(args, device, dtype), move(kwargs, device, dtype)) for _, args, kwargs in calls],
+    )
+
+
+def _errors(weight: torch.Tensor, dense: torch.Tensor, stats: LinearStatistics) -> dict[str, float]:
+    """The layer's weighted error and, where the full second moment was collected, its output error
+    relative to the output energy (the objective GPTQ and AWQ minimise)."""
+    errors = {"weighted_error": weighted_error(weight, dense, stats.mean_square)}
+    if stats.second_moment is not None:
+        energy = output_error(weight, torch.zeros_like(weight), stats.second_moment).clamp_min(1e-30)
+        errors["output_error"] = (output_error(weight, dense, stats.second_moment) / energy).item()
+    return errors
+
+
+def _error_ratio(layers: dict[str, dict]) -> float:
+    """The block's weighted error as a fraction of round-to-nearest's, for the progress bar."""
+    linear = [e for e in layers.values() if "weighted_error" in e]
+    return sum(e["weighted_error"] for e in linear) / max(sum(e["rtn_weighted_error"] for e in linear), 1e-30)
