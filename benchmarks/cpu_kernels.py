@@ -363,7 +363,6 @@ def build_aaac(
     """torch.ops.aaac.linear on random AAAC tensors in ``prepare``'s layout, copied to stream from memory
     (one copy where llc is None), one variant per ISA (sharing the copies); and, where llc is None, the
     dense [N, K] fp32 weight from the reference dequantizer."""
-    from aaac_kernels import linear as aaac_linear
     from aaac_kernels.format import reference
     from aaac_kernels.format.layout import encode_scales, pack_indices
     from aaac_kernels.format.serving import prepare

@@ -39,7 +39,11 @@ def _resources(kernel, signature: dict, constants: dict, arch: int, num_warps: i
         cubin.flush()
         usage = subprocess.run([CUOBJDUMP, "-res-usage", cubin.name], capture_output=True, text=True, check=True).stdout
     found = dict(re.findall(r"(REG|STACK):(\d+)", usage))
-    return {"registers": int(found["REG"]), "spill_bytes": int(found["STACK"]), "shared_bytes": compiled.metadata.shared}
+    return {
+        "registers": int(found["REG"]),
+        "spill_bytes": int(found["STACK"]),
+        "shared_bytes": compiled.metadata.shared,
+    }
 
 
 def fused_rows(arch: int):
@@ -51,16 +55,35 @@ def fused_rows(arch: int):
         for dtype in ("fp16", "bf16"):
             for group_size in (128, 64):
                 signature = {
-                    "x_ptr": f"*{dtype}", **POINTERS, "out_ptr": "*fp32" if split_k > 1 else f"*{dtype}",
-                    "M": "i32", "N": "i32", "K": "i32", "stride_xm": "i32",
+                    "x_ptr": f"*{dtype}",
+                    **POINTERS,
+                    "out_ptr": "*fp32" if split_k > 1 else f"*{dtype}",
+                    "M": "i32",
+                    "N": "i32",
+                    "K": "i32",
+                    "stride_xm": "i32",
                 }
                 constants = dict(
-                    GROUP_SIZE=group_size, PART_STARTS=PART_STARTS, BLOCK_M=config.block_m, BLOCK_N=config.block_n,
-                    BLOCK_K=config.block_k, SPLIT_K=split_k, GROUP_M=config.group_m, EVEN_K=True, DOT_PRECISION="tf32",
+                    GROUP_SIZE=group_size,
+                    PART_STARTS=PART_STARTS,
+                    BLOCK_M=config.block_m,
+                    BLOCK_N=config.block_n,
+                    BLOCK_K=config.block_k,
+                    SPLIT_K=split_k,
+                    GROUP_M=config.group_m,
+                    EVEN_K=True,
+                    DOT_PRECISION="tf32",
                 )
                 tiles = f"{config.block_m}x{config.block_n}x{config.block_k} w{config.num_warps} s{config.num_stages}"
-                yield rows, tiles, f"split {split_k}", dtype, group_size, _resources(
-                    triton_gemm._gemm_kernel, signature, constants, arch, config.num_warps, config.num_stages
+                yield (
+                    rows,
+                    tiles,
+                    f"split {split_k}",
+                    dtype,
+                    group_size,
+                    _resources(
+                        triton_gemm._gemm_kernel, signature, constants, arch, config.num_warps, config.num_stages
+                    ),
                 )
 
 
@@ -68,11 +91,20 @@ def dequant_rows(arch: int):
     for dtype in ("fp16", "bf16"):
         signature = {**POINTERS, "out_ptr": f"*{dtype}", "N": "i32", "K": "i32"}
         constants = dict(
-            GROUP_SIZE=128, PART_STARTS=PART_STARTS,
-            BLOCK_N=triton_gemm.DEQUANT_BLOCK_N, BLOCK_K=triton_gemm.DEQUANT_BLOCK_K,
+            GROUP_SIZE=128,
+            PART_STARTS=PART_STARTS,
+            BLOCK_N=triton_gemm.DEQUANT_BLOCK_N,
+            BLOCK_K=triton_gemm.DEQUANT_BLOCK_K,
         )
         tiles = f"{triton_gemm.DEQUANT_BLOCK_N}x{triton_gemm.DEQUANT_BLOCK_K} w4"
-        yield "dequantize", tiles, "", dtype, 128, _resources(triton_gemm._dequant_kernel, signature, constants, arch, 4, 1)
+        yield (
+            "dequantize",
+            tiles,
+            "",
+            dtype,
+            128,
+            _resources(triton_gemm._dequant_kernel, signature, constants, arch, 4, 1),
+        )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -80,7 +112,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--arch", type=int, nargs="+", default=[80, 90], help="compute capabilities (80 A100, 90 H100)")
     args = parser.parse_args(argv)
     print(f"triton {triton.__version__}")
-    print("| sm | kernel | tiles (MxNxK, warps, stages) | split-K | act | group | registers | spill bytes | shared KiB |")
+    print(
+        "| sm | kernel | tiles (MxNxK, warps, stages) | split-K | act | group | registers | spill bytes | shared KiB |"
+    )
     print("|---|---|---|---|---|---|---|---|---|")
     for arch in args.arch:
         for name, tiles, split, dtype, group_size, used in (*fused_rows(arch), *dequant_rows(arch)):

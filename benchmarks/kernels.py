@@ -20,7 +20,6 @@ from pathlib import Path
 
 import torch
 
-from aaac_kernels import linear as aaac_linear
 from aaac_kernels import triton_gemm
 from aaac_kernels.format.layout import encode_scales
 from aaac_kernels.format.serving import prepare
@@ -70,7 +69,9 @@ def measure(parts: list[int], k: int, m_values: list[int], group_size: int) -> l
         x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
         want = x @ dense.t()
         for name, got in (("op", torch.ops.aaac.linear(x, *layout, parts, None)), ("fused", fused(x, *layout, parts))):
-            torch.testing.assert_close(got, want, rtol=2e-2, atol=2e-2, msg=lambda msg: f"{name} M={m} N={n} K={k}: {msg}")
+            torch.testing.assert_close(
+                got, want, rtol=2e-2, atol=2e-2, msg=lambda msg: f"{name} M={m} N={n} K={k}: {msg}"
+            )
         times = {
             "bf16": timed(lambda: x @ weight.t()),
             "op": timed(lambda: torch.ops.aaac.linear(x, *layout, parts, None)),
@@ -84,7 +85,8 @@ def measure(parts: list[int], k: int, m_values: list[int], group_size: int) -> l
 
 def table(results: dict[str, list[dict]]) -> list[str]:
     lines = [
-        "| layer | N × K | M | bf16 µs | aaac op µs | op speed-up | fused speed-up | deq+mm speed-up | op weight GB/s |",
+        "| layer | N × K | M | bf16 µs | aaac op µs | op speed-up | fused speed-up | deq+mm speed-up "
+        "| op weight GB/s |",
         "|---|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for layer, rows in results.items():
@@ -126,8 +128,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--models", nargs="+", choices=sorted(MODELS), default=["8b", "70b"])
     parser.add_argument("--m", type=int, nargs="+", default=M_VALUES, help="batch sizes (tokens)")
     parser.add_argument("--group-size", type=int, default=128)
-    parser.add_argument("--docs", type=Path, default=Path(__file__).resolve().parents[1] / "docs" / "benchmarks.md",
-                        help="markdown file whose kernel section is replaced (use --no-docs to skip)")
+    parser.add_argument(
+        "--docs",
+        type=Path,
+        default=Path(__file__).resolve().parents[1] / "docs" / "benchmarks.md",
+        help="markdown file whose kernel section is replaced (use --no-docs to skip)",
+    )
     parser.add_argument("--no-docs", action="store_true")
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():

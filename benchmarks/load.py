@@ -46,8 +46,10 @@ def plan(text: Path, distinct: int, total: int) -> list[Request]:
     if len(paragraphs) < distinct:
         raise SystemExit(f"{text}: {len(paragraphs)} paragraphs, fewer than --distinct {distinct}")
     prompts = paragraphs[:distinct]
-    return [Request(prompts[i % distinct], MAX_TOKENS[i % len(MAX_TOKENS)], stream=(i // distinct) % 2 == 1)
-            for i in range(total)]
+    return [
+        Request(prompts[i % distinct], MAX_TOKENS[i % len(MAX_TOKENS)], stream=(i // distinct) % 2 == 1)
+        for i in range(total)
+    ]
 
 
 def complete(client: OpenAI, model: str, request: Request) -> Answer:
@@ -71,7 +73,9 @@ def judge(got: Answer, alone: Answer, tie: float) -> str | None:
     choice and ``got``'s were within ``tie``; else what differs."""
     if got.tokens == alone.tokens:
         return None
-    step = next((i for i, (a, b) in enumerate(zip(got.tokens, alone.tokens)) if a != b), min(len(got.tokens), len(alone.tokens)))
+    step = next(
+        (i for i, (a, b) in enumerate(zip(got.tokens, alone.tokens)) if a != b), min(len(got.tokens), len(alone.tokens))
+    )
     where = ""
     if step < min(len(got.tokens), len(alone.tokens)):
         best, ours, theirs = alone.top[step], got.tokens[step], alone.tokens[step]
@@ -121,7 +125,9 @@ def run(url: str, model: str, requests: list[Request], concurrency: int, timeout
         "identical": len(requests) - len(outcomes),
         "seconds": seconds,
         "requests_per_s": len(requests) / seconds,
-        "latency_s": {q: percentile(latencies, v) for q, v in (("p50", 0.5), ("p90", 0.9), ("p99", 0.99), ("max", 1.0))},
+        "latency_s": {
+            q: percentile(latencies, v) for q, v in (("p50", 0.5), ("p90", 0.9), ("p99", 0.99), ("max", 1.0))
+        },
         "first_failures": (errors + mismatches)[:3],
     }
 
@@ -136,19 +142,27 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--distinct", type=int, default=16, help="distinct prompts the requests cycle through")
     parser.add_argument("--timeout", type=float, default=600, help="seconds one request may take")
     # bf16 logits of magnitude 32-64 (SmolLM2's) are spaced 0.25 apart: one bf16 step between two tokens is a tie.
-    parser.add_argument("--tie", type=float, default=0.3,
-                        help="log-probability gap up to which a batched run may take the solo run's runner-up (default 0.3)")
+    parser.add_argument(
+        "--tie",
+        type=float,
+        default=0.3,
+        help="log-probability gap up to which a batched run may take the solo run's runner-up (default 0.3)",
+    )
     parser.add_argument("--json", action="store_true", help="print the result as one JSON line")
     args = parser.parse_args(argv)
-    result = run(args.url, args.model, plan(args.text, args.distinct, args.requests), args.concurrency, args.timeout, args.tie)
+    result = run(
+        args.url, args.model, plan(args.text, args.distinct, args.requests), args.concurrency, args.timeout, args.tie
+    )
     if args.json:
         print(json.dumps(result))
     else:
         lat = result["latency_s"]
-        print(f"{result['requests']} requests from {result['concurrency']} clients in {result['seconds']:.1f} s "
-              f"({result['requests_per_s']:.2f} requests/s): {result['completed']} completed, {result['errors']} errors; "
-              f"{result['identical']} identical to the solo answers, {result['near_ties']} parted at a near tie, "
-              f"{result['mismatches']} differ")
+        print(
+            f"{result['requests']} requests from {result['concurrency']} clients in {result['seconds']:.1f} s "
+            f"({result['requests_per_s']:.2f} requests/s): {result['completed']} completed, {result['errors']} errors; "
+            f"{result['identical']} identical to the solo answers, {result['near_ties']} parted at a near tie, "
+            f"{result['mismatches']} differ"
+        )
         print(f"latency p50 {lat['p50']:.2f} s, p90 {lat['p90']:.2f} s, p99 {lat['p99']:.2f} s, max {lat['max']:.2f} s")
         for problem in result["first_failures"]:
             print(f"  {problem}")

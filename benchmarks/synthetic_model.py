@@ -73,8 +73,10 @@ def llama_config(source_config: dict):
     from transformers import LlamaConfig
 
     if source_config.get("vocab_size") != VOCAB_SIZE:
-        raise SystemExit(f"error: the tokenizer's model has vocab_size {source_config.get('vocab_size')}, "
-                         f"expected {VOCAB_SIZE} (SmolLM2's)")
+        raise SystemExit(
+            f"error: the tokenizer's model has vocab_size {source_config.get('vocab_size')}, "
+            f"expected {VOCAB_SIZE} (SmolLM2's)"
+        )
 
     return LlamaConfig(
         vocab_size=VOCAB_SIZE,
@@ -119,7 +121,8 @@ def write_bf16(out: Path, tokenizer: Path, seed: int) -> None:
 
 
 def block_linears(bf16: Path) -> dict[str, tuple[int, int]]:
-    """{full name: (out_features, in_features)} of every nn.Linear in the decoder blocks, as aaac-quantize finds them."""
+    """{full name: (out_features, in_features)} of every nn.Linear in the decoder blocks, as aaac-quantize
+    finds them."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
     with torch.device("meta"):
@@ -194,15 +197,22 @@ def build(out_dir: Path, tokenizer: Path, seed: int = 0, log=print) -> dict[str,
         else:
             write_quantized(folder, folders["bf16"], kind, seed)
         size = sum(f.stat().st_size for f in folder.glob("*.safetensors"))
-        log(f"synthetic model: wrote {folder} ({size / 2**30:.2f} GiB of tensors) in {time.perf_counter() - start:.0f} s")
+        log(
+            f"synthetic model: wrote {folder} ({size / 2**30:.2f} GiB of tensors) "
+            f"in {time.perf_counter() - start:.0f} s"
+        )
     return folders
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("out_dir", type=Path, help="writes OUT_DIR/bf16, OUT_DIR/aaac, OUT_DIR/awq")
-    parser.add_argument("--tokenizer", type=Path, default=ROOT / "artifacts" / "SmolLM2-135M-Instruct",
-                        help="model folder whose tokenizer files are copied (SmolLM2-135M-Instruct: vocabulary of 49152)")
+    parser.add_argument(
+        "--tokenizer",
+        type=Path,
+        default=ROOT / "artifacts" / "SmolLM2-135M-Instruct",
+        help="model folder whose tokenizer files are copied (SmolLM2-135M-Instruct: vocabulary of 49152)",
+    )
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
     build(args.out_dir, args.tokenizer, args.seed)

@@ -70,8 +70,14 @@ from aaac_vllm.memory import weight_bytes  # noqa: E402
 ENGINES = ("bf16", "awq", "aaac")
 LABELS = {"bf16": "bf16", "awq": "AWQ", "aaac": "AAAC"}
 ISA_FLAGS = ("avx2", "avx512f", "avx512_bf16", "amx_bf16")
-ENV_SHOWN = ("VLLM_CPU_KVCACHE_SPACE", "VLLM_CPU_OMP_THREADS_BIND", "AAAC_CPU_ISA", "AAAC_VERIFY_SHA256",
-             "VLLM_DISABLE_COMPILE_CACHE", "OMP_NUM_THREADS")
+ENV_SHOWN = (
+    "VLLM_CPU_KVCACHE_SPACE",
+    "VLLM_CPU_OMP_THREADS_BIND",
+    "AAAC_CPU_ISA",
+    "AAAC_VERIFY_SHA256",
+    "VLLM_DISABLE_COMPILE_CACHE",
+    "OMP_NUM_THREADS",
+)
 
 
 # ---- prompts and models ----------------------------------------------------------------------------
@@ -94,8 +100,18 @@ def parse_model(spec: str) -> tuple[str, str]:
 
 def quantize(bf16: Path, out: Path, method: str, args) -> None:
     """``aaac-quantize BF16 OUT --method METHOD --group-size G [--calib ...]`` in its own process."""
-    command = [sys.executable, "-m", "offline_quantize", str(bf16), str(out), "--method", method,
-               "--group-size", str(args.group_size), *(["--calib", *map(str, args.calib)] if args.calib else [])]
+    command = [
+        sys.executable,
+        "-m",
+        "offline_quantize",
+        str(bf16),
+        str(out),
+        "--method",
+        method,
+        "--group-size",
+        str(args.group_size),
+        *(["--calib", *map(str, args.calib)] if args.calib else []),
+    ]
     print(f"[bench] quantizing: {shlex.join(command)}", flush=True)
     start = time.perf_counter()
     subprocess.run(command, check=True)
@@ -115,7 +131,9 @@ def describe(folder: Path) -> str:
     report = folder / "quantization_report.json"
     if report.is_file():
         r = json.loads(report.read_text())
-        text += f"; aaac-quantize --method {r.get('method')} ({r['settings'].get('calibration_tokens')} calibration tokens)"
+        text += (
+            f"; aaac-quantize --method {r.get('method')} ({r['settings'].get('calibration_tokens')} calibration tokens)"
+        )
     elif (folder / "synthetic_model.json").is_file():
         text += "; random packed tensors (benchmarks/synthetic_model.py)"
     return text
@@ -131,7 +149,8 @@ def resolve_model(name: str, spec: str, args) -> tuple[dict[str, Path], list[str
         shape = synthetic_model.SHAPE
         about = [
             f"synthetic Llama-3.2-1B-shaped model, random weights: hidden {shape['hidden_size']}, intermediate "
-            f"{shape['intermediate_size']}, {shape['num_hidden_layers']} layers, {shape['num_attention_heads']} heads / "
+            f"{shape['intermediate_size']}, {shape['num_hidden_layers']} layers, "
+            f"{shape['num_attention_heads']} heads / "
             f"{shape['num_key_value_heads']} KV heads, head_dim {shape['head_dim']}, tied embeddings, "
             f"rope_theta {shape['rope_theta']:.0f}",
             f"tokenizer and vocabulary ({synthetic_model.VOCAB_SIZE}) are SmolLM2's, copied from {args.tokenizer}: "
@@ -205,8 +224,11 @@ def _wait_gone(pids: set[int], timeout: float = 60.0) -> None:
             pass
     _, alive = psutil.wait_procs(alive, timeout=timeout)
     if alive:
-        print(f"[bench] warning: engine processes {[p.pid for p in alive]} still alive {timeout:.0f} s after "
-              f"shutdown; killing them", flush=True)
+        print(
+            f"[bench] warning: engine processes {[p.pid for p in alive]} still alive {timeout:.0f} s after "
+            f"shutdown; killing them",
+            flush=True,
+        )
         for process in alive:
             try:
                 process.kill()
@@ -248,10 +270,15 @@ def measure(model: Path, batch: list[str], singles: list[str], warmup: list[str]
         info = llm.apply_model(vllm_cpu.worker_info)[0]
         return {
             "startup_s": startup,
-            "batch_prompts": len(batch), "batch_tokens": tokens, "batch_seconds": seconds, "batch_tok_s": tokens / seconds,
-            "single_tok_s": statistics.median(single), "single_runs_tok_s": single,
+            "batch_prompts": len(batch),
+            "batch_tokens": tokens,
+            "batch_seconds": seconds,
+            "batch_tok_s": tokens / seconds,
+            "single_tok_s": statistics.median(single),
+            "single_runs_tok_s": single,
             **memory,
-            "quantization": config.quantization, "dtype": str(config.dtype).removeprefix("torch."),
+            "quantization": config.quantization,
+            "dtype": str(config.dtype).removeprefix("torch."),
             **info,
             "sample": sample,
         }
@@ -293,7 +320,9 @@ def aaac_kernel_path() -> str:
 
 def _across(results: dict, key: str) -> list[str]:
     """The distinct values of ``key`` over every engine that reported it."""
-    return sorted({str(r[key]) for model in results.values() for r in model["engines"].values() if r.get(key) is not None})
+    return sorted(
+        {str(r[key]) for model in results.values() for r in model["engines"].values() if r.get(key) is not None}
+    )
 
 
 def header(args, prompts: dict, results: dict) -> list[str]:
@@ -347,7 +376,8 @@ def table(name: str, model: dict) -> list[str]:
             lines.append(
                 f"{LABELS[a] + '/' + LABELS[b]:10s} {_ratio(x['batch_tok_s'], y['batch_tok_s']):>12s} "
                 f"{_ratio(x['single_tok_s'], y['single_tok_s']):>15s} {_ratio(x['linear'], y['linear']):>11s} "
-                f"{_ratio(x['linear'] + x['other'], y['linear'] + y['other']):>9s} {_ratio(x['startup_s'], y['startup_s']):>8s}"
+                f"{_ratio(x['linear'] + x['other'], y['linear'] + y['other']):>9s} "
+                f"{_ratio(x['startup_s'], y['startup_s']):>8s}"
             )
     for engine, r in ok.items():
         lines.append(f"   {LABELS[engine]} sample: {r['sample'][:100]!r}")
@@ -358,42 +388,80 @@ def table(name: str, model: dict) -> list[str]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0], epilog=__doc__.split("\n\n", 2)[1],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--text", type=Path, required=True, help="held-out text: the first lines of its blank-line-separated blocks become prompts")
-    parser.add_argument("--model", type=parse_model, action="append", required=True, metavar="NAME=SPEC",
-                        help="NAME=BF16, NAME=BF16:AWQ:AAAC or NAME=synthetic; repeat for several models")
-    parser.add_argument("--workdir", type=Path, default=ROOT / "artifacts" / "bench",
-                        help="where missing checkpoints are made: WORKDIR/NAME/{awq,aaac} (and bf16 for synthetic)")
+    parser = argparse.ArgumentParser(
+        description=__doc__.splitlines()[0],
+        epilog=__doc__.split("\n\n", 2)[1],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument(
+        "--text",
+        type=Path,
+        required=True,
+        help="held-out text: the first lines of its blank-line-separated blocks become prompts",
+    )
+    parser.add_argument(
+        "--model",
+        type=parse_model,
+        action="append",
+        required=True,
+        metavar="NAME=SPEC",
+        help="NAME=BF16, NAME=BF16:AWQ:AAAC or NAME=synthetic; repeat for several models",
+    )
+    parser.add_argument(
+        "--workdir",
+        type=Path,
+        default=ROOT / "artifacts" / "bench",
+        help="where missing checkpoints are made: WORKDIR/NAME/{awq,aaac} (and bf16 for synthetic)",
+    )
     parser.add_argument("--engines", nargs="+", choices=ENGINES, default=list(ENGINES), help="default: all three")
     parser.add_argument("--batch", type=int, default=16, help="prompts in the batch measurement")
     parser.add_argument("--single-runs", type=int, default=3, help="one-prompt runs (median reported)")
     parser.add_argument("--max-tokens", type=int, default=64, help="output tokens per prompt")
-    parser.add_argument("--enforce-eager", action="store_true", help="skip torch.compile (default: vLLM's default mode)")
+    parser.add_argument(
+        "--enforce-eager", action="store_true", help="skip torch.compile (default: vLLM's default mode)"
+    )
     parser.add_argument("--group-size", type=int, default=64, help="for checkpoints made here (default 64)")
     parser.add_argument("--calib", type=Path, nargs="+", help="calibration text for aaac-quantize (default: its own)")
-    parser.add_argument("--tokenizer", type=Path, default=ROOT / "artifacts" / "SmolLM2-135M-Instruct",
-                        help="tokenizer of the synthetic model (SmolLM2-135M-Instruct)")
+    parser.add_argument(
+        "--tokenizer",
+        type=Path,
+        default=ROOT / "artifacts" / "SmolLM2-135M-Instruct",
+        help="tokenizer of the synthetic model (SmolLM2-135M-Instruct)",
+    )
     parser.add_argument("--json", type=Path, help="also write the raw numbers here")
     args = parser.parse_args()
     args.engines = [e for e in ENGINES if e in args.engines]
 
     texts = prompts_from(args.text, 2 * args.batch + args.single_runs)
-    prompts = {"batch": texts[:args.batch], "single": texts[args.batch:args.batch + args.single_runs],
-               "warmup": texts[args.batch + args.single_runs:]}
+    prompts = {
+        "batch": texts[: args.batch],
+        "single": texts[args.batch : args.batch + args.single_runs],
+        "warmup": texts[args.batch + args.single_runs :],
+    }
 
     results = {}
     for name, spec in args.model:  # make every checkpoint before the first engine starts
         folders, about = resolve_model(name, spec, args)
-        results[name] = {"spec": spec, "about": about, "folders": {e: str(folders[e]) for e in args.engines}, "engines": {}}
+        results[name] = {
+            "spec": spec,
+            "about": about,
+            "folders": {e: str(folders[e]) for e in args.engines},
+            "engines": {},
+        }
     for name, model in results.items():
         for engine in args.engines:
             folder = Path(model["folders"][engine])
             print(f"[bench] {name} {LABELS[engine]}: starting vLLM on {folder}", flush=True)
             try:
-                r = measure(folder, prompts["batch"], prompts["single"], prompts["warmup"], args.max_tokens, args.enforce_eager)
-                print(f"[bench] {name} {LABELS[engine]}: batch {r['batch_tok_s']:.1f} tok/s, single {r['single_tok_s']:.2f} "
-                      f"tok/s, start-up {r['startup_s']:.0f} s", flush=True)
+                r = measure(
+                    folder, prompts["batch"], prompts["single"], prompts["warmup"], args.max_tokens, args.enforce_eager
+                )
+                print(
+                    f"[bench] {name} {LABELS[engine]}: batch {r['batch_tok_s']:.1f} tok/s, "
+                    f"single {r['single_tok_s']:.2f} "
+                    f"tok/s, start-up {r['startup_s']:.0f} s",
+                    flush=True,
+                )
             except Exception as error:
                 traceback.print_exc()
                 r = {"error": f"{type(error).__name__}: {error}".splitlines()[0][:300]}

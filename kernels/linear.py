@@ -32,4 +32,3 @@ def _(x, qweight, scales, codebooks, part_sizes, bias):
 def cpu_kernel_path() -> str:
     """What aaac::linear runs on CPU: a path of the C++ kernels (``amx_bf16``, ``avx2``, ...) or ``torch``."""
     return native.isa() if native is not None else cpu.TORCH_PATH
-

@@ -18,7 +18,6 @@ import triton
 import triton.language as tl
 
 
-
 class TileConfig(NamedTuple):
     block_m: int
     block_n: int
@@ -48,11 +47,24 @@ _MIN_K_TILES_PER_SPLIT = 2
 
 @triton.jit
 def _gemm_kernel(
-    x_ptr, w_ptr, s_ptr, lut_ptr, out_ptr,
-    M, N, K, stride_xm,
-    GROUP_SIZE: tl.constexpr, PART_STARTS: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    SPLIT_K: tl.constexpr, GROUP_M: tl.constexpr, EVEN_K: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    x_ptr,
+    w_ptr,
+    s_ptr,
+    lut_ptr,
+    out_ptr,
+    M,
+    N,
+    K,
+    stride_xm,
+    GROUP_SIZE: tl.constexpr,
+    PART_STARTS: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    SPLIT_K: tl.constexpr,
+    GROUP_M: tl.constexpr,
+    EVEN_K: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
 ):
     pid = tl.program_id(0)
     pid_k = tl.program_id(1)
@@ -94,7 +106,9 @@ def _gemm_kernel(
             group = (tile * BLOCK_K) // GROUP_SIZE
             bits = tl.load(s_ptr + offs_n * (K // GROUP_SIZE) + group, mask=mask_n, other=0)[:, None]
         else:  # groups narrower than the tile: the 8 weights of a word share a group
-            bits = tl.load(s_ptr + offs_n[:, None] * (K // GROUP_SIZE) + (word * 8 // GROUP_SIZE)[None, :], mask=mask_w, other=0)
+            bits = tl.load(
+                s_ptr + offs_n[:, None] * (K // GROUP_SIZE) + (word * 8 // GROUP_SIZE)[None, :], mask=mask_w, other=0
+            )
         # The codebook is bit 15 of the scale (a -0.0 scale selects C1 too); bits 0-14 are |scale|.
         codebook = ((bits >> 15) & 1).to(tl.int32) * 16
         magnitude = (bits & 0x7FFF).to(tl.float16, bitcast=True).to(tl.float32)
@@ -113,9 +127,16 @@ def _gemm_kernel(
 
 @triton.jit
 def _dequant_kernel(
-    w_ptr, s_ptr, lut_ptr, out_ptr,
-    N, K,
-    GROUP_SIZE: tl.constexpr, PART_STARTS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    w_ptr,
+    s_ptr,
+    lut_ptr,
+    out_ptr,
+    N,
+    K,
+    GROUP_SIZE: tl.constexpr,
+    PART_STARTS: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
 ):
     offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_k = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
@@ -127,7 +148,9 @@ def _dequant_kernel(
     for i in tl.static_range(len(PART_STARTS)):
         part += (offs_n >= PART_STARTS[i]).to(tl.int32)
 
-    words = tl.load(w_ptr + offs_n[:, None] * (K // 8) + offs_w[None, :], mask=mask_n[:, None] & (offs_w < K // 8)[None, :], other=0)
+    words = tl.load(
+        w_ptr + offs_n[:, None] * (K // 8) + offs_w[None, :], mask=mask_n[:, None] & (offs_w < K // 8)[None, :], other=0
+    )
     words = tl.interleave(words, words)
     words = tl.interleave(words, words)
     words = tl.interleave(words, words)
@@ -137,7 +160,9 @@ def _dequant_kernel(
     table = part[:, None] * 1024 + ((bits >> 15) & 1).to(tl.int32) * 512
     magnitude = (bits & 0x7FFF).to(tl.float16, bitcast=True).to(tl.float32)
     entry = tl.load(lut_ptr + table + 2 * index)
-    tl.store(out_ptr + offs_n[:, None] * K + offs_k[None, :], (entry * magnitude).to(out_ptr.dtype.element_ty), mask=mask)
+    tl.store(
+        out_ptr + offs_n[:, None] * K + offs_k[None, :], (entry * magnitude).to(out_ptr.dtype.element_ty), mask=mask
+    )
 
 
 def _part_starts(part_sizes: list[int]) -> tuple[int, ...]:
@@ -179,15 +204,30 @@ def gemm(
     if not split_k:
         programs = _PROGRAMS_PER_SM * (_sm_count(x.device) if x.is_cuda else 1)
         split_k = max(1, min(triton.cdiv(programs, grid_mn), k_tiles // _MIN_K_TILES_PER_SPLIT))
-    out = torch.empty((split_k, m, n) if split_k > 1 else (m, n), dtype=torch.float32 if split_k > 1 else x.dtype, device=x.device)
+    out = torch.empty(
+        (split_k, m, n) if split_k > 1 else (m, n), dtype=torch.float32 if split_k > 1 else x.dtype, device=x.device
+    )
     _gemm_kernel[(grid_mn, split_k)](
-        x, qbytes.view(torch.int32), scales.view(torch.int16), lut, out,
-        m, n, k, x.stride(0),
-        GROUP_SIZE=k // scales.shape[1], PART_STARTS=_part_starts(part_sizes),
-        BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_K=config.block_k,
-        SPLIT_K=split_k, GROUP_M=config.group_m, EVEN_K=k % config.block_k == 0,
+        x,
+        qbytes.view(torch.int32),
+        scales.view(torch.int16),
+        lut,
+        out,
+        m,
+        n,
+        k,
+        x.stride(0),
+        GROUP_SIZE=k // scales.shape[1],
+        PART_STARTS=_part_starts(part_sizes),
+        BLOCK_M=config.block_m,
+        BLOCK_N=config.block_n,
+        BLOCK_K=config.block_k,
+        SPLIT_K=split_k,
+        GROUP_M=config.group_m,
+        EVEN_K=k % config.block_k == 0,
         DOT_PRECISION="ieee" if x.dtype == torch.float32 else "tf32",
-        num_warps=config.num_warps, num_stages=config.num_stages,
+        num_warps=config.num_warps,
+        num_stages=config.num_stages,
     )
     # A separate sum keeps the result deterministic, unlike atomic adds of the partial tiles.
     return out.sum(0).to(x.dtype) if split_k > 1 else out
@@ -200,10 +240,16 @@ def dequantize(
     n, k = qbytes.shape[0], 2 * qbytes.shape[1]
     out = torch.empty((n, k), dtype=dtype, device=qbytes.device)
     _dequant_kernel[(triton.cdiv(n, DEQUANT_BLOCK_N), triton.cdiv(k, DEQUANT_BLOCK_K))](
-        qbytes.view(torch.int32), scales.view(torch.int16), lut, out,
-        n, k,
-        GROUP_SIZE=k // scales.shape[1], PART_STARTS=_part_starts(part_sizes),
-        BLOCK_N=DEQUANT_BLOCK_N, BLOCK_K=DEQUANT_BLOCK_K,
+        qbytes.view(torch.int32),
+        scales.view(torch.int16),
+        lut,
+        out,
+        n,
+        k,
+        GROUP_SIZE=k // scales.shape[1],
+        PART_STARTS=_part_starts(part_sizes),
+        BLOCK_N=DEQUANT_BLOCK_N,
+        BLOCK_K=DEQUANT_BLOCK_K,
     )
     return out
 

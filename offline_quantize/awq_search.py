@@ -40,13 +40,23 @@ class ScalingGroup:
 
 def scaling_groups(block: nn.Module, index: int) -> list[ScalingGroup]:
     """The foldable (previous op, linears) pairs of a Llama-style decoder block."""
-    names = ("input_layernorm", "self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
-             "post_attention_layernorm", "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
+    names = (
+        "input_layernorm",
+        "self_attn.q_proj",
+        "self_attn.k_proj",
+        "self_attn.v_proj",
+        "self_attn.o_proj",
+        "post_attention_layernorm",
+        "mlp.gate_proj",
+        "mlp.up_proj",
+        "mlp.down_proj",
+    )
     modules = dict(block.named_modules())
     missing = [name for name in names if name not in modules]
     if missing:
         raise AAACError(
-            f"AWQ scaling knows Llama-style blocks ({', '.join(names)}); block {index} of this model has no {missing[0]}"
+            f"AWQ scaling knows Llama-style blocks ({', '.join(names)}); "
+            f"block {index} of this model has no {missing[0]}"
         )
     for norm in ("input_layernorm", "post_attention_layernorm"):
         if "Gemma" in type(modules[norm]).__name__:  # Gemma's norm multiplies by (1 + weight): dividing weight is wrong
@@ -71,7 +81,9 @@ def search_scale(
         alpha = step / SCALE_STEPS
         s = mean_abs.pow(alpha).clamp_min(1e-4)
         s = s / (s.max() * s.min()).sqrt()
-        error = sum(output_error(w, rtn_dequantized(w * s, group_size, grid.symmetric) / s, second_moment) for w in weights).item()
+        error = sum(
+            output_error(w, rtn_dequantized(w * s, group_size, grid.symmetric) / s, second_moment) for w in weights
+        ).item()
         if error < best[0]:
             best = (error, s, alpha)
     return best[1], best[2]
@@ -85,7 +97,12 @@ def search_clip(weight: torch.Tensor, second_moment: torch.Tensor, group_size: i
     n, k = weight.shape
     groups = k // group_size
     w = weight.reshape(n, groups, group_size)
-    blocks = torch.stack([second_moment[g * group_size : (g + 1) * group_size, g * group_size : (g + 1) * group_size] for g in range(groups)])
+    blocks = torch.stack(
+        [
+            second_moment[g * group_size : (g + 1) * group_size, g * group_size : (g + 1) * group_size]
+            for g in range(groups)
+        ]
+    )
     absmax = w.abs().amax(-1, keepdim=True)
     best_error = torch.full((n, groups), float("inf"), device=w.device)
     best_max = absmax.clone()
@@ -116,8 +133,9 @@ def fold(group: ScalingGroup, linears: dict[str, nn.Linear], s: torch.Tensor) ->
         linears[name].weight.mul_(s)
 
 
-def scale_block(block: nn.Module, index: int, linears: dict[str, nn.Linear], stats: dict[str, LinearStatistics],
-                group_size: int) -> dict[str, dict]:
+def scale_block(
+    block: nn.Module, index: int, linears: dict[str, nn.Linear], stats: dict[str, LinearStatistics], group_size: int
+) -> dict[str, dict]:
     """AWQ channel scaling of one block, in place: weights, the previous operations, and the statistics.
 
     Returns {previous operation's name: {"alpha": searched alpha, "linears": the linears it feeds}}.

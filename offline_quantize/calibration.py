@@ -20,7 +20,9 @@ def read_texts(files: list[Path]) -> list[str]:
             raise AAACError(f"calibration file {file} does not exist")
         builder = _BUILDERS.get(file.suffix.lower())
         if builder is None:
-            raise AAACError(f"calibration file {file}: unsupported type '{file.suffix}' (use .txt, .jsonl, .json or .parquet)")
+            raise AAACError(
+                f"calibration file {file}: unsupported type '{file.suffix}' (use .txt, .jsonl, .json or .parquet)"
+            )
         by_builder.setdefault(builder, []).append(str(file))
     texts = []
     for builder, paths in by_builder.items():
@@ -29,9 +31,13 @@ def read_texts(files: list[Path]) -> list[str]:
             dataset = load_dataset(builder, data_files=paths, split="train", **extra)
         except Exception as exc:  # datasets wraps the reader's error; its cause says what is wrong
             cause = exc.__cause__ or exc
-            raise AAACError(f"calibration files {', '.join(paths)}: cannot read ({type(cause).__name__}: {cause})") from None
+            raise AAACError(
+                f"calibration files {', '.join(paths)}: cannot read ({type(cause).__name__}: {cause})"
+            ) from None
         if "text" not in dataset.column_names:
-            raise AAACError(f"calibration files {', '.join(paths)} have no 'text' column (columns: {dataset.column_names})")
+            raise AAACError(
+                f"calibration files {', '.join(paths)} have no 'text' column (columns: {dataset.column_names})"
+            )
         texts.extend(t for t in dataset["text"] if t and t.strip())
     return texts
 

@@ -43,7 +43,9 @@ def quantize_parser() -> argparse.ArgumentParser:
         f"{', '.join(m.name for m in METHODS.values() if m.format == f)} write the {f} format ({served})"
         for f, served in FORMATS.items()
     )
-    p = argparse.ArgumentParser(prog="aaac-quantize", description="Quantize a Hugging Face causal LM to 4 bits (AAAC by default).")
+    p = argparse.ArgumentParser(
+        prog="aaac-quantize", description="Quantize a Hugging Face causal LM to 4 bits (AAAC by default)."
+    )
     p.add_argument("source", type=Path, help="local HF model folder (config.json + safetensors)")
     p.add_argument("output", type=Path, help="folder to write the checkpoint to")
     p.add_argument("--method", choices=list(METHODS), default="aaac", help=f"default aaac; {formats}")
@@ -51,16 +53,25 @@ def quantize_parser() -> argparse.ArgumentParser:
         for flag in method.flags:
             p.add_argument(f"--{flag.name}", action="store_true", help=f"{method.name} only: {flag.help}")
     p.add_argument("--group-size", type=_group_size, default=128, help="input channels per scale (default 128)")
-    p.add_argument("--calib", type=Path, nargs="+", default=None, metavar="FILE",
-                   help="calibration text: .txt, .jsonl/.json or .parquet with a 'text' column "
-                        "(default: the calibration part of the bundled BBC News corpus)")
+    p.add_argument(
+        "--calib",
+        type=Path,
+        nargs="+",
+        default=None,
+        metavar="FILE",
+        help="calibration text: .txt, .jsonl/.json or .parquet with a 'text' column "
+        "(default: the calibration part of the bundled BBC News corpus)",
+    )
     p.add_argument("--nsamples", type=_positive, default=128, help="calibration windows (default 128)")
     p.add_argument("--seqlen", type=_positive, default=512, help="tokens per calibration window (default 512)")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto", help="where blocks are computed")
     p.add_argument("--seed", type=int, default=0, help="seed for window choice and codebook initialisation")
     p.add_argument("--overwrite", action="store_true", help="replace OUTPUT if it exists")
-    p.add_argument("--resume", action="store_true",
-                   help="continue an interrupted run (same source and options) from its last finished block")
+    p.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue an interrupted run (same source and options) from its last finished block",
+    )
     return p
 
 
@@ -76,8 +87,13 @@ def _quantize(argv) -> None:
     method = MethodOptions(args.method, flags)
     method.check()
     settings = Settings(
-        group_size=args.group_size, nsamples=args.nsamples, seqlen=args.seqlen,
-        device=args.device, seed=args.seed, calib=args.calib or [default_calibration()], method=method,
+        group_size=args.group_size,
+        nsamples=args.nsamples,
+        seqlen=args.seqlen,
+        device=args.device,
+        seed=args.seed,
+        calib=args.calib or [default_calibration()],
+        method=method,
     )
     try:
         report = quantize_model(args.source, args.output, settings, overwrite=args.overwrite, resume=args.resume)
@@ -88,13 +104,19 @@ def _quantize(argv) -> None:
     s = report["summary"]
     src_mb = sum(f.stat().st_size for f in args.source.glob("*.safetensors")) / 2**20
     out_mb = sum(f.stat().st_size for f in args.output.glob("*.safetensors")) / 2**20
-    share = "" if s["mean_codebook1_share"] is None else f"; {100 * s['mean_codebook1_share']:.0f}% of groups use codebook 1"
+    share = (
+        ""
+        if s["mean_codebook1_share"] is None
+        else f"; {100 * s['mean_codebook1_share']:.0f}% of groups use codebook 1"
+    )
     print(
         f"{method.label} checkpoint ({report['format']} format) written to {args.output}\n"
-        f"  {s['layers']} linear layers, group size {args.group_size}, {report['seconds']:.1f} s on {report['device']}\n"
+        f"  {s['layers']} linear layers, group size {args.group_size}, "
+        f"{report['seconds']:.1f} s on {report['device']}\n"
         f"  weighted error {s['mean_weighted_error']:.5f} (round-to-nearest INT4: {s['mean_rtn_weighted_error']:.5f}, "
         f"ratio {s['mean_weighted_error'] / s['mean_rtn_weighted_error']:.2f}){share}\n"
-        f"  weights {src_mb:.1f} MiB -> {out_mb:.1f} MiB; peak host memory {report['memory']['host_peak_rss_mib']:.0f} MiB\n"
+        f"  weights {src_mb:.1f} MiB -> {out_mb:.1f} MiB; "
+        f"peak host memory {report['memory']['host_peak_rss_mib']:.0f} MiB\n"
         f"  report: {args.output / 'quantization_report.json'}"
     )
 
@@ -107,9 +129,16 @@ def eval_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="aaac-eval", description="Perplexity of plain, AAAC or AWQ-format checkpoints on text files."
     )
-    p.add_argument("models", type=Path, nargs="+", metavar="MODEL",
-                   help="HF model folders: plain, AAAC, or AWQ format (as aaac-quantize writes them), evaluated in turn")
-    p.add_argument("--text", type=Path, nargs="+", required=True, metavar="FILE", help="text files, joined with blank lines")
+    p.add_argument(
+        "models",
+        type=Path,
+        nargs="+",
+        metavar="MODEL",
+        help="HF model folders: plain, AAAC, or AWQ format (as aaac-quantize writes them), evaluated in turn",
+    )
+    p.add_argument(
+        "--text", type=Path, nargs="+", required=True, metavar="FILE", help="text files, joined with blank lines"
+    )
     p.add_argument("--seqlen", type=_positive, default=2048, help="tokens per non-overlapping window (default 2048)")
     p.add_argument("--max-tokens", type=_positive, default=None, help="evaluate at most this many tokens")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
@@ -151,10 +180,14 @@ def _eval_one(model_dir: Path, text: str, args, device: str, dtype) -> None:
     start = time.perf_counter()
     ppl, tokens = perplexity(model, tokenizer, text, args.seqlen, args.max_tokens)
     seconds = time.perf_counter() - start
-    print(f"{model_dir}: perplexity {ppl:.3f} over {tokens} tokens ({args.seqlen}-token windows, {seconds:.1f} s)",
-          flush=True)
+    print(
+        f"{model_dir}: perplexity {ppl:.3f} over {tokens} tokens ({args.seqlen}-token windows, {seconds:.1f} s)",
+        flush=True,
+    )
     if args.json:
-        print(json.dumps({"model": str(model_dir), "perplexity": ppl, "tokens": tokens, "seconds": seconds}), flush=True)
+        print(
+            json.dumps({"model": str(model_dir), "perplexity": ppl, "tokens": tokens, "seconds": seconds}), flush=True
+        )
 
 
 def eval_main(argv=None) -> int:
@@ -174,14 +207,26 @@ def compare_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="aaac-compare",
         description="Quantize one model with every method and evaluate them side by side "
-                    "(writes results.json, results.md and results.png into WORKDIR).",
+        "(writes results.json, results.md and results.png into WORKDIR).",
     )
     p.add_argument("source", type=Path, help="local HF model folder (config.json + safetensors)")
     p.add_argument("workdir", type=Path, help="folder for the checkpoints (one per method) and the results")
-    p.add_argument("--text", type=_named_file, nargs="+", required=True, metavar="NAME=FILE",
-                   help="held-out texts to evaluate on, e.g. bbc=bbc-eval.txt pydoc=pydoc-topics.txt")
-    p.add_argument("--methods", nargs="+", choices=list(VARIANTS), default=list(VARIANTS), metavar="METHOD",
-                   help=f"variants to run, in order (default: all of {', '.join(VARIANTS)})")
+    p.add_argument(
+        "--text",
+        type=_named_file,
+        nargs="+",
+        required=True,
+        metavar="NAME=FILE",
+        help="held-out texts to evaluate on, e.g. bbc=bbc-eval.txt pydoc=pydoc-topics.txt",
+    )
+    p.add_argument(
+        "--methods",
+        nargs="+",
+        choices=list(VARIANTS),
+        default=list(VARIANTS),
+        metavar="METHOD",
+        help=f"variants to run, in order (default: all of {', '.join(VARIANTS)})",
+    )
     p.add_argument("--group-size", type=_group_size, default=128, help="input channels per scale (default 128)")
     p.add_argument("--calib", type=Path, nargs="+", default=None, metavar="FILE", help="as for aaac-quantize")
     p.add_argument("--nsamples", type=_positive, default=128, help="calibration windows (default 128)")
@@ -190,8 +235,11 @@ def compare_parser() -> argparse.ArgumentParser:
     p.add_argument("--eval-seqlen", type=_positive, default=2048, help="tokens per evaluation window (default 2048)")
     p.add_argument("--max-tokens", type=_positive, default=None, help="evaluate at most this many tokens per text")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto", help="for quantizing and evaluating")
-    p.add_argument("--reuse", action="store_true",
-                   help="reuse checkpoints already in WORKDIR (their quantization reports give time and memory)")
+    p.add_argument(
+        "--reuse",
+        action="store_true",
+        help="reuse checkpoints already in WORKDIR (their quantization reports give time and memory)",
+    )
     return p
 
 
@@ -202,11 +250,31 @@ def _compare(argv) -> None:
     texts = dict(args.text)
     if len(texts) != len(args.text):
         raise AAACError("--text: two texts have the same name")
-    options = ["--group-size", str(args.group_size), "--nsamples", str(args.nsamples), "--seqlen", str(args.seqlen),
-               "--seed", str(args.seed), "--device", args.device]
+    options = [
+        "--group-size",
+        str(args.group_size),
+        "--nsamples",
+        str(args.nsamples),
+        "--seqlen",
+        str(args.seqlen),
+        "--seed",
+        str(args.seed),
+        "--device",
+        args.device,
+    ]
     if args.calib:
         options += ["--calib", *map(str, args.calib)]
-    run(args.source, args.workdir, texts, args.methods, options, args.eval_seqlen, args.max_tokens, args.device, args.reuse)
+    run(
+        args.source,
+        args.workdir,
+        texts,
+        args.methods,
+        options,
+        args.eval_seqlen,
+        args.max_tokens,
+        args.device,
+        args.reuse,
+    )
     print((args.workdir / "results.md").read_text())
     print(f"results: {args.workdir / 'results.json'}, {args.workdir / 'results.md'}, {args.workdir / 'results.png'}")
 

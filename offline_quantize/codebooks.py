@@ -29,9 +29,22 @@ class CodebookOptions:
 
 # QLoRA's NormalFloat4: the quantiles of N(0, 1) scaled to [-1, 1], with an exact 0 (bitsandbytes' table).
 NF4 = (
-    -1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453, -0.28444138169288635,
-    -0.18477343022823334, -0.09105003625154495, 0.0, 0.07958029955625534, 0.16093020141124725,
-    0.24611230194568634, 0.33791524171829224, 0.44070982933044434, 0.5626170039176941, 0.7229568362236023, 1.0,
+    -1.0,
+    -0.6961928009986877,
+    -0.5250730514526367,
+    -0.39491748809814453,
+    -0.28444138169288635,
+    -0.18477343022823334,
+    -0.09105003625154495,
+    0.0,
+    0.07958029955625534,
+    0.16093020141124725,
+    0.24611230194568634,
+    0.33791524171829224,
+    0.44070982933044434,
+    0.5626170039176941,
+    0.7229568362236023,
+    1.0,
 )
 
 
@@ -192,7 +205,9 @@ def quantize_layer(
 
     absmax = w.abs().amax(dim=-1, keepdim=True)
     scale = absmax
-    codebooks = _initial_codebooks(_normalize(w, scale), group_mean_square * scale * scale, generator, options.init_samples)
+    codebooks = _initial_codebooks(
+        _normalize(w, scale), group_mean_square * scale * scale, generator, options.init_samples
+    )
     codebooks = _lloyd(w, group_mean_square, scale, codebooks, options, generator)
     for _ in range(options.refine_rounds):
         scale = _search_scales(w, group_mean_square, absmax, codebooks, options)
@@ -256,4 +271,3 @@ class CodebookGrid:
 def nf4_grid() -> CodebookGrid:
     table = torch.tensor(NF4).half()
     return CodebookGrid(torch.stack([table, table]))
-

@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 
 from aaac_kernels.format.errors import AAACError
+
 from .evaluate import evaluation_device, perplexity
 from .methods import compared_variants
 from .methods.registry import FORMATS
@@ -41,8 +42,17 @@ def quantize_variant(label: str, source: Path, output: Path, options: list[str],
     return json.loads(report_file.read_text())
 
 
-def run(source: Path, workdir: Path, texts: dict[str, Path], labels: list[str], quantize_options: list[str],
-        seqlen: int, max_tokens: int | None, device: str, reuse: bool) -> dict:
+def run(
+    source: Path,
+    workdir: Path,
+    texts: dict[str, Path],
+    labels: list[str],
+    quantize_options: list[str],
+    seqlen: int,
+    max_tokens: int | None,
+    device: str,
+    reuse: bool,
+) -> dict:
     """Quantize and evaluate every variant in ``labels``; returns the results and writes the three files."""
     from transformers import AutoTokenizer
 
@@ -69,7 +79,9 @@ def run(source: Path, workdir: Path, texts: dict[str, Path], labels: list[str], 
         report = quantize_variant(label, source, folders[label], [*options, *quantize_options], reuse)
         summary = report["summary"]
         methods[label] = {
-            "format": report["format"], "quantize_seconds": report["seconds"], "device": report["device"],
+            "format": report["format"],
+            "quantize_seconds": report["seconds"],
+            "device": report["device"],
             "peak_host_rss_mib": report["memory"]["host_peak_rss_mib"],
             "peak_device_mib": report["memory"].get("device_peak_allocated_mib"),
             "mean_weighted_error": summary["mean_weighted_error"],
@@ -86,8 +98,10 @@ def run(source: Path, workdir: Path, texts: dict[str, Path], labels: list[str], 
         for name, text in contents.items():
             start = time.perf_counter()
             entry["perplexity"][name], token_counts[name] = perplexity(model, tokenizer, text, seqlen, max_tokens)
-            print(f"[{label}] {name}: perplexity {entry['perplexity'][name]:.3f} "
-                  f"({time.perf_counter() - start:.0f} s)", flush=True)
+            print(
+                f"[{label}] {name}: perplexity {entry['perplexity'][name]:.3f} ({time.perf_counter() - start:.0f} s)",
+                flush=True,
+            )
         del model
 
     _add_gaps(methods)
@@ -114,7 +128,9 @@ def _add_gaps(methods: dict[str, dict]) -> None:
     if YARDSTICK in methods:
         yard = methods[YARDSTICK]["gap"]
         for entry in methods.values():
-            entry["gap_vs_rtn"] = {name: gap / yard[name] if yard[name] > 0 else None for name, gap in entry["gap"].items()}
+            entry["gap_vs_rtn"] = {
+                name: gap / yard[name] if yard[name] > 0 else None for name, gap in entry["gap"].items()
+            }
 
 
 def _machine() -> dict:
@@ -145,8 +161,11 @@ def markdown(results: dict) -> str:
             row += [f"{entry['perplexity'][name]:.3f}", "" if ratio is None or label == BASELINE else f"{ratio:.2f}"]
         rss = entry.get("peak_host_rss_mib")
         served = FORMATS.get(entry["format"], "")
-        row += [f"{entry['quantize_seconds']:.0f}" if label != BASELINE else "",
-                f"{rss:.0f}" if rss else "", f"{entry['format']} ({served})" if served else entry["format"]]
+        row += [
+            f"{entry['quantize_seconds']:.0f}" if label != BASELINE else "",
+            f"{rss:.0f}" if rss else "",
+            f"{entry['format']} ({served})" if served else entry["format"],
+        ]
         lines.append("| " + " | ".join(row) + " |")
     tokens = ", ".join(f"{name}: {info['tokens']} tokens" for name, info in results["texts"].items())
     lines.append("")

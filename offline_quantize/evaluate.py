@@ -19,14 +19,18 @@ def evaluation_device(name: str) -> tuple[str, torch.dtype]:
 
 
 @torch.no_grad()
-def perplexity(model: nn.Module, tokenizer, text: str, seqlen: int = 2048, max_tokens: int | None = None) -> tuple[float, int]:
+def perplexity(
+    model: nn.Module, tokenizer, text: str, seqlen: int = 2048, max_tokens: int | None = None
+) -> tuple[float, int]:
     """exp(mean NLL) over every token predicted inside ``seqlen`` windows; returns (perplexity, tokens predicted)."""
     ids = tokenizer(text, return_tensors="pt", add_special_tokens=False).input_ids[0]
     if max_tokens is not None:
         ids = ids[:max_tokens]
     windows = len(ids) // seqlen
     if windows == 0:
-        raise AAACError(f"the text has {len(ids)} tokens, fewer than one window of {seqlen}; lower --seqlen or add text")
+        raise AAACError(
+            f"the text has {len(ids)} tokens, fewer than one window of {seqlen}; lower --seqlen or add text"
+        )
     device = next(model.parameters()).device
     nll, count = 0.0, 0
     for w in range(windows):

@@ -101,7 +101,9 @@ def gptq(
     return codes[:, inverse], static, values[:, inverse]
 
 
-def _columns(w, hinv, mean_square, perm, static, fitted, codes, values, grid: Grid, group_size: int, block_size: int) -> None:
+def _columns(
+    w, hinv, mean_square, perm, static, fitted, codes, values, grid: Grid, group_size: int, block_size: int
+) -> None:
     """The GPTQ sweep, in place: round every column of ``w`` (permuted order) and spread its error."""
     k = w.shape[1]
     for i1 in range(0, k, block_size):
@@ -114,7 +116,10 @@ def _columns(w, hinv, mean_square, perm, static, fitted, codes, values, grid: Gr
                 params = tuple(p[:, column // group_size] for p in static)
             else:
                 if (i1 + i) % group_size == 0:
-                    params = grid.fit(w1[:, i : i + group_size].unsqueeze(1), mean_square[perm[i1 + i : i1 + i + group_size]].unsqueeze(0))
+                    params = grid.fit(
+                        w1[:, i : i + group_size].unsqueeze(1),
+                        mean_square[perm[i1 + i : i1 + i + group_size]].unsqueeze(0),
+                    )
                     params = tuple(p.squeeze(1) for p in params)
                     fitted.append(params)
             q, v = grid.quantize(w1[:, i : i + 1], params)

@@ -123,7 +123,11 @@ def quantize_model(
 
 
 def quantize_block(
-    model: nn.Module, index: int, inputs: BlockInputs, settings: Settings, device: torch.device,
+    model: nn.Module,
+    index: int,
+    inputs: BlockInputs,
+    settings: Settings,
+    device: torch.device,
     compute_dtype: torch.dtype,
 ) -> tuple[dict[str, torch.Tensor], dict[str, dict]]:
     """Statistics -> channel scaling -> quantization of block ``index``; ``inputs.hidden`` becomes its outputs.
@@ -141,7 +145,8 @@ def quantize_block(
         inputs.feed(block)
     stats = {name: acc.result() for name, acc in accumulators.items()}
     rtn_errors = {  # on the unscaled weights, before AWQ scaling changes them
-        name: rtn_reference_error(m.weight.data, stats[name].mean_square, settings.group_size) for name, m in linears.items()
+        name: rtn_reference_error(m.weight.data, stats[name].mean_square, settings.group_size)
+        for name, m in linears.items()
     }
     tensors: dict[str, torch.Tensor] = {}
     layers: dict[str, dict] = {}
@@ -153,7 +158,9 @@ def quantize_block(
                 tensors[f"{prefix}.{previous}.weight"] = module.weight.data.to(model_dtype).cpu()
             layers[f"{prefix}.{previous}"] = {"awq_alpha": record["alpha"], "scales": record["linears"]}
     for j, (name, module) in enumerate(linears.items()):
-        options = LayerOptions(name, settings.group_size, method.flags, settings.codebooks, settings.seed + 1000 * index + j)
+        options = LayerOptions(
+            name, settings.group_size, method.flags, settings.codebooks, settings.seed + 1000 * index + j
+        )
         weight = module.weight.data.float()
         result = method.handler.quantize(weight, stats[name], options)
         tensors.update({f"{prefix}.{name}.{suffix}": t.cpu() for suffix, t in result.tensors.items()})
@@ -172,8 +179,13 @@ def quantize_block(
 
 
 def write_checkpoint(
-    source_dir: Path, staging: Path, config: dict, model: nn.Module, linears: dict[str, nn.Linear],
-    progress: Progress, settings: Settings,
+    source_dir: Path,
+    staging: Path,
+    config: dict,
+    model: nn.Module,
+    linears: dict[str, nn.Linear],
+    progress: Progress,
+    settings: Settings,
 ) -> list[str]:
     """Shards (every block's tensors, then every source tensor not replaced, bit for bit), manifest, config
     and side files into ``staging``; returns the shard names."""
@@ -237,7 +249,11 @@ def _check_model(model: nn.Module, source_dir: Path, group_size: int) -> dict[st
 
 
 def _first_block_inputs(
-    model: nn.Module, blocks: nn.ModuleList, windows: torch.Tensor, batch_size: int, device: torch.device,
+    model: nn.Module,
+    blocks: nn.ModuleList,
+    windows: torch.Tensor,
+    batch_size: int,
+    device: torch.device,
     dtype: torch.dtype,
 ) -> BlockInputs:
     calls = capture_block_inputs(model, blocks, windows, batch_size)

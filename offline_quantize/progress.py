@@ -56,12 +56,22 @@ class Progress:
                 f"the interrupted run in {self.folder.parent} used another {', '.join(changed)}; "
                 "rerun with the same options, or without --resume to start over"
             )
-        self.blocks_done, self.layers, self.block_seconds = state["blocks_done"], state["layers"], state["block_seconds"]
+        self.blocks_done, self.layers, self.block_seconds = (
+            state["blocks_done"],
+            state["layers"],
+            state["block_seconds"],
+        )
         self.resumed_from = self.blocks_done
         return self.blocks_done
 
-    def commit(self, block: int, tensors: dict[str, torch.Tensor], layers: dict[str, dict], seconds: float,
-               inputs: list[torch.Tensor]) -> None:
+    def commit(
+        self,
+        block: int,
+        tensors: dict[str, torch.Tensor],
+        layers: dict[str, dict],
+        seconds: float,
+        inputs: list[torch.Tensor],
+    ) -> None:
         """Record block ``block`` as finished, with the inputs of the next block."""
         self.folder.mkdir(exist_ok=True)
         _save(tensors, self.block_file(block))
@@ -69,8 +79,12 @@ class Progress:
         self.blocks_done = block + 1
         self.layers.update(layers)
         self.block_seconds.append(seconds)
-        state = {"fingerprint": self.fingerprint, "blocks_done": self.blocks_done, "layers": self.layers,
-                 "block_seconds": self.block_seconds}
+        state = {
+            "fingerprint": self.fingerprint,
+            "blocks_done": self.blocks_done,
+            "layers": self.layers,
+            "block_seconds": self.block_seconds,
+        }
         _replace(self.folder / _STATE, lambda tmp: tmp.write_text(json.dumps(state) + "\n"))
 
     def inputs(self, device: torch.device) -> list[torch.Tensor]:

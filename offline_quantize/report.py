@@ -14,8 +14,14 @@ REPORT_FILE = "quantization_report.json"
 
 
 def write_report(
-    folder: Path, source_dir: Path, settings, device: torch.device, progress: Progress, shards: list[str],
-    start: float, windows: torch.Tensor,
+    folder: Path,
+    source_dir: Path,
+    settings,
+    device: torch.device,
+    progress: Progress,
+    shards: list[str],
+    start: float,
+    windows: torch.Tensor,
 ) -> dict:
     """Write the run's report into ``folder`` and return it; ``settings`` is the run's ``pipeline.Settings``."""
     import transformers

@@ -22,7 +22,10 @@ def check_source(path: Path) -> dict:
         )
     if "quantization_config" in config:
         method = config["quantization_config"].get("quant_method", "unknown")
-        raise AAACError(f"{path / 'config.json'} describes a model already quantized with '{method}'; start from the unquantized model")
+        raise AAACError(
+            f"{path / 'config.json'} describes a model already quantized with '{method}'; "
+            "start from the unquantized model"
+        )
     return config
 
 
@@ -77,7 +80,9 @@ def check_linears(model: nn.Module, group_size: int) -> dict[str, nn.Linear]:
     blocks = decoder_blocks(model)
     prefix = blocks_prefix(model, blocks)
     linears = {
-        f"{prefix}.{i}.{name}": module for i, block in enumerate(blocks) for name, module in block_linears(block).items()
+        f"{prefix}.{i}.{name}": module
+        for i, block in enumerate(blocks)
+        for name, module in block_linears(block).items()
     }
     if not linears:
         raise AAACError(f"no quantizable linear layers found in the decoder blocks of {type(model).__name__}")

@@ -1,6 +1,6 @@
 """What `make demo` prints: size, quantization time, perplexity before and after, completions, vLLM.
 
-    python scripts/demo.py --source MODEL --quantized MODEL-aaac --text held-out.txt
+python scripts/demo.py --source MODEL --quantized MODEL-aaac --text held-out.txt
 """
 
 import argparse
@@ -39,8 +39,10 @@ def main() -> None:
     src, dst = size_mib(args.source), size_mib(args.quantized)
     print(f"\n== AAAC on {args.source.name} (group size {report['settings']['group_size']}) ==")
     print(f"weights on disk   {src:8.1f} MiB (bf16)  ->  {dst:8.1f} MiB (AAAC)   {dst / src:.2f}x")
-    print(f"quantization      {report['seconds']:.0f} s on {report['device']}, "
-          f"peak host memory {report['memory']['host_peak_rss_mib']:.0f} MiB")
+    print(
+        f"quantization      {report['seconds']:.0f} s on {report['device']}, "
+        f"peak host memory {report['memory']['host_peak_rss_mib']:.0f} MiB"
+    )
 
     tokenizer = AutoTokenizer.from_pretrained(args.quantized)
     text = args.text.read_text(encoding="utf-8")
@@ -56,7 +58,7 @@ def main() -> None:
         chat = [{"role": "user", "content": prompt}]
         ids = tokenizer.apply_chat_template(chat, add_generation_prompt=True, return_tensors="pt", return_dict=True)
         out = models["AAAC"].generate(**ids, max_new_tokens=48, do_sample=False)
-        answer = tokenizer.decode(out[0, ids["input_ids"].shape[1]:], skip_special_tokens=True).strip()
+        answer = tokenizer.decode(out[0, ids["input_ids"].shape[1] :], skip_special_tokens=True).strip()
         print(f"  > {prompt}\n    {answer}")
 
     run_in_vllm(args.source, args.quantized)
@@ -84,7 +86,10 @@ def run_in_vllm(source: Path, quantized: Path) -> None:
 
     print("\nweight memory in vLLM     linear layers     everything")
     for name, m in memory.items():
-        print(f"  {name:5s}                 {m['linear'] / 2**20:8.1f} MiB    {(m['linear'] + m['other']) / 2**20:8.1f} MiB")
+        print(
+            f"  {name:5s}                 {m['linear'] / 2**20:8.1f} MiB    "
+            f"{(m['linear'] + m['other']) / 2**20:8.1f} MiB"
+        )
     ratio = memory["AAAC"]["linear"] / memory["bf16"]["linear"]
     total = sum(memory["AAAC"].values()) / sum(memory["bf16"].values())
     print(f"  AAAC/bf16             {ratio:8.3f}x        {total:8.3f}x")

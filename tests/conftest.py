@@ -90,8 +90,17 @@ def quantized(tmp_path_factory, source_model, bbc_text) -> tuple[Path, subproces
     """SmolLM2 quantized once per session with the CLI at group size 64 (and the run's output)."""
     out = tmp_path_factory.mktemp("aaac") / "smollm2-aaac-g64"
     result = run_cli(
-        "aaac-quantize", source_model, out, "--group-size", GROUP_SIZE,
-        "--calib", bbc_text["calib"], "--nsamples", 32, "--seqlen", 512,
+        "aaac-quantize",
+        source_model,
+        out,
+        "--group-size",
+        GROUP_SIZE,
+        "--calib",
+        bbc_text["calib"],
+        "--nsamples",
+        32,
+        "--seqlen",
+        512,
     )
     return out, result
 
@@ -115,10 +124,12 @@ def random_layer(
     scales.view(torch.int16)[0, :4] = -32768
     codebooks = torch.randn(len(parts), 2, 16, generator=g).half()
     bounds = [0, *torch.tensor(parts).cumsum(0).tolist()]
-    dense = torch.cat([
-        dequantize(qweight[:, a:b], scales[:, a:b], codebooks[i], group_size)
-        for i, (a, b) in enumerate(zip(bounds, bounds[1:]))
-    ])
+    dense = torch.cat(
+        [
+            dequantize(qweight[:, a:b], scales[:, a:b], codebooks[i], group_size)
+            for i, (a, b) in enumerate(zip(bounds, bounds[1:]))
+        ]
+    )
     return qweight, scales, codebooks, dense
 
 
@@ -128,8 +139,14 @@ def tiny_llama(folder: Path, hidden: int = 64, layers: int = 2, poison: str | No
 
     torch.manual_seed(0)
     config = LlamaConfig(
-        vocab_size=49152, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024, tie_word_embeddings=True,
+        vocab_size=49152,
+        hidden_size=hidden,
+        intermediate_size=2 * hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=1024,
+        tie_word_embeddings=True,
     )
     model = LlamaForCausalLM(config).to(torch.bfloat16)
     if poison:
@@ -175,5 +192,7 @@ def tiny_quantized(tmp_path_factory, bbc_text) -> Path:
     root = tmp_path_factory.mktemp("tiny")
     source = tiny_llama(root / "tiny", hidden=128, layers=2)
     out = root / "tiny-aaac-g32"
-    run_cli("aaac-quantize", source, out, "--group-size", 32, "--calib", bbc_text["calib"], "--nsamples", 8, "--seqlen", 128)
+    run_cli(
+        "aaac-quantize", source, out, "--group-size", 32, "--calib", bbc_text["calib"], "--nsamples", 8, "--seqlen", 128
+    )
     return out

@@ -9,7 +9,11 @@ from offline_quantize.methods.registry import markdown_table
 from .conftest import ROOT
 
 # Installed package name -> its folder.
-PACKAGES = {"aaac_kernels": ROOT / "kernels", "aaac_vllm": ROOT / "aaac_vllm", "offline_quantize": ROOT / "offline_quantize"}
+PACKAGES = {
+    "aaac_kernels": ROOT / "kernels",
+    "aaac_vllm": ROOT / "aaac_vllm",
+    "offline_quantize": ROOT / "offline_quantize",
+}
 
 
 def _modules() -> dict[str, Path]:
@@ -62,7 +66,7 @@ def test_no_import_cycles():
         state[module] = "open"
         for target in sorted(graph[module]):
             if state.get(target) == "open":
-                cycle = path[path.index(target):] + [target]
+                cycle = path[path.index(target) :] + [target]
                 raise AssertionError(f"import cycle: {' -> '.join(cycle)}")
             if target not in state:
                 visit(target, [*path, target])

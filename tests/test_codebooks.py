@@ -8,9 +8,9 @@ from aaac_kernels.format.reference import dequantize
 from offline_quantize.calibration import token_windows
 from offline_quantize.codebooks import quantize_layer
 from offline_quantize.objectives import weighted_error
-from offline_quantize.uniform_grid import rtn_dequantized
 from offline_quantize.source import block_linears, decoder_blocks, load_model
 from offline_quantize.statistics import collect
+from offline_quantize.uniform_grid import rtn_dequantized
 
 from .conftest import GROUP_SIZE
 
@@ -19,7 +19,7 @@ BLOCK = 3
 
 @pytest.fixture(scope="module")
 def block_statistics(source_model, bbc_text):
-    """Real weights of one block and h = mean(x^2) of each linear's input on 2 x 256 BBC tokens."""
+    """Real weights of one block and mean_square = mean(x^2) of each linear's input on 2 x 256 BBC tokens."""
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(source_model)
@@ -32,46 +32,59 @@ def block_statistics(source_model, bbc_text):
     return {name: (m.weight.detach().clone(), stats[name].result().mean_square) for name, m in linears.items()}
 
 
+@pytest.fixture(scope="module")
+def learned(block_statistics):
+    """AAAC (seed 0) of every linear of the block, shared by the tests that only read results."""
+    return {
+        name: quantize_layer(weight, mean_square, GROUP_SIZE, seed=0)
+        for name, (weight, mean_square) in block_statistics.items()
+    }
+
+
 def test_statistics_are_mean_squares(block_statistics):
-    for weight, h in block_statistics.values():
-        assert h.shape == (weight.shape[1],) and (h >= 0).all() and h.sum() > 0
+    for weight, mean_square in block_statistics.values():
+        assert mean_square.shape == (weight.shape[1],) and (mean_square >= 0).all() and mean_square.sum() > 0
 
 
 @pytest.mark.parametrize("name", ["self_attn.q_proj", "self_attn.v_proj", "mlp.up_proj", "mlp.down_proj"])
-def test_learned_codebooks_beat_fixed_grids(block_statistics, name):
-    weight, h = block_statistics[name]
-    result = quantize_layer(weight, h, GROUP_SIZE, seed=0)
+def test_learned_codebooks_beat_fixed_grids(block_statistics, learned, name):
+    weight, mean_square = block_statistics[name]
+    result = learned[name]
     dense = dequantize(pack_indices(result.indices), result.scales.t().contiguous(), result.codebooks, GROUP_SIZE)
 
-    aaac = weighted_error(weight, dense, h)
+    aaac = weighted_error(weight, dense, mean_square)
     assert aaac == pytest.approx(result.error, rel=1e-4)  # the reported error is the dequantized one
     for symmetric in (False, True):
-        assert aaac < 0.8 * weighted_error(weight, rtn_dequantized(weight, GROUP_SIZE, symmetric), h)
+        assert aaac < 0.8 * weighted_error(weight, rtn_dequantized(weight, GROUP_SIZE, symmetric), mean_square)
     assert not torch.equal(result.codebooks[0], result.codebooks[1])
 
 
-def test_both_codebooks_carry_real_load_across_a_block(block_statistics):
+def test_both_codebooks_carry_real_load_across_a_block(learned):
     """Per layer one codebook may serve only a few groups (v_proj's does); over the block both matter."""
     groups = shares = 0.0
-    for weight, h in block_statistics.values():
-        result = quantize_layer(weight, h, GROUP_SIZE)
+    for result in learned.values():
         count = result.scales.numel()
         groups, shares = groups + count, shares + result.codebook1_share * count
     assert 0.05 < shares / groups < 0.95
 
 
-def test_codebooks_are_stored_in_fp16_and_sorted(block_statistics):
-    weight, h = block_statistics["self_attn.o_proj"]
-    result = quantize_layer(weight, h, GROUP_SIZE)
+def test_codebooks_are_stored_in_fp16_and_sorted(block_statistics, learned):
+    weight, _ = block_statistics["self_attn.o_proj"]
+    result = learned["self_attn.o_proj"]
     assert result.codebooks.dtype == torch.float16 and result.codebooks.shape == (2, 16)
     assert torch.equal(result.codebooks, result.codebooks.sort(dim=1).values)
-    assert result.scales.dtype == torch.float16 and result.scales.shape == (weight.shape[0], weight.shape[1] // GROUP_SIZE)
+    assert result.scales.dtype == torch.float16 and result.scales.shape == (
+        weight.shape[0],
+        weight.shape[1] // GROUP_SIZE,
+    )
 
 
-def test_seeded_and_deterministic(block_statistics):
-    weight, h = block_statistics["self_attn.k_proj"]
-    a, b = quantize_layer(weight, h, GROUP_SIZE, seed=7), quantize_layer(weight, h, GROUP_SIZE, seed=7)
-    assert torch.equal(a.indices, b.indices) and torch.equal(a.scales, b.scales) and torch.equal(a.codebooks, b.codebooks)
+def test_seeded_and_deterministic(block_statistics, learned):
+    weight, mean_square = block_statistics["self_attn.k_proj"]
+    a, b = learned["self_attn.k_proj"], quantize_layer(weight, mean_square, GROUP_SIZE, seed=0)
+    assert (
+        torch.equal(a.indices, b.indices) and torch.equal(a.scales, b.scales) and torch.equal(a.codebooks, b.codebooks)
+    )
 
 
 def test_all_zero_group_is_exact():

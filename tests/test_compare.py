@@ -26,9 +26,24 @@ TEXTS = ("bbc", "pydoc")
 def comparison(tmp_path_factory, smollm2_two_blocks, bbc_text, pydoc_text):
     workdir = tmp_path_factory.mktemp("compare")
     result = run_cli(
-        "aaac-compare", smollm2_two_blocks, workdir, "--group-size", GROUP, "--calib", bbc_text["calib"],
-        "--nsamples", 8, "--seqlen", 256, "--text", f"bbc={bbc_text['eval']}", f"pydoc={pydoc_text}",
-        "--eval-seqlen", 512, "--max-tokens", 2048,
+        "aaac-compare",
+        smollm2_two_blocks,
+        workdir,
+        "--group-size",
+        GROUP,
+        "--calib",
+        bbc_text["calib"],
+        "--nsamples",
+        8,
+        "--seqlen",
+        256,
+        "--text",
+        f"bbc={bbc_text['eval']}",
+        f"pydoc={pydoc_text}",
+        "--eval-seqlen",
+        512,
+        "--max-tokens",
+        2048,
     )
     return workdir, json.loads((workdir / "results.json").read_text()), result.stdout
 
@@ -45,7 +60,9 @@ def test_results_cover_every_method_and_text(comparison):
             continue
         assert entry["format"] == ("awq" if label.split("+")[0] in ("rtn", "rtn-sym", "gptq", "awq") else "aaac")
         assert entry["quantize_seconds"] > 0 and entry["peak_host_rss_mib"] > 100
-        assert entry["gap"]["bbc"] == pytest.approx(entry["perplexity"]["bbc"] - results["methods"]["bf16"]["perplexity"]["bbc"])
+        assert entry["gap"]["bbc"] == pytest.approx(
+            entry["perplexity"]["bbc"] - results["methods"]["bf16"]["perplexity"]["bbc"]
+        )
         rtn_gap = results["methods"]["rtn"]["gap"]["bbc"]
         assert entry["gap_vs_rtn"]["bbc"] == (pytest.approx(entry["gap"]["bbc"] / rtn_gap) if rtn_gap > 0 else None)
 
@@ -78,17 +95,25 @@ def test_gptq_awq_and_compensation_lower_the_output_error(comparison):
     assert mean_output_error("gptq") < mean_output_error("awq")
     report = json.loads((workdir / "aaac+awq" / "quantization_report.json").read_text())
     folded = [name for name, v in report["layers"].items() if "awq_alpha" in v]
-    assert folded == ["model.layers.0.input_layernorm", "model.layers.0.post_attention_layernorm",
-                      "model.layers.0.mlp.up_proj", "model.layers.1.input_layernorm",
-                      "model.layers.1.post_attention_layernorm", "model.layers.1.mlp.up_proj"]
+    assert folded == [
+        "model.layers.0.input_layernorm",
+        "model.layers.0.post_attention_layernorm",
+        "model.layers.0.mlp.up_proj",
+        "model.layers.1.input_layernorm",
+        "model.layers.1.post_attention_layernorm",
+        "model.layers.1.mlp.up_proj",
+    ]
 
 
 def test_awq_scaling_writes_the_folded_norms(comparison, smollm2_two_blocks):
     workdir = comparison[0]
-    with safe_open(str(workdir / "aaac+awq" / "model.safetensors"), "pt") as f, \
-            safe_open(str(smollm2_two_blocks / "model.safetensors"), "pt") as s:
-        assert not torch.equal(f.get_tensor("model.layers.0.input_layernorm.weight"),
-                               s.get_tensor("model.layers.0.input_layernorm.weight"))
+    with (
+        safe_open(str(workdir / "aaac+awq" / "model.safetensors"), "pt") as f,
+        safe_open(str(smollm2_two_blocks / "model.safetensors"), "pt") as s,
+    ):
+        assert not torch.equal(
+            f.get_tensor("model.layers.0.input_layernorm.weight"), s.get_tensor("model.layers.0.input_layernorm.weight")
+        )
         assert torch.equal(f.get_tensor("model.norm.weight"), s.get_tensor("model.norm.weight"))
 
 
@@ -96,8 +121,14 @@ def test_awq_scaling_writes_the_folded_norms(comparison, smollm2_two_blocks):
 def test_uniform_grid_methods_write_the_awq_format(comparison, label):
     folder = comparison[0] / label
     quant = json.loads((folder / "config.json").read_text())["quantization_config"]
-    assert quant == {"quant_method": "awq", "bits": 4, "group_size": GROUP, "zero_point": True, "version": "gemm",
-                     "modules_to_not_convert": ["lm_head"]}
+    assert quant == {
+        "quant_method": "awq",
+        "bits": 4,
+        "group_size": GROUP,
+        "zero_point": True,
+        "version": "gemm",
+        "modules_to_not_convert": ["lm_head"],
+    }
     with safe_open(str(folder / "model.safetensors"), "pt") as f:
         prefix = "model.layers.1.mlp.down_proj"  # [576, 1536]
         assert f.get_tensor(f"{prefix}.qweight").shape == (1536, 576 // 8)
@@ -107,9 +138,12 @@ def test_uniform_grid_methods_write_the_awq_format(comparison, label):
 
 def test_aaac_eval_reads_the_awq_format(comparison, bbc_text):
     workdir, results, _ = comparison
-    out = run_cli("aaac-eval", workdir / "gptq", "--text", bbc_text["eval"], "--seqlen", 512, "--max-tokens", 2048, "--json")
+    out = run_cli(
+        "aaac-eval", workdir / "gptq", "--text", bbc_text["eval"], "--seqlen", 512, "--max-tokens", 2048, "--json"
+    )
     assert json.loads(out.stdout.strip().splitlines()[-1])["perplexity"] == pytest.approx(
-        results["methods"]["gptq"]["perplexity"]["bbc"], rel=1e-6)
+        results["methods"]["gptq"]["perplexity"]["bbc"], rel=1e-6
+    )
 
 
 def test_vllm_serves_the_awq_format_checkpoints(comparison, bbc_text):

@@ -20,9 +20,9 @@ import torch
 import torch.nn.functional as F
 
 from aaac_kernels import cpu
-from aaac_kernels.format.serving import chunk_size, cpu_layout
 from aaac_kernels import linear as aaac_linear
 from aaac_kernels.format.layout import unpack_indices
+from aaac_kernels.format.serving import chunk_size, cpu_layout
 
 from .conftest import ROOT, random_layer
 
@@ -200,7 +200,9 @@ def test_build_without_compiler_says_so_and_skips(monkeypatch, capsys):
 
 def test_op_traces_under_torch_compile():
     layout, dense = _layer(256, 64)
-    compiled = torch.compile(lambda x: torch.ops.aaac.linear(x, *layout, PARTS, None) * 2, fullgraph=True, backend="eager")
+    compiled = torch.compile(
+        lambda x: torch.ops.aaac.linear(x, *layout, PARTS, None) * 2, fullgraph=True, backend="eager"
+    )
     x = torch.randn(5, 256)
     _check(compiled(x) / 2, x, dense, None)
     torch.library.opcheck(torch.ops.aaac.linear.default, (x, *layout, PARTS, None))

@@ -9,8 +9,8 @@ from transformers import AutoTokenizer
 
 from offline_quantize.evaluate import perplexity
 from offline_quantize.hf_loader import load_causal_lm
-from offline_quantize.uniform_grid import rtn_dequantized
 from offline_quantize.source import block_linears, decoder_blocks
+from offline_quantize.uniform_grid import rtn_dequantized
 
 from .conftest import GROUP_SIZE, run_cli
 
@@ -29,14 +29,22 @@ def test_checkpoint_has_documented_tensors_and_config(quantized, source_model):
     config = json.loads((out / "config.json").read_text())
     quant = config["quantization_config"]
     assert quant == {
-        "quant_method": "aaac", "bits": 4, "group_size": GROUP_SIZE, "num_codebooks": 2, "codebook_size": 16,
-        "format_version": 1, "modules_to_not_convert": ["lm_head"],
+        "quant_method": "aaac",
+        "bits": 4,
+        "group_size": GROUP_SIZE,
+        "num_codebooks": 2,
+        "codebook_size": 16,
+        "format_version": 1,
+        "modules_to_not_convert": ["lm_head"],
     }
     assert config["rope_theta"] == 100000.0
     for name in ("tokenizer.json", "tokenizer_config.json", "generation_config.json", "quantization_report.json"):
         assert (out / name).is_file(), name
 
-    with safe_open(str(out / "model.safetensors"), "pt") as f, safe_open(str(source_model / "model.safetensors"), "pt") as s:
+    with (
+        safe_open(str(out / "model.safetensors"), "pt") as f,
+        safe_open(str(source_model / "model.safetensors"), "pt") as s,
+    ):
         keys = set(f.keys())
         prefix = "model.layers.0.mlp.down_proj"  # [576, 1536]
         assert f.get_tensor(f"{prefix}.qweight").dtype == torch.int32

@@ -37,7 +37,9 @@ def fails_with(tmp_path, *args, expect: str) -> str:
 
 
 def test_source_missing(tmp_path):
-    fails_with(tmp_path, tmp_path / "nowhere", "OUT", expect=f"source model folder {tmp_path / 'nowhere'} does not exist")
+    fails_with(
+        tmp_path, tmp_path / "nowhere", "OUT", expect=f"source model folder {tmp_path / 'nowhere'} does not exist"
+    )
 
 
 def test_source_not_a_model(tmp_path):
@@ -54,7 +56,18 @@ def test_no_safetensors(tmp_path, source_model):
 
 
 def test_group_size_does_not_divide(tmp_path, source_model, small_calib):
-    line = fails_with(tmp_path, source_model, "OUT", "--group-size", 128, "--calib", small_calib, "--nsamples", 2, expect="in_features 576 is not divisible by group size 128")
+    line = fails_with(
+        tmp_path,
+        source_model,
+        "OUT",
+        "--group-size",
+        128,
+        "--calib",
+        small_calib,
+        "--nsamples",
+        2,
+        expect="in_features 576 is not divisible by group size 128",
+    )
     assert "layer model.layers.0.self_attn.q_proj" in line and "--group-size 64" in line
 
 
@@ -65,7 +78,20 @@ def test_group_size_must_be_a_power_of_two(tmp_path, source_model):
 
 def test_nan_weight(tmp_path, small_calib):
     src = tiny_llama(tmp_path / "src", poison="model.layers.1.mlp.up_proj.weight")
-    fails_with(tmp_path, src, "OUT", "--group-size", 64, "--calib", small_calib, "--nsamples", 2, "--seqlen", 64, expect="layer model.layers.1.mlp.up_proj: weight contains NaN or Inf")
+    fails_with(
+        tmp_path,
+        src,
+        "OUT",
+        "--group-size",
+        64,
+        "--calib",
+        small_calib,
+        "--nsamples",
+        2,
+        "--seqlen",
+        64,
+        expect="layer model.layers.1.mlp.up_proj: weight contains NaN or Inf",
+    )
 
 
 def test_no_linear_layers(tmp_path, small_calib, source_model):
@@ -75,7 +101,18 @@ def test_no_linear_layers(tmp_path, small_calib, source_model):
     GPT2LMHeadModel(GPT2Config(n_layer=2, n_embd=64, n_head=2, vocab_size=49152)).save_pretrained(src)
     for name in ("tokenizer.json", "tokenizer_config.json"):
         shutil.copy(source_model / name, src / name)
-    fails_with(tmp_path, src, "OUT", "--calib", small_calib, "--nsamples", 2, "--seqlen", 64, expect="no quantizable linear layers found")
+    fails_with(
+        tmp_path,
+        src,
+        "OUT",
+        "--calib",
+        small_calib,
+        "--nsamples",
+        2,
+        "--seqlen",
+        64,
+        expect="no quantizable linear layers found",
+    )
 
 
 def test_calibration_empty(tmp_path, source_model):
@@ -85,12 +122,30 @@ def test_calibration_empty(tmp_path, source_model):
 
 
 def test_calibration_too_short(tmp_path, source_model, small_calib):
-    line = fails_with(tmp_path, source_model, "OUT", "--calib", small_calib, "--nsamples", 128, "--seqlen", 512, expect="calibration data has")
+    line = fails_with(
+        tmp_path,
+        source_model,
+        "OUT",
+        "--calib",
+        small_calib,
+        "--nsamples",
+        128,
+        "--seqlen",
+        512,
+        expect="calibration data has",
+    )
     assert "65536 needed (128 samples x 512)" in line
 
 
 def test_calibration_file_missing(tmp_path, source_model):
-    fails_with(tmp_path, source_model, "OUT", "--calib", tmp_path / "nope.txt", expect=f"calibration file {tmp_path / 'nope.txt'} does not exist")
+    fails_with(
+        tmp_path,
+        source_model,
+        "OUT",
+        "--calib",
+        tmp_path / "nope.txt",
+        expect=f"calibration file {tmp_path / 'nope.txt'} does not exist",
+    )
 
 
 def test_output_exists(tmp_path, source_model):
@@ -113,9 +168,22 @@ def test_output_inside_source(tmp_path, source_model):
 def test_interrupt_leaves_nothing(tmp_path, source_model, bbc_text, sig):
     out = tmp_path / "out"
     proc = subprocess.Popen(
-        [str(BIN / "aaac-quantize"), str(source_model), str(out), "--group-size", "64",
-         "--calib", str(bbc_text["calib"]), "--nsamples", "8", "--seqlen", "256"],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        [
+            str(BIN / "aaac-quantize"),
+            str(source_model),
+            str(out),
+            "--group-size",
+            "64",
+            "--calib",
+            str(bbc_text["calib"]),
+            "--nsamples",
+            "8",
+            "--seqlen",
+            "256",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
     )
     # Interrupt once the staging folder exists (the run is under way) and before a block is finished:
     # with no progress to resume, nothing at all may be left (tests/test_resume.py covers the other case).
@@ -135,8 +203,14 @@ def test_eval_refuses_unknown_format_version(tmp_path, source_model):
     model = tmp_path / "model"
     model.mkdir()
     config = json.loads((source_model / "config.json").read_text())
-    config["quantization_config"] = {"quant_method": "aaac", "bits": 4, "group_size": 64, "num_codebooks": 2,
-                                     "codebook_size": 16, "format_version": 99}
+    config["quantization_config"] = {
+        "quant_method": "aaac",
+        "bits": 4,
+        "group_size": 64,
+        "num_codebooks": 2,
+        "codebook_size": 16,
+        "format_version": 99,
+    }
     (model / "config.json").write_text(json.dumps(config))
     text = tmp_path / "t.txt"
     text.write_text("hello")

@@ -128,8 +128,14 @@ def test_awq_search_keeps_on_grid_weights_and_finds_salient_channels():
 
 def _llama_block(kv_heads: int) -> tuple[LlamaDecoderLayer, LlamaConfig]:
     torch.manual_seed(0)
-    config = LlamaConfig(hidden_size=64, intermediate_size=128, num_attention_heads=4, num_key_value_heads=kv_heads,
-                         num_hidden_layers=1, max_position_embeddings=256)
+    config = LlamaConfig(
+        hidden_size=64,
+        intermediate_size=128,
+        num_attention_heads=4,
+        num_key_value_heads=kv_heads,
+        num_hidden_layers=1,
+        max_position_embeddings=256,
+    )
     block = LlamaDecoderLayer(config, layer_idx=0).eval()
     with torch.no_grad():
         for norm in (block.input_layernorm, block.post_attention_layernorm):
@@ -194,13 +200,16 @@ def test_quantize_linear_dense_is_what_the_checkpoint_means():
         assert set(result.tensors) == suffixes
 
 
-@pytest.mark.parametrize("options, message", [
-    (MethodOptions("gptq", {"awq-scale"}), "--awq-scale applies to --method aaac, not gptq"),
-    (MethodOptions("rtn", {"compensate"}), "--compensate applies to --method aaac, not rtn"),
-    (MethodOptions("aaac", {"act-order"}), "--act-order applies to --method gptq, not aaac"),
-    (MethodOptions("aaac", {"fast"}), "unknown flag --fast"),
-    (MethodOptions("int3"), "unknown method 'int3'"),
-])
+@pytest.mark.parametrize(
+    "options, message",
+    [
+        (MethodOptions("gptq", {"awq-scale"}), "--awq-scale applies to --method aaac, not gptq"),
+        (MethodOptions("rtn", {"compensate"}), "--compensate applies to --method aaac, not rtn"),
+        (MethodOptions("aaac", {"act-order"}), "--act-order applies to --method gptq, not aaac"),
+        (MethodOptions("aaac", {"fast"}), "unknown flag --fast"),
+        (MethodOptions("int3"), "unknown method 'int3'"),
+    ],
+)
 def test_method_options_refuse_meaningless_combinations(options, message):
     with pytest.raises(AAACError, match=message):
         options.check()

@@ -9,9 +9,9 @@ from pathlib import Path
 
 import pytest
 
+from offline_quantize.progress import PROGRESS_DIR
 from offline_quantize.report import REPORT_FILE
 from offline_quantize.staging import staging_path
-from offline_quantize.progress import PROGRESS_DIR
 
 from .conftest import BIN, run_cli, tiny_llama
 
@@ -37,8 +37,12 @@ def uninterrupted(setup, tmp_path_factory) -> Path:
 def _interrupted_run(source: Path, out: Path, options: list, sig: signal.Signals, after_blocks: int) -> tuple[int, str]:
     """Start aaac-quantize, send ``sig`` once ``after_blocks`` blocks are committed; returns (blocks done, stderr)."""
     state = staging_path(out) / PROGRESS_DIR / "progress.json"
-    process = subprocess.Popen([str(BIN / "aaac-quantize"), *map(str, [source, out, *options])],
-                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    process = subprocess.Popen(
+        [str(BIN / "aaac-quantize"), *map(str, [source, out, *options])],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     deadline = time.monotonic() + 600
     while not (state.is_file() and json.loads(state.read_text())["blocks_done"] >= after_blocks):
         assert process.poll() is None, f"the run ended before it could be interrupted:\n{process.stderr.read()}"
@@ -80,7 +84,9 @@ def test_sigterm_keeps_progress_and_says_how_to_resume(setup, tmp_path):
     assert done >= 2 and state.is_file()
     assert f"progress kept in {staging_path(out)}: rerun with --resume to continue" in stderr
     # Other options cannot continue these blocks.
-    result = run_cli("aaac-quantize", source, out, *options[:-2], "--device", "cpu", "--seed", 7, "--resume", check=False)
+    result = run_cli(
+        "aaac-quantize", source, out, *options[:-2], "--device", "cpu", "--seed", 7, "--resume", check=False
+    )
     assert result.returncode == 2 and "used another seed" in result.stderr, result.stderr
     # Without --resume the old progress is discarded and the run starts over.
     run_cli("aaac-quantize", source, out, *options)

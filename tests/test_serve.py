@@ -30,9 +30,23 @@ def serving(model: Path, log: Path, *options: str):
     port = _free_port()
     with open(log, "w") as out:
         process = subprocess.Popen(
-            [str(BIN / "aaac-serve"), str(model), "--quantization", "aaac", "--host", "127.0.0.1",
-             "--port", str(port), "--max-model-len", "1024", "--served-model-name", "smollm2-aaac", *options],
-            stdout=out, stderr=subprocess.STDOUT,
+            [
+                str(BIN / "aaac-serve"),
+                str(model),
+                "--quantization",
+                "aaac",
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(port),
+                "--max-model-len",
+                "1024",
+                "--served-model-name",
+                "smollm2-aaac",
+                *options,
+            ],
+            stdout=out,
+            stderr=subprocess.STDOUT,
         )
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + START_TIMEOUT
@@ -63,9 +77,29 @@ def server(quantized, tmp_path_factory):
 def _load(url: str, text: Path, *options: str) -> dict:
     """benchmarks/load.py against ``url``: 32 requests (mixed lengths, half streamed) from 16 threads at once."""
     result = subprocess.run(
-        [sys.executable, ROOT / "benchmarks" / "load.py", "--url", url, "--model", "smollm2-aaac", "--text", text,
-         "--requests", "32", "--concurrency", "16", "--distinct", "8", "--timeout", "300", "--json", *options],
-        capture_output=True, text=True, timeout=900,
+        [
+            sys.executable,
+            ROOT / "benchmarks" / "load.py",
+            "--url",
+            url,
+            "--model",
+            "smollm2-aaac",
+            "--text",
+            text,
+            "--requests",
+            "32",
+            "--concurrency",
+            "16",
+            "--distinct",
+            "8",
+            "--timeout",
+            "300",
+            "--json",
+            *options,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=900,
     )
     assert result.stdout.strip(), result.stderr[-3000:]
     return json.loads(result.stdout.strip().splitlines()[-1])
@@ -85,15 +119,19 @@ def test_server_ran_compiled(server):
 
 def test_chat_completion(client):
     reply = client.chat.completions.create(
-        model="smollm2-aaac", messages=[{"role": "user", "content": "What is the capital of France?"}],
-        max_tokens=24, temperature=0,
+        model="smollm2-aaac",
+        messages=[{"role": "user", "content": "What is the capital of France?"}],
+        max_tokens=24,
+        temperature=0,
     )
     assert reply.choices[0].message.content.strip()
     assert reply.usage.completion_tokens > 0
 
 
 def test_completion(client):
-    reply = client.completions.create(model="smollm2-aaac", prompt="The capital of France is", max_tokens=8, temperature=0)
+    reply = client.completions.create(
+        model="smollm2-aaac", prompt="The capital of France is", max_tokens=8, temperature=0
+    )
     assert "Paris" in reply.choices[0].text
 
 
@@ -103,7 +141,9 @@ def test_streamed_completion(client):
     )
     pieces = [chunk.choices[0].text for chunk in stream if chunk.choices]
     assert len(pieces) > 1 and "".join(pieces).strip()
-    whole = client.completions.create(model="smollm2-aaac", prompt="Football is a sport in which", max_tokens=16, temperature=0)
+    whole = client.completions.create(
+        model="smollm2-aaac", prompt="Football is a sport in which", max_tokens=16, temperature=0
+    )
     assert "".join(pieces) == whole.choices[0].text
 
 
@@ -112,7 +152,9 @@ def test_concurrent_clients(server, bbc_text):
     # from it where the solo run's best two tokens were within 0.3 in log-probability (one bf16 step of
     # the logits): in bf16 a batched step may round differently (docs/reliability.md).
     summary = _load(server[0], bbc_text["eval"])
-    assert summary["completed"] == 32 and summary["errors"] == 0 and summary["mismatches"] == 0, summary["first_failures"]
+    assert summary["completed"] == 32 and summary["errors"] == 0 and summary["mismatches"] == 0, summary[
+        "first_failures"
+    ]
     assert summary["identical"] + summary["near_ties"] == 32
 
 

@@ -79,7 +79,9 @@ def test_every_stored_config(config, k, group_size):
 def test_split_k_with_uneven_tiles(split_k):
     # 576 / 128 gives 5 K tiles (the last one half full); 3 splits get 2, 2 and 1 of them.
     layout, dense = _layer(576, 64)
-    config = triton_gemm.TileConfig(block_m=16, block_n=32, block_k=128, split_k=split_k, group_m=1, num_warps=4, num_stages=2)
+    config = triton_gemm.TileConfig(
+        block_m=16, block_n=32, block_k=128, split_k=split_k, group_m=1, num_warps=4, num_stages=2
+    )
     x = torch.randn(5, 576, device=DEVICE).half()
     _check(triton_gemm.gemm(x, *layout, PARTS, config), x, dense)
 
@@ -115,7 +117,9 @@ def test_empty_batch():
 def test_op_under_torch_compile_and_cuda_graphs():
     layout, dense = _layer()
     x = torch.randn(8, K, device="cuda", dtype=torch.bfloat16)
-    compiled = torch.compile(lambda t: torch.ops.aaac.linear(t, *layout, PARTS, None), fullgraph=True, mode="reduce-overhead")
+    compiled = torch.compile(
+        lambda t: torch.ops.aaac.linear(t, *layout, PARTS, None), fullgraph=True, mode="reduce-overhead"
+    )
     for _ in range(3):  # warm-up, record, replay
         got = compiled(x)
     _check(got, x, dense)
@@ -133,7 +137,9 @@ def test_kernels_compile_for_ampere_and_hopper():
     # every stored configuration is compiled to a cubin for sm_80 and sm_90 by Triton's own ptxas.
     result = subprocess.run(
         [sys.executable, ROOT / "benchmarks" / "kernel_resources.py", "--arch", "80", "90"],
-        capture_output=True, text=True, timeout=600,
+        capture_output=True,
+        text=True,
+        timeout=600,
     )
     assert result.returncode == 0, result.stderr[-3000:]
     rows = [line for line in result.stdout.splitlines() if line.startswith("| 80 ") or line.startswith("| 90 ")]

@@ -39,10 +39,15 @@ def _hf_greedy(model, prompts_ids: list[list[int]]) -> list[tuple[list[int], lis
     results = []
     for ids in prompts_ids:
         out = model.generate(
-            torch.tensor([ids]), do_sample=False, max_new_tokens=MAX_TOKENS, min_new_tokens=MAX_TOKENS,
-            output_scores=True, return_dict_in_generate=True, pad_token_id=0,
+            torch.tensor([ids]),
+            do_sample=False,
+            max_new_tokens=MAX_TOKENS,
+            min_new_tokens=MAX_TOKENS,
+            output_scores=True,
+            return_dict_in_generate=True,
+            pad_token_id=0,
         )
-        tokens = out.sequences[0, len(ids):].tolist()
+        tokens = out.sequences[0, len(ids) :].tolist()
         steps = []
         for scores in out.scores:
             logprobs = torch.log_softmax(scores[0].float(), dim=-1)
@@ -89,7 +94,9 @@ def test_vllm_greedy_matches_reference_dequantizer(smollm2_engine, quantized):
 def test_vllm_text_is_sensible(smollm2_engine):
     from vllm import SamplingParams
 
-    out = smollm2_engine.generate(["The capital of France is"], SamplingParams(temperature=0, max_tokens=8), use_tqdm=False)
+    out = smollm2_engine.generate(
+        ["The capital of France is"], SamplingParams(temperature=0, max_tokens=8), use_tqdm=False
+    )
     assert "Paris" in out[0].outputs[0].text
 
 

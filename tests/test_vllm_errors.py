@@ -126,17 +126,28 @@ def _rename_shard(folder: Path) -> None:
 
 CASES = {
     # format and consistency
-    "missing codebooks": (lambda f: _edit_tensors(f, lambda t: t.pop(f"{LAYER}.codebooks")),
-                          rf"tensor {LAYER}\.codebooks is missing"),
-    "scales of the wrong shape": (_set(f"{LAYER}.scales", lambda t: t.t().contiguous()), rf"tensor {LAYER}\.scales has shape"),
-    "scales of the wrong dtype": (_set(f"{LAYER}.scales", lambda t: t.bfloat16()),
-                                  rf"tensor {LAYER}\.scales has dtype BF16, expected F16"),
-    "qweight of the wrong dtype": (_set(f"{LAYER}.qweight", lambda t: t.float()),
-                                   rf"tensor {LAYER}\.qweight has dtype F32, expected I32"),
+    "missing codebooks": (
+        lambda f: _edit_tensors(f, lambda t: t.pop(f"{LAYER}.codebooks")),
+        rf"tensor {LAYER}\.codebooks is missing",
+    ),
+    "scales of the wrong shape": (
+        _set(f"{LAYER}.scales", lambda t: t.t().contiguous()),
+        rf"tensor {LAYER}\.scales has shape",
+    ),
+    "scales of the wrong dtype": (
+        _set(f"{LAYER}.scales", lambda t: t.bfloat16()),
+        rf"tensor {LAYER}\.scales has dtype BF16, expected F16",
+    ),
+    "qweight of the wrong dtype": (
+        _set(f"{LAYER}.qweight", lambda t: t.float()),
+        rf"tensor {LAYER}\.qweight has dtype F32, expected I32",
+    ),
     "unknown format version": (lambda f: _edit_config(f, format_version=99), "format_version 99 is not supported"),
     "bits other than 4": (lambda f: _edit_config(f, bits=3), "quantization_config.bits is 3, AAAC requires 4"),
-    "group size that does not match": (lambda f: _edit_config(f, group_size=64),
-                                       r"\.scales has shape \[\d+, 128\], expected \[\d+, 128\] \(in_features \d+ / group_size 64"),
+    "group size that does not match": (
+        lambda f: _edit_config(f, group_size=64),
+        r"\.scales has shape \[\d+, 128\], expected \[\d+, 128\] \(in_features \d+ / group_size 64",
+    ),
     # values a kernel would turn into silently wrong output
     "NaN in a codebook": (_poison(f"{LAYER}.codebooks", float("nan")), rf"tensor {LAYER}\.codebooks holds NaN or Inf"),
     "Inf in a scale": (_poison(f"{LAYER}.scales", float("inf")), rf"tensor {LAYER}\.scales holds NaN or Inf"),
@@ -148,18 +159,36 @@ CASES = {
     "damaged manifest": (lambda f: (f / MANIFEST_FILE).write_text("{not json"), rf"{MANIFEST_FILE}: damaged manifest"),
     # hostile headers
     "header that is not JSON": (_garble_header, r"model\.safetensors: damaged safetensors header \(not valid JSON\)"),
-    "absurd header length": (_absurd_header_length, r"model\.safetensors: truncated or not a safetensors file \(header of"),
-    "absurd shape": (lambda f: _edit_header(f, lambda h: h[f"{LAYER}.codebooks"].update(shape=[1 << 40, 8])),
-                     rf"tensor {LAYER}\.codebooks has shape \[1099511627776, 8\] and data offsets .* do not agree"),
-    "unknown dtype": (lambda f: _edit_header(f, lambda h: h[f"{LAYER}.codebooks"].update(dtype="Q4")),
-                      rf"tensor {LAYER}\.codebooks has unknown dtype 'Q4'"),
+    "absurd header length": (
+        _absurd_header_length,
+        r"model\.safetensors: truncated or not a safetensors file \(header of",
+    ),
+    "absurd shape": (
+        lambda f: _edit_header(f, lambda h: h[f"{LAYER}.codebooks"].update(shape=[1 << 40, 8])),
+        rf"tensor {LAYER}\.codebooks has shape \[1099511627776, 8\] and data offsets .* do not agree",
+    ),
+    "unknown dtype": (
+        lambda f: _edit_header(f, lambda h: h[f"{LAYER}.codebooks"].update(dtype="Q4")),
+        rf"tensor {LAYER}\.codebooks has unknown dtype 'Q4'",
+    ),
     # files outside the model folder, and pickle
-    "index that climbs out with ../": (_index_to("../outside.safetensors"),
-                                       r"shard '\.\./outside\.safetensors' is not a \.safetensors file name inside the model folder"),
+    "index that climbs out with ../": (
+        _index_to("../outside.safetensors"),
+        r"shard '\.\./outside\.safetensors' is not a \.safetensors file name inside the model folder",
+    ),
     "index with an absolute path": (_index_to("/etc/passwd.safetensors"), r"shard '/etc/passwd\.safetensors' is not"),
-    "damaged index": (lambda f: (f / INDEX_FILE).write_text('{"weight_map": ['), rf"{re.escape(INDEX_FILE)}: damaged shard index"),
-    "link that leads outside": (_link_outside, r"model\.safetensors: links to .*elsewhere\.safetensors, outside the model folder"),
-    "pickle weights only": (_pickle_only, r"has no safetensors weights \(found pytorch_model\.bin: only safetensors are read"),
+    "damaged index": (
+        lambda f: (f / INDEX_FILE).write_text('{"weight_map": ['),
+        rf"{re.escape(INDEX_FILE)}: damaged shard index",
+    ),
+    "link that leads outside": (
+        _link_outside,
+        r"model\.safetensors: links to .*elsewhere\.safetensors, outside the model folder",
+    ),
+    "pickle weights only": (
+        _pickle_only,
+        r"has no safetensors weights \(found pytorch_model\.bin: only safetensors are read",
+    ),
 }
 
 
@@ -199,8 +228,18 @@ def test_eval_reports_every_broken_checkpoint_in_one_run(tiny_quantized, tmp_pat
     """One aaac-eval process over every case and an intact copy: one ``error:`` line per broken checkpoint, in
     order, each naming what is at fault; the intact one still evaluated; exit code 2."""
     folders = [_broken_copy(tiny_quantized, tmp_path / f"case-{i}", case) for i, case in enumerate(CASES)]
-    result = run_cli("aaac-eval", *[f for f, _ in folders], tiny_quantized, "--text", bbc_text["eval"],
-                     "--seqlen", 128, "--max-tokens", 256, check=False)
+    result = run_cli(
+        "aaac-eval",
+        *[f for f, _ in folders],
+        tiny_quantized,
+        "--text",
+        bbc_text["eval"],
+        "--seqlen",
+        128,
+        "--max-tokens",
+        256,
+        check=False,
+    )
     assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr[-3000:]
     errors = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
     assert len(errors) == len(CASES), result.stderr[-3000:]

@@ -60,7 +60,8 @@ def dequantize(qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tensor
     k, groups = qweight.shape[0], scales.shape[0]
     if qweight.shape[1] * 8 != scales.shape[1] or qzeros.shape != (groups, qweight.shape[1]) or k % groups:
         raise AAACError(
-            f"AWQ tensors disagree: qweight {list(qweight.shape)}, qzeros {list(qzeros.shape)}, scales {list(scales.shape)}"
+            f"AWQ tensors disagree: qweight {list(qweight.shape)}, qzeros {list(qzeros.shape)}, "
+            f"scales {list(scales.shape)}"
         )
     group_size = k // groups
     codes = _unpack(qweight).float()

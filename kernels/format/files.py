@@ -33,7 +33,9 @@ def tensor_files(path: Path) -> list[Path]:
         files = sorted(path.glob("*.safetensors"))
     if not files:
         pickled = sorted(p.name for p in path.iterdir() if p.name.endswith(WEIGHT_SUFFIXES))
-        found = f" (found {', '.join(pickled[:3])}: only safetensors are read, never pickle-based files)" if pickled else ""
+        found = (
+            f" (found {', '.join(pickled[:3])}: only safetensors are read, never pickle-based files)" if pickled else ""
+        )
         raise AAACError(f"{path} has no safetensors weights{found}")
     for file in files:
         check_inside(path, file)
@@ -105,7 +107,11 @@ class ShardWriter:
         if self.pending or not self.shards:
             self._flush()
         count = len(self.shards)
-        names = ["model.safetensors"] if count == 1 else [f"model-{i + 1:05d}-of-{count:05d}.safetensors" for i in range(count)]
+        names = (
+            ["model.safetensors"]
+            if count == 1
+            else [f"model-{i + 1:05d}-of-{count:05d}.safetensors" for i in range(count)]
+        )
         weight_map = {}
         for (path, keys), name in zip(self.shards, names):
             path.rename(self.folder / name)

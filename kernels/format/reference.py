@@ -1,6 +1,6 @@
 """The reference dequantizer: the one definition of what an AAAC layer means.
 
-    w[n, k] = C[sign(scale[g, n])][idx[n, k]] * |scale[g, n]|,   g = k // G
+w[n, k] = C[sign(scale[g, n])][idx[n, k]] * |scale[g, n]|,   g = k // G
 """
 
 import torch

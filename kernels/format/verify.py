@@ -18,8 +18,23 @@ from .manifest import verify_manifest
 
 # Set to 0 to skip the SHA-256 sums at load (sizes are always checked): a 70B checkpoint is ~37 GB to read.
 VERIFY_SHA256_ENV = "AAAC_VERIFY_SHA256"
-_DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1,
-                "F8_E4M3": 1, "F8_E5M2": 1, "U16": 2, "U32": 4, "U64": 8}
+_DTYPE_BYTES = {
+    "F64": 8,
+    "F32": 4,
+    "F16": 2,
+    "BF16": 2,
+    "I64": 8,
+    "I32": 4,
+    "I16": 2,
+    "I8": 1,
+    "U8": 1,
+    "BOOL": 1,
+    "F8_E4M3": 1,
+    "F8_E5M2": 1,
+    "U16": 2,
+    "U32": 4,
+    "U64": 8,
+}
 
 
 def verify_checkpoint(path: Path, group_size: int) -> set[str]:
@@ -56,7 +71,8 @@ def check_tensors(path: Path, group_size: int) -> set[str]:
         _expect(file, qweight, f"{prefix}.qweight", "I32", None)
         if len(qweight["shape"]) != 2:
             raise AAACError(
-                f"{file}: tensor {prefix}.qweight has shape {qweight['shape']}, expected [in_features // 8, out_features]"
+                f"{file}: tensor {prefix}.qweight has shape {qweight['shape']}, "
+                "expected [in_features // 8, out_features]"
             )
         rows, n = qweight["shape"]
         k = rows * PACK_FACTOR
@@ -65,8 +81,13 @@ def check_tensors(path: Path, group_size: int) -> set[str]:
                 f"{file}: tensor {prefix}.qweight holds {k} input features, not a multiple of "
                 f"quantization_config.group_size {group_size}"
             )
-        _expect(*headers[f"{prefix}.scales"], f"{prefix}.scales", "F16", [k // group_size, n],
-                f"(in_features {k} / group_size {group_size}, out_features {n})")
+        _expect(
+            *headers[f"{prefix}.scales"],
+            f"{prefix}.scales",
+            "F16",
+            [k // group_size, n],
+            f"(in_features {k} / group_size {group_size}, out_features {n})",
+        )
         _expect(*headers[f"{prefix}.codebooks"], f"{prefix}.codebooks", "F16", [NUM_CODEBOOKS, CODEBOOK_SIZE])
     return layers
 
@@ -112,7 +133,9 @@ def _check_entry(file: Path, name: str, info) -> None:
         dtype, shape, (begin, end) = info["dtype"], info["shape"], info["data_offsets"]
         sizes_ok = all(isinstance(d, int) and d >= 0 for d in [*shape, begin, end])
     except (TypeError, KeyError, ValueError):
-        raise AAACError(f"{file}: damaged safetensors header (entry {name!r} lacks dtype, shape or data_offsets)") from None
+        raise AAACError(
+            f"{file}: damaged safetensors header (entry {name!r} lacks dtype, shape or data_offsets)"
+        ) from None
     if dtype not in _DTYPE_BYTES:
         raise AAACError(f"{file}: tensor {name} has unknown dtype {dtype!r}")
     if not sizes_ok or end - begin != math.prod(shape) * _DTYPE_BYTES[dtype]:

@@ -4,7 +4,7 @@ The import order below is the order of the CLI's choices, aaac-compare's runs an
 Adding a method is one new module here (docs/method.md, "Adding a method").
 """
 
-from . import rtn, rtn_sym, nf4, gptq, awq, aaac  # noqa: F401  (registration)
+from . import aaac, awq, gptq, nf4, rtn, rtn_sym  # noqa: F401  (registration)
 from .registry import METHODS, LayerOptions, Method, MethodOptions, QuantizedLinear, compared_variants
 
 __all__ = ["METHODS", "LayerOptions", "Method", "MethodOptions", "QuantizedLinear", "compared_variants"]

@@ -143,7 +143,9 @@ def markdown_table() -> str:
     return "\n".join(lines) + "\n"
 
 
-def pack_codebook_layer(codes: torch.Tensor, scales: torch.Tensor, codebooks: torch.Tensor, group_size: int) -> QuantizedLinear:
+def pack_codebook_layer(
+    codes: torch.Tensor, scales: torch.Tensor, codebooks: torch.Tensor, group_size: int
+) -> QuantizedLinear:
     """AAAC format: codes uint8 [N, K], signed fp16 scales [N, K / G], codebooks [2, 16] -> a QuantizedLinear."""
     tensors = {"qweight": pack_indices(codes), "scales": scales.t().contiguous(), "codebooks": codebooks}
     dense = dequantize(tensors["qweight"], tensors["scales"], codebooks, group_size).float()
