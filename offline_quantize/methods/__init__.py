@@ -4,7 +4,11 @@ The import order below is the order of the CLI's choices, aaac-compare's runs an
 Adding a method is one new module here (docs/method.md, "Adding a method").
 """
 
-from . import aaac, awq, gptq, nf4, rtn, rtn_sym  # noqa: F401  (registration)
+# The order of registration is the order users see: keep it, not the alphabet's.
+# isort: off
+from . import rtn, rtn_sym, nf4, gptq, awq, aaac  # noqa: F401
+# isort: on
+
 from .registry import METHODS, LayerOptions, Method, MethodOptions, QuantizedLinear, compared_variants
 
 __all__ = ["METHODS", "LayerOptions", "Method", "MethodOptions", "QuantizedLinear", "compared_variants"]
