@@ -6,6 +6,7 @@ mean(x x^T) (GPTQ's Hessian up to a factor of 2).
 
 import torch
 
+from .statistics import LinearStatistics
 from .uniform_grid import rtn_dequantized
 
 
@@ -25,3 +26,13 @@ def output_error(weight: torch.Tensor, approx: torch.Tensor, second_moment: torc
 def rtn_reference_error(weight: torch.Tensor, mean_square: torch.Tensor, group_size: int) -> float:
     """Asymmetric round-to-nearest's weighted error on the unscaled weight: every report's yardstick."""
     return weighted_error(weight, rtn_dequantized(weight, group_size), mean_square)
+
+
+def layer_errors(weight: torch.Tensor, dense: torch.Tensor, stats: LinearStatistics) -> dict[str, float]:
+    """The layer's weighted error and, where the full second moment was collected, its output error
+    relative to the output energy (the objective GPTQ and AWQ minimise)."""
+    errors = {"weighted_error": weighted_error(weight, dense, stats.mean_square)}
+    if stats.second_moment is not None:
+        energy = output_error(weight, torch.zeros_like(weight), stats.second_moment).clamp_min(1e-30)
+        errors["output_error"] = (output_error(weight, dense, stats.second_moment) / energy).item()
+    return errors

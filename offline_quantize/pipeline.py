@@ -30,11 +30,11 @@ from .calibration import read_texts, token_windows
 from .capture import capture_block_inputs, move
 from .codebooks import CodebookOptions
 from .methods import LayerOptions, MethodOptions
-from .objectives import output_error, rtn_reference_error, weighted_error
+from .objectives import layer_errors, rtn_reference_error
 from .progress import Progress
 from .report import write_report
 from .staging import staging_folder
-from .statistics import LinearStatistics, collect
+from .statistics import collect
 
 
 @dataclass
@@ -168,7 +168,7 @@ def quantize_block(
             **layers.get(f"{prefix}.{name}", {}),  # a linear that AWQ scaling folded into keeps its awq_alpha
             "shape": list(module.weight.shape),
             **result.details,
-            **_errors(weight, result.dense, stats[name]),
+            **layer_errors(weight, result.dense, stats[name]),
             "rtn_weighted_error": rtn_errors[name],
         }
         # What the next block sees is what inference will compute: the stored weights, in the model's dtype.
@@ -261,16 +261,6 @@ def _first_block_inputs(
         hidden=[move(h, device, dtype) for h, _, _ in calls],
         arguments=[(move(args, device, dtype), move(kwargs, device, dtype)) for _, args, kwargs in calls],
     )
-
-
-def _errors(weight: torch.Tensor, dense: torch.Tensor, stats: LinearStatistics) -> dict[str, float]:
-    """The layer's weighted error and, where the full second moment was collected, its output error
-    relative to the output energy (the objective GPTQ and AWQ minimise)."""
-    errors = {"weighted_error": weighted_error(weight, dense, stats.mean_square)}
-    if stats.second_moment is not None:
-        energy = output_error(weight, torch.zeros_like(weight), stats.second_moment).clamp_min(1e-30)
-        errors["output_error"] = (output_error(weight, dense, stats.second_moment) / energy).item()
-    return errors
 
 
 def _error_ratio(layers: dict[str, dict]) -> float:

@@ -23,7 +23,7 @@ TEXTS = ("bbc", "pydoc")
 
 
 @pytest.fixture(scope="module")
-def comparison(tmp_path_factory, smollm2_two_blocks, bbc_text, pydoc_text):
+def comparison(tmp_path_factory, smollm2_two_blocks, small_calib, bbc_text, pydoc_text):
     workdir = tmp_path_factory.mktemp("compare")
     result = run_cli(
         "aaac-compare",
@@ -32,7 +32,7 @@ def comparison(tmp_path_factory, smollm2_two_blocks, bbc_text, pydoc_text):
         "--group-size",
         GROUP,
         "--calib",
-        bbc_text["calib"],
+        small_calib,
         "--nsamples",
         8,
         "--seqlen",

@@ -18,13 +18,6 @@ from offline_quantize.cli import eval_main, quantize_main
 from .conftest import BIN, in_process, tiny_llama
 
 
-@pytest.fixture(scope="module")
-def small_calib(tmp_path_factory, bbc_text):
-    path = tmp_path_factory.mktemp("calib") / "calib.txt"
-    path.write_text(bbc_text["calib"].read_text()[:60_000])
-    return path
-
-
 def fails_with(tmp_path, *args, expect: str) -> str:
     out = tmp_path / "out"
     args = [a if a != "OUT" else out for a in args]
@@ -165,7 +158,7 @@ def test_output_inside_source(tmp_path, source_model):
 
 
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
-def test_interrupt_leaves_nothing(tmp_path, source_model, bbc_text, sig):
+def test_interrupt_leaves_nothing(tmp_path, source_model, small_calib, sig):
     out = tmp_path / "out"
     proc = subprocess.Popen(
         [
@@ -175,7 +168,7 @@ def test_interrupt_leaves_nothing(tmp_path, source_model, bbc_text, sig):
             "--group-size",
             "64",
             "--calib",
-            str(bbc_text["calib"]),
+            str(small_calib),
             "--nsamples",
             "8",
             "--seqlen",

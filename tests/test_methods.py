@@ -11,8 +11,7 @@ from offline_quantize import awq_search
 from offline_quantize.codebooks import NF4, CodebookGrid, nf4_grid
 from offline_quantize.gptq import gptq
 from offline_quantize.methods import LayerOptions, MethodOptions, compared_variants
-from offline_quantize.objectives import output_error
-from offline_quantize.pipeline import _errors
+from offline_quantize.objectives import layer_errors, output_error
 from offline_quantize.source import block_linears
 from offline_quantize.statistics import LinearStatistics
 from offline_quantize.uniform_grid import UniformGrid, rtn_dequantized
@@ -195,7 +194,7 @@ def test_quantize_linear_dense_is_what_the_checkpoint_means():
         layer = LayerOptions("mlp.down_proj", G, options.flags)
         result = options.handler.quantize(weight, stats, layer)
         assert result.dense.shape == (N, K) and torch.isfinite(result.dense).all()
-        assert _errors(weight, result.dense, stats)["output_error"] < 0.05, options.label
+        assert layer_errors(weight, result.dense, stats)["output_error"] < 0.05, options.label
         suffixes = {"qweight", "qzeros", "scales"} if options.format == "awq" else {"qweight", "scales", "codebooks"}
         assert set(result.tensors) == suffixes
 

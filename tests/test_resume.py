@@ -1,5 +1,7 @@
 """A quantization run killed mid-way resumes from its last finished block and writes the same bytes as an
-uninterrupted run; nothing ever appears at the output path before the run completes."""
+uninterrupted run; nothing ever appears at the output path before the run completes.
+
+The runs that are interrupted are processes (a signal is sent to them); the others run in-process."""
 
 import json
 import signal
@@ -9,20 +11,21 @@ from pathlib import Path
 
 import pytest
 
+from offline_quantize.cli import quantize_main
 from offline_quantize.progress import PROGRESS_DIR
 from offline_quantize.report import REPORT_FILE
 from offline_quantize.staging import staging_path
 
-from .conftest import BIN, run_cli, tiny_llama
+from .conftest import BIN, in_process, tiny_llama
 
 LAYERS = 12
 
 
 @pytest.fixture(scope="module")
-def setup(tmp_path_factory, bbc_text) -> tuple[Path, list]:
+def setup(tmp_path_factory, small_calib) -> tuple[Path, list]:
     root = tmp_path_factory.mktemp("resume")
     source = tiny_llama(root / "source", hidden=128, layers=LAYERS)
-    options = ["--group-size", 32, "--calib", bbc_text["calib"], "--nsamples", 8, "--seqlen", 128, "--device", "cpu"]
+    options = ["--group-size", 32, "--calib", small_calib, "--nsamples", 8, "--seqlen", 128, "--device", "cpu"]
     return source, options
 
 
@@ -30,7 +33,7 @@ def setup(tmp_path_factory, bbc_text) -> tuple[Path, list]:
 def uninterrupted(setup, tmp_path_factory) -> Path:
     source, options = setup
     out = tmp_path_factory.mktemp("whole") / "aaac"
-    run_cli("aaac-quantize", source, out, *options)
+    assert in_process(quantize_main, source, out, *options).returncode == 0
     return out
 
 
@@ -68,7 +71,7 @@ def test_killed_run_resumes_to_identical_checkpoint(setup, uninterrupted, tmp_pa
     out = tmp_path / "aaac"
     done, _ = _interrupted_run(source, out, options, signal.SIGKILL, after_blocks=3)
     assert 3 <= done < LAYERS
-    run_cli("aaac-quantize", source, out, *options, "--resume")
+    assert in_process(quantize_main, source, out, *options, "--resume").returncode == 0
     _same_checkpoint(uninterrupted, out)
     report = json.loads((out / REPORT_FILE).read_text())
     assert report["resumed_from_block"] == done
@@ -84,11 +87,9 @@ def test_sigterm_keeps_progress_and_says_how_to_resume(setup, tmp_path):
     assert done >= 2 and state.is_file()
     assert f"progress kept in {staging_path(out)}: rerun with --resume to continue" in stderr
     # Other options cannot continue these blocks.
-    result = run_cli(
-        "aaac-quantize", source, out, *options[:-2], "--device", "cpu", "--seed", 7, "--resume", check=False
-    )
+    result = in_process(quantize_main, source, out, *options[:-2], "--device", "cpu", "--seed", 7, "--resume")
     assert result.returncode == 2 and "used another seed" in result.stderr, result.stderr
     # Without --resume the old progress is discarded and the run starts over.
-    run_cli("aaac-quantize", source, out, *options)
+    assert in_process(quantize_main, source, out, *options).returncode == 0
     assert json.loads((out / REPORT_FILE).read_text())["resumed_from_block"] == 0
     assert not staging_path(out).exists()
