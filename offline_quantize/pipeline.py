@@ -34,7 +34,7 @@ from .objectives import layer_errors, rtn_reference_error
 from .progress import Progress
 from .report import write_report
 from .staging import staging_folder
-from .statistics import collect
+from .statistics import LinearStatistics, collect
 
 
 @dataclass
@@ -111,15 +111,23 @@ def quantize_model(
         bar = tqdm(total=len(blocks), initial=done, desc=settings.method.label, unit="block", dynamic_ncols=True)
         for i in range(done, len(blocks)):
             block_start = time.perf_counter()
-            tensors, layers = quantize_block(model, i, inputs, settings, device, compute_dtype)
-            progress.commit(i, tensors, layers, time.perf_counter() - block_start, inputs.hidden)
+            result = quantize_block(model, i, inputs, settings, device, compute_dtype)
+            progress.commit(i, result.tensors, result.layers, time.perf_counter() - block_start, inputs.hidden)
             bar.update()
-            bar.set_postfix(error_vs_rtn=f"{_error_ratio(layers):.2f}")
+            bar.set_postfix(error_vs_rtn=f"{_error_ratio(result.layers):.2f}")
         bar.close()
         shards = write_checkpoint(source_dir, staging, config, model, linears, progress, settings)
         report = write_report(staging, source_dir, settings, device, progress, shards, start, windows)
         progress.remove()
     return report
+
+
+@dataclass
+class BlockResult:
+    """What one block adds to the checkpoint and to the report."""
+
+    tensors: dict[str, torch.Tensor] = field(default_factory=dict)  # full name -> tensor to store
+    layers: dict[str, dict] = field(default_factory=dict)  # full name -> report entry
 
 
 def quantize_block(
@@ -129,53 +137,76 @@ def quantize_block(
     settings: Settings,
     device: torch.device,
     compute_dtype: torch.dtype,
-) -> tuple[dict[str, torch.Tensor], dict[str, dict]]:
-    """Statistics -> channel scaling -> quantization of block ``index``; ``inputs.hidden`` becomes its outputs.
-
-    Returns the tensors to store (full names) and the report entries of its layers.
-    """
+) -> BlockResult:
+    """Statistics -> channel scaling -> quantization of block ``index``; ``inputs`` become its outputs."""
     blocks = source.decoder_blocks(model)
     prefix = f"{source.blocks_prefix(model, blocks)}.{index}"
     block = blocks[index]
     model_dtype = next(block.parameters()).dtype
     block.to(device=device, dtype=compute_dtype)
     linears = source.block_linears(block)
-    method = settings.method
-    with collect(linears, full=method.needs_second_moment) as accumulators:
+    with collect(linears, full=settings.method.needs_second_moment) as accumulators:
         inputs.feed(block)
     stats = {name: acc.result() for name, acc in accumulators.items()}
     rtn_errors = {  # on the unscaled weights, before AWQ scaling changes them
         name: rtn_reference_error(m.weight.data, stats[name].mean_square, settings.group_size)
         for name, m in linears.items()
     }
-    tensors: dict[str, torch.Tensor] = {}
-    layers: dict[str, dict] = {}
-    if method.scales_channels:
-        for previous, record in scale_block(block, index, linears, stats, settings.group_size).items():
-            module = block.get_submodule(previous)
-            module.weight.data = module.weight.data.to(model_dtype).to(compute_dtype)
-            if not isinstance(module, nn.Linear):  # folded norms are stored; folded linears are quantized next
-                tensors[f"{prefix}.{previous}.weight"] = module.weight.data.to(model_dtype).cpu()
-            layers[f"{prefix}.{previous}"] = {"awq_alpha": record["alpha"], "scales": record["linears"]}
-    for j, (name, module) in enumerate(linears.items()):
-        options = LayerOptions(
-            name, settings.group_size, method.flags, settings.codebooks, settings.seed + 1000 * index + j
-        )
-        weight = module.weight.data.float()
-        result = method.handler.quantize(weight, stats[name], options)
-        tensors.update({f"{prefix}.{name}.{suffix}": t.cpu() for suffix, t in result.tensors.items()})
-        layers[f"{prefix}.{name}"] = {
-            **layers.get(f"{prefix}.{name}", {}),  # a linear that AWQ scaling folded into keeps its awq_alpha
-            "shape": list(module.weight.shape),
-            **result.details,
-            **layer_errors(weight, result.dense, stats[name]),
-            "rtn_weighted_error": rtn_errors[name],
-        }
-        # What the next block sees is what inference will compute: the stored weights, in the model's dtype.
-        module.weight.data = result.dense.to(model_dtype).to(compute_dtype)
+    result = BlockResult()
+    if settings.method.scales_channels:
+        scale_channels(block, index, prefix, linears, stats, settings.group_size, model_dtype, result)
+    quantize_linears(index, prefix, linears, stats, settings, model_dtype, result)
+    for name, error in rtn_errors.items():
+        result.layers[f"{prefix}.{name}"]["rtn_weighted_error"] = error
     inputs.advance(block)
     block.to(device="cpu", dtype=model_dtype)
-    return tensors, layers
+    return result
+
+
+def scale_channels(
+    block: nn.Module,
+    index: int,
+    prefix: str,
+    linears: dict[str, nn.Linear],
+    stats: dict[str, LinearStatistics],
+    group_size: int,
+    model_dtype: torch.dtype,
+    result: BlockResult,
+) -> None:
+    """AWQ's channel scaling of the block, folded into the operations before its linears (``stats`` follow)."""
+    for previous, record in scale_block(block, index, linears, stats, group_size).items():
+        module = block.get_submodule(previous)
+        module.weight.data = module.weight.data.to(model_dtype).to(module.weight.dtype)  # as stored
+        if not isinstance(module, nn.Linear):  # folded norms are stored; folded linears are quantized next
+            result.tensors[f"{prefix}.{previous}.weight"] = module.weight.data.to(model_dtype).cpu()
+        result.layers[f"{prefix}.{previous}"] = {"awq_alpha": record["alpha"], "scales": record["linears"]}
+
+
+def quantize_linears(
+    index: int,
+    prefix: str,
+    linears: dict[str, nn.Linear],
+    stats: dict[str, LinearStatistics],
+    settings: Settings,
+    model_dtype: torch.dtype,
+    result: BlockResult,
+) -> None:
+    """Every linear of the block by the run's method; each weight is then replaced by what inference will
+    compute from the stored tensors (in the model's dtype), which is what the next block is calibrated on."""
+    method = settings.method
+    for j, (name, module) in enumerate(linears.items()):
+        seed = settings.seed + 1000 * index + j
+        options = LayerOptions(name, settings.group_size, method.flags, settings.codebooks, seed)
+        weight = module.weight.data.float()
+        quantized = method.handler.quantize(weight, stats[name], options)
+        result.tensors.update({f"{prefix}.{name}.{suffix}": t.cpu() for suffix, t in quantized.tensors.items()})
+        result.layers[f"{prefix}.{name}"] = {
+            **result.layers.get(f"{prefix}.{name}", {}),  # a linear AWQ scaling folded into keeps its awq_alpha
+            "shape": list(module.weight.shape),
+            **quantized.details,
+            **layer_errors(weight, quantized.dense, stats[name]),
+        }
+        module.weight.data = quantized.dense.to(model_dtype).to(module.weight.dtype)
 
 
 def write_checkpoint(
