@@ -58,17 +58,20 @@ $(MODEL)/config.json: $(STAMP)
 $(TEXT)/bbc-eval.txt $(TEXT)/pydoc-topics.txt &: $(STAMP)
 	$(PY) -m offline_quantize.bundled text $(TEXT)
 
-$(QMODEL)/config.json: $(MODEL)/config.json
+# The AAAC SmolLM2 that the demo shows and the tests serve, evaluate and inspect: made once, and again
+# whenever the quantizer or the format changes.
+QUANTIZER_SOURCES := $(shell find offline_quantize kernels/format -name '*.py')
+$(QMODEL)/config.json: $(MODEL)/config.json $(QUANTIZER_SOURCES)
 	$(VENV)/bin/aaac-quantize $(MODEL) $(QMODEL) --group-size 64 --overwrite
 
 demo: $(KERNELS) $(QMODEL)/config.json $(TEXT)/bbc-eval.txt
 	$(PY) scripts/demo.py --source $(MODEL) --quantized $(QMODEL) --text $(TEXT)/bbc-eval.txt
 
 # Lint and format check first (ruff, configured in pyproject.toml), then the tests with their slowest 15 shown.
-test: $(KERNELS) $(MODEL)/config.json $(TEXT)/bbc-eval.txt $(TEXT)/pydoc-topics.txt
+test: $(KERNELS) $(MODEL)/config.json $(QMODEL)/config.json $(TEXT)/bbc-eval.txt $(TEXT)/pydoc-topics.txt
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
-	AAAC_TEST_MODEL=$(MODEL) AAAC_TEST_TEXT=$(TEXT) $(PY) -m pytest --durations=15
+	AAAC_TEST_MODEL=$(MODEL) AAAC_TEST_QUANTIZED=$(QMODEL) AAAC_TEST_TEXT=$(TEXT) $(PY) -m pytest --durations=15
 
 compare: $(KERNELS) $(MODEL)/config.json $(TEXT)/bbc-eval.txt $(TEXT)/pydoc-topics.txt
 	$(VENV)/bin/aaac-compare $(MODEL) $(COMPARE) --group-size 64 --calib $(TEXT)/bbc-calib.txt \

@@ -5,8 +5,10 @@ import io
 import json
 import os
 import shutil
+import socket
 import subprocess
 import sys
+import time
 from contextlib import contextmanager, redirect_stderr, redirect_stdout
 from pathlib import Path
 
@@ -20,6 +22,7 @@ if not torch.cuda.is_available():
 
 ROOT = Path(__file__).resolve().parents[1]
 MODEL = Path(os.environ.get("AAAC_TEST_MODEL", ROOT / "artifacts" / "SmolLM2-135M-Instruct"))
+QUANTIZED = Path(os.environ.get("AAAC_TEST_QUANTIZED", ROOT / "artifacts" / "SmolLM2-135M-Instruct-aaac-g64"))
 TEXT = Path(os.environ.get("AAAC_TEST_TEXT", ROOT / "artifacts" / "text"))
 BIN = Path(sys.executable).parent
 GROUP_SIZE = 64
@@ -95,23 +98,11 @@ def smollm2_two_blocks(tmp_path_factory, source_model) -> Path:
 
 
 @pytest.fixture(scope="session")
-def quantized(tmp_path_factory, source_model, bbc_text) -> tuple[Path, subprocess.CompletedProcess]:
-    """SmolLM2 quantized once per session with the CLI at group size 64 (and the run's output)."""
-    out = tmp_path_factory.mktemp("aaac") / "smollm2-aaac-g64"
-    result = run_cli(
-        "aaac-quantize",
-        source_model,
-        out,
-        "--group-size",
-        GROUP_SIZE,
-        "--calib",
-        bbc_text["calib"],
-        "--nsamples",
-        32,
-        "--seqlen",
-        512,
-    )
-    return out, result
+def quantized() -> Path:
+    """SmolLM2 quantized by `aaac-quantize SmolLM2 OUT --group-size 64` (default calibration: 128 windows of
+    512 BBC tokens), made by `make` before the tests (as `make demo` shows it) and shared by every test."""
+    assert (QUANTIZED / "config.json").is_file(), f"{QUANTIZED} is missing: run `make test`, which prepares it"
+    return QUANTIZED
 
 
 def random_layer(
@@ -191,15 +182,61 @@ def vllm_engine(model: Path, **kwargs):
 @pytest.fixture(scope="session")
 def smollm2_engine(quantized):
     """The one eager vLLM engine on the AAAC SmolLM2 that the vLLM tests share."""
-    with vllm_engine(quantized[0]) as llm:
+    with vllm_engine(quantized) as llm:
         yield llm
 
 
 @pytest.fixture(scope="session")
-def tiny_quantized(tmp_path_factory, small_calib) -> Path:
-    """A small random Llama whose head counts divide by 2 (for tensor parallel), quantized at group size 32."""
+def tiny_quantize_run(tmp_path_factory, small_calib) -> tuple[Path, Path, subprocess.CompletedProcess]:
+    """A small random Llama whose head counts divide by 2 (for tensor parallel), quantized at group size 32
+    by the aaac-quantize command: (source, checkpoint, the command's output)."""
     root = tmp_path_factory.mktemp("tiny")
     source = tiny_llama(root / "tiny", hidden=128, layers=2)
     out = root / "tiny-aaac-g32"
-    run_cli("aaac-quantize", source, out, "--group-size", 32, "--calib", small_calib, "--nsamples", 8, "--seqlen", 128)
-    return out
+    options = ["--group-size", 32, "--calib", small_calib, "--nsamples", 8, "--seqlen", 128]
+    return source, out, run_cli("aaac-quantize", source, out, *options)
+
+
+@pytest.fixture(scope="session")
+def tiny_quantized(tiny_quantize_run) -> Path:
+    return tiny_quantize_run[1]
+
+
+SERVER_START_TIMEOUT = 900  # torch.compile of the whole model takes minutes on 2 cores
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def server(quantized, tmp_path_factory):
+    """The session's one ``aaac-serve`` of the AAAC SmolLM2 (default compiled mode, bf16) on a free loopback
+    port: (url, process, log file), once it answers /health; killed at the end if still running."""
+    import requests
+
+    log = tmp_path_factory.mktemp("serve") / "server.log"
+    port = _free_port()
+    command = [BIN / "aaac-serve", quantized, "--quantization", "aaac", "--host", "127.0.0.1", "--port", port]
+    command += ["--max-model-len", 1024, "--served-model-name", "smollm2-aaac"]
+    with open(log, "w") as out:
+        process = subprocess.Popen([str(c) for c in command], stdout=out, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + SERVER_START_TIMEOUT
+    try:
+        while True:
+            assert process.poll() is None, f"aaac-serve exited with {process.returncode}:\n{log.read_text()[-3000:]}"
+            assert time.monotonic() < deadline, f"aaac-serve not up after {SERVER_START_TIMEOUT} s"
+            try:
+                if requests.get(f"{url}/health", timeout=5).status_code == 200:
+                    break
+            except requests.ConnectionError:
+                pass
+            time.sleep(2)
+        yield url, process, log
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()

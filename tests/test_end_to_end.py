@@ -1,4 +1,6 @@
-"""SmolLM2 -> AAAC at group size 64 with the real CLI, then loaded and evaluated on held-out BBC text."""
+"""SmolLM2 -> AAAC at group size 64 with the real CLI (made by `make` before the tests, see conftest.quantized),
+then loaded and evaluated on held-out BBC text; the CLI's own output is checked on the small model it
+quantizes for the tests."""
 
 import json
 
@@ -10,6 +12,7 @@ from transformers import AutoTokenizer
 from offline_quantize.evaluate import perplexity
 from offline_quantize.hf_loader import load_causal_lm
 from offline_quantize.source import block_linears, decoder_blocks
+from offline_quantize.staging import staging_path
 from offline_quantize.uniform_grid import rtn_dequantized
 
 from .conftest import GROUP_SIZE, run_cli
@@ -17,15 +20,17 @@ from .conftest import GROUP_SIZE, run_cli
 EVAL_TOKENS = 8192
 
 
-def test_cli_prints_summary_and_progress(quantized):
-    out, result = quantized
+def test_cli_prints_summary_and_progress(tiny_quantize_run):
+    source, out, result = tiny_quantize_run
     assert f"aaac checkpoint (aaac format) written to {out}" in result.stdout
-    assert "210 linear layers" in result.stdout
-    assert "30/30" in result.stderr  # the per-block progress bar reached the end
+    assert "14 linear layers, group size 32" in result.stdout
+    assert "2/2" in result.stderr  # the per-block progress bar reached the end
+    assert "quantization_config" not in json.loads((source / "config.json").read_text())
+    assert sorted(p.name for p in out.parent.iterdir()) == ["tiny", "tiny-aaac-g32"]  # no staging folder left
 
 
 def test_checkpoint_has_documented_tensors_and_config(quantized, source_model):
-    out, _ = quantized
+    out = quantized
     config = json.loads((out / "config.json").read_text())
     quant = config["quantization_config"]
     assert quant == {
@@ -60,9 +65,9 @@ def test_checkpoint_has_documented_tensors_and_config(quantized, source_model):
 
 
 def test_report_is_machine_readable(quantized):
-    out, _ = quantized
+    out = quantized
     report = json.loads((out / "quantization_report.json").read_text())
-    assert report["settings"]["group_size"] == GROUP_SIZE and report["settings"]["calibration_tokens"] == 32 * 512
+    assert report["settings"]["group_size"] == GROUP_SIZE and report["settings"]["calibration_tokens"] == 128 * 512
     assert len(report["layers"]) == 210 and len(report["block_seconds"]) == 30
     summary = report["summary"]
     assert summary["mean_weighted_error"] < 0.75 * summary["mean_rtn_weighted_error"]
@@ -71,8 +76,7 @@ def test_report_is_machine_readable(quantized):
 
 
 def test_source_is_not_modified_and_no_staging_left(quantized, source_model):
-    out, _ = quantized
-    assert not any(p.name.startswith(".") for p in out.parent.iterdir())
+    assert not staging_path(quantized).exists()
     assert "quantization_config" not in json.loads((source_model / "config.json").read_text())
 
 
@@ -82,7 +86,7 @@ def eval_text(bbc_text):
 
 
 def test_perplexity_beats_round_to_nearest(quantized, source_model, eval_text):
-    out, _ = quantized
+    out = quantized
     tokenizer = AutoTokenizer.from_pretrained(source_model)
     aaac_ppl, tokens = perplexity(load_causal_lm(out), tokenizer, eval_text, 2048, EVAL_TOKENS)
     assert tokens == 4 * 2047
@@ -99,7 +103,7 @@ def test_perplexity_beats_round_to_nearest(quantized, source_model, eval_text):
 
 
 def test_aaac_eval_json(quantized, bbc_text):
-    out, _ = quantized
+    out = quantized
     result = run_cli("aaac-eval", out, "--text", bbc_text["eval"], "--seqlen", 512, "--max-tokens", 1024, "--json")
     last = json.loads(result.stdout.strip().splitlines()[-1])
     assert set(last) == {"model", "perplexity", "tokens", "seconds"} and last["model"] == str(out)

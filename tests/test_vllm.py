@@ -80,7 +80,7 @@ def _check_close(reference, candidate, names: list[str], logprob_tol: float) -> 
 
 
 def test_vllm_greedy_matches_reference_dequantizer(smollm2_engine, quantized):
-    path = quantized[0]
+    path = quantized
     tokenizer = AutoTokenizer.from_pretrained(path)
     prompts_ids = [tokenizer(p).input_ids for p in PROMPTS]
     reference = _hf_greedy(load_causal_lm(path, dtype=torch.float32), prompts_ids)
@@ -107,14 +107,34 @@ def test_native_kernels_match_torch_path(smollm2_engine, quantized, monkeypatch)
     # by a step now and then (seen: up to 0.25 in log-probability): the texts must agree, or part at a
     # near tie in at most one prompt.
     assert smollm2_engine.apply_model(cpu_kernel_path) == [native.supported_isas()[-1]]
-    tokenizer = AutoTokenizer.from_pretrained(quantized[0])
+    tokenizer = AutoTokenizer.from_pretrained(quantized)
     prompts_ids = [tokenizer(p).input_ids for p in PROMPTS]
     got = _vllm_greedy(smollm2_engine, prompts_ids)
     monkeypatch.setenv(cpu.ISA_VARIABLE, cpu.TORCH_PATH)
-    with vllm_engine(quantized[0]) as llm:
+    with vllm_engine(quantized) as llm:
         assert llm.apply_model(cpu_kernel_path) == [cpu.TORCH_PATH]
         reference = _vllm_greedy(llm, prompts_ids)
     assert _check_close(reference, got, PROMPTS, logprob_tol=BF16_LOGPROB_TOL) >= len(PROMPTS) - 1
+
+
+def test_batched_answers_equal_solo_answers_in_fp32(quantized, bbc_text):
+    """Concurrent clients put requests of mixed lengths into one batch, so each layer runs at other row
+    counts than alone (other CPU kernels, other sums). In fp32 those rounding differences are far below any
+    gap between tokens: every answer in a batch of 32 must be exactly the one its request gets alone."""
+    from vllm import SamplingParams
+
+    paragraphs = [p.strip().splitlines()[0] for p in bbc_text["eval"].read_text().split("\n\n") if p.strip()]
+    requests = [(paragraphs[i % 8], (8, 16, 32, 48)[i % 4]) for i in range(32)]
+    with vllm_engine(quantized, dtype="float32") as llm:
+
+        def generate(batch):
+            params = [SamplingParams(temperature=0, max_tokens=n) for _, n in batch]
+            outputs = llm.generate([prompt for prompt, _ in batch], params, use_tqdm=False)
+            return [list(o.outputs[0].token_ids) for o in outputs]
+
+        alone = {request: generate([request])[0] for request in set(requests)}
+        batched = generate(requests)
+    assert [alone[request] for request in requests] == batched
 
 
 def test_tensor_parallel_2_matches_1(tiny_quantized, monkeypatch):
