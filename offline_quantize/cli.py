@@ -202,8 +202,9 @@ def _named_file(text: str) -> tuple[str, Path]:
 
 
 def compare_parser() -> argparse.ArgumentParser:
-    from .compare import VARIANTS
+    from .compare import variants
 
+    labels = list(variants())
     p = argparse.ArgumentParser(
         prog="aaac-compare",
         description="Quantize one model with every method and evaluate them side by side "
@@ -222,10 +223,10 @@ def compare_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--methods",
         nargs="+",
-        choices=list(VARIANTS),
-        default=list(VARIANTS),
+        choices=labels,
+        default=labels,
         metavar="METHOD",
-        help=f"variants to run, in order (default: all of {', '.join(VARIANTS)})",
+        help=f"variants to run, in order (default: all of {', '.join(labels)})",
     )
     p.add_argument("--group-size", type=_group_size, default=128, help="input channels per scale (default 128)")
     p.add_argument("--calib", type=Path, nargs="+", default=None, metavar="FILE", help="as for aaac-quantize")

@@ -23,9 +23,12 @@ from .evaluate import evaluation_device, perplexity
 from .methods import compared_variants
 from .methods.registry import FORMATS
 
-# label -> aaac-quantize options (None: the source model itself), from the method registry.
-VARIANTS: dict[str, list[str] | None] = {"bf16": None, **{v.label: v.arguments for v in compared_variants()}}
 BASELINE, YARDSTICK = "bf16", "rtn"  # gaps are to bf16, and as a fraction of asymmetric RTN's gap
+
+
+def variants() -> dict[str, list[str] | None]:
+    """Label -> aaac-quantize options of every variant, from the method registry (None: the source itself)."""
+    return {BASELINE: None, **{v.label: v.arguments for v in compared_variants()}}
 
 
 def quantize_variant(label: str, source: Path, output: Path, options: list[str], reuse: bool) -> dict:
@@ -70,7 +73,7 @@ def run(
     methods: dict[str, dict] = {}
     folders: dict[str, Path] = {}
     for label in labels:
-        options = VARIANTS[label]
+        options = variants()[label]
         if options is None:
             folders[label] = source
             methods[label] = {"format": "unquantized", "quantize_seconds": 0.0}

@@ -13,7 +13,7 @@ import torch
 from safetensors import safe_open
 from transformers import AutoTokenizer
 
-from offline_quantize.compare import VARIANTS
+from offline_quantize.compare import variants
 from offline_quantize.hf_loader import load_causal_lm
 
 from .conftest import run_cli, vllm_engine
@@ -50,7 +50,7 @@ def comparison(tmp_path_factory, smollm2_two_blocks, small_calib, bbc_text, pydo
 
 def test_results_cover_every_method_and_text(comparison):
     workdir, results, stdout = comparison
-    assert list(results["methods"]) == list(VARIANTS)
+    assert list(results["methods"]) == list(variants())
     assert results["texts"]["bbc"]["tokens"] == results["texts"]["pydoc"]["tokens"] == 4 * 511
     for label, entry in results["methods"].items():
         for text in TEXTS:
@@ -68,7 +68,7 @@ def test_results_cover_every_method_and_text(comparison):
 
     table = (workdir / "results.md").read_text()
     assert table.splitlines()[0].startswith("| method | bbc ppl | bbc gap / RTN gap | pydoc ppl |")
-    for label in VARIANTS:
+    for label in variants():
         assert f"| {label} |" in table
     assert table in stdout
     assert (workdir / "results.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -8,9 +8,12 @@ from transformers.models.llama.modeling_llama import LlamaDecoderLayer, LlamaRot
 from aaac_kernels.format import awq as awq_format
 from aaac_kernels.format.errors import AAACError
 from offline_quantize import awq_search
+from offline_quantize.cli import quantize_parser
 from offline_quantize.codebooks import NF4, CodebookGrid, nf4_grid
+from offline_quantize.compare import variants
 from offline_quantize.gptq import gptq
-from offline_quantize.methods import LayerOptions, MethodOptions, compared_variants
+from offline_quantize.methods import METHODS, LayerOptions, Method, MethodOptions, compared_variants
+from offline_quantize.methods.registry import Flag, markdown_table, register
 from offline_quantize.objectives import layer_errors, output_error
 from offline_quantize.source import block_linears
 from offline_quantize.statistics import LinearStatistics
@@ -212,3 +215,30 @@ def test_quantize_linear_dense_is_what_the_checkpoint_means():
 def test_method_options_refuse_meaningless_combinations(options, message):
     with pytest.raises(AAACError, match=message):
         options.check()
+
+
+def test_a_registered_method_reaches_the_cli_compare_and_docs_table():
+    """Adding a method is one module: registering it is all the CLI, aaac-compare and the docs table need."""
+
+    class Halves(Method):
+        name = "halves"
+        help = "every weight rounded to a multiple of half its group's absmax (a test method)"
+        format = "aaac"
+        flags = (Flag("coarse", "coarse", "a flag of the test method"),)
+        compared = (frozenset(), frozenset({"coarse"}))
+
+        def quantize(self, weight, stats, options):
+            raise NotImplementedError
+
+    register(Halves)
+    try:
+        parser = quantize_parser()
+        assert parser.parse_args(["src", "out", "--method", "halves", "--coarse"]).coarse
+        assert list(variants())[-2:] == ["halves", "halves+coarse"]
+        assert variants()["halves+coarse"] == ["--method", "halves", "--coarse"]
+        assert "| `halves` | every weight rounded" in markdown_table()
+        assert "--coarse applies to --method halves, not aaac" in str(
+            pytest.raises(AAACError, MethodOptions("aaac", {"coarse"}).check).value
+        )
+    finally:
+        del METHODS["halves"]
