@@ -13,5 +13,5 @@ Data flows through its modules in this order:
 * ``errors``     ``AAACError``, the one error type for bad input.
 
 The quantizer writes through it; the vLLM backend, the kernels and ``aaac-eval`` read through it. It
-imports neither ``offline_quantize`` nor ``aaac_vllm``.
+imports neither the quantizer nor the vLLM backend (tests/test_architecture.py guards this).
 """
