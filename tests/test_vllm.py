@@ -137,13 +137,20 @@ def test_batched_answers_equal_solo_answers_in_fp32(quantized, bbc_text):
     assert [alone[request] for request in requests] == batched
 
 
-def test_tensor_parallel_2_matches_1(tiny_quantized, monkeypatch):
+def test_tensor_and_pipeline_parallel_2_match_1_rank(tiny_quantized, monkeypatch):
     monkeypatch.setenv("VLLM_CPU_OMP_THREADS_BIND", "0|1")  # one NUMA node here: one core per rank
     prompts_ids = [[1, 2, 3, 4, 5], [100, 2000, 30000, 17], [4000, 4001, 4002, 4003, 4004, 4005, 4006]]
+    runs = {
+        "1 rank": {},
+        "tensor parallel 2": {"tensor_parallel_size": 2},
+        # vLLM 0.32's CPU build runs pipeline parallel only in compiled mode (docs/vllm.md).
+        "pipeline parallel 2": {"pipeline_parallel_size": 2, "enforce_eager": False},
+    }
     results = {}
-    for tp in (1, 2):
-        with vllm_engine(tiny_quantized, tensor_parallel_size=tp, dtype="float32") as llm:
-            results[tp] = _vllm_greedy(llm, prompts_ids)
-    # fp32 throughout: the ranks only change the order of the sums in the all-reduce.
-    identical = _check_close(results[1], results[2], [str(p) for p in prompts_ids], logprob_tol=1e-3)
-    assert identical == len(prompts_ids)
+    for name, options in runs.items():
+        with vllm_engine(tiny_quantized, dtype="float32", **options) as llm:
+            results[name] = _vllm_greedy(llm, prompts_ids)
+    # fp32 throughout: the ranks only change the order of sums (the all-reduce) or where layers run.
+    for name in list(runs)[1:]:
+        identical = _check_close(results["1 rank"], results[name], [str(p) for p in prompts_ids], logprob_tol=1e-3)
+        assert identical == len(prompts_ids), name
