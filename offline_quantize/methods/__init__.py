@@ -1,14 +1,15 @@
-"""The quantization methods, one module each; importing this package registers them all.
-
-The import order below is the order of the CLI's choices, aaac-compare's runs and docs/method.md's table.
-Adding a method is one new module here (docs/method.md, "Adding a method").
+"""The quantization methods, one module each. Importing this package imports every module in it, and so
+registers every method (in the order of their module names: the CLI's choices, aaac-compare's runs and
+docs/method.md's table follow it). Adding a method is one new module here (docs/method.md, "Adding a method").
 """
 
-# The order of registration is the order users see: keep it, not the alphabet's.
-# isort: off
-from . import rtn, rtn_sym, nf4, gptq, awq, aaac  # noqa: F401
-# isort: on
+import importlib
+import pkgutil
 
 from .registry import METHODS, LayerOptions, Method, MethodOptions, QuantizedLinear, compared_variants
+
+for _module in pkgutil.iter_modules(__path__):
+    if _module.name != "registry":
+        importlib.import_module(f"{__name__}.{_module.name}")
 
 __all__ = ["METHODS", "LayerOptions", "Method", "MethodOptions", "QuantizedLinear", "compared_variants"]
