@@ -1,9 +1,11 @@
-"""Run a checkpoint in transformers: a plain one as it is, an AAAC or AWQ-format one made dense here.
+"""Run a checkpoint in transformers: a plain one as it is, an AAAC one packed, an AWQ-format one made dense.
 
-This is the ground-truth execution of an AAAC checkpoint: every quantized
-linear gets the dense weight ``aaac_kernels.format.reference.dequantize`` defines.
-AWQ-format checkpoints (the uniform-grid baselines) get ``aaac_kernels.format.awq.dequantize``,
-so comparing methods needs neither AutoAWQ nor a GPU.
+``load_causal_lm`` is what ``aaac-eval`` runs: an AAAC checkpoint loads through ``aaac_kernels.hf``
+(its 4-bit tensors kept, every quantized linear computed by ``torch.ops.aaac.linear``, as in vLLM).
+``load_reference`` is the ground truth every faster path is tested against: every quantized linear gets
+the dense weight ``aaac_kernels.format.reference.dequantize`` defines. AWQ-format checkpoints (the
+uniform-grid baselines) get the dense weight ``aaac_kernels.format.awq.dequantize`` defines in both, so
+comparing methods needs neither AutoAWQ nor a GPU.
 """
 
 from pathlib import Path
@@ -21,6 +23,22 @@ from aaac_kernels.format.verify import verify_checkpoint
 
 
 def load_causal_lm(path: Path, dtype: torch.dtype = torch.float32, device: str = "cpu") -> nn.Module:
+    """The model at ``path`` for inference, after the checks a loader makes (docs/reliability.md)."""
+    path = Path(path)
+    _, quant = read_quant_config(path)
+    if not quant:
+        return load_reference(path, dtype, device)
+    verify_checkpoint(path, quant["group_size"])  # names the damaged file or tensor before any work is done
+    from transformers import AutoModelForCausalLM
+
+    import aaac_kernels.hf  # noqa: F401  registers the aaac method with transformers
+
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, device_map=device, use_safetensors=True)
+    return model.eval()
+
+
+def load_reference(path: Path, dtype: torch.dtype = torch.float32, device: str = "cpu") -> nn.Module:
+    """The model at ``path`` with every quantized linear made dense by its format's reference dequantizer."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
     path = Path(path)

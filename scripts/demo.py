@@ -53,7 +53,7 @@ def main() -> None:
         ppl, tokens = perplexity(models[name], tokenizer, text, args.seqlen, args.max_tokens)
         print(f"perplexity {name:5s}  {ppl:8.3f}   ({tokens} held-out BBC tokens, {time.perf_counter() - start:.0f} s)")
 
-    print("\ncompletions from the AAAC model (greedy, reference dequantizer in transformers):")
+    print("\ncompletions from the AAAC model (greedy, in transformers with the AAAC kernels):")
     for prompt in PROMPTS:
         chat = [{"role": "user", "content": prompt}]
         ids = tokenizer.apply_chat_template(chat, add_generation_prompt=True, return_tensors="pt", return_dict=True)

@@ -6,7 +6,7 @@ from transformers import AutoTokenizer
 from aaac_kernels import cpu
 from aaac_kernels.linear import native
 from aaac_vllm.linear_method import cpu_kernel_path
-from offline_quantize.hf_loader import load_causal_lm
+from offline_quantize.hf_loader import load_reference
 
 from .conftest import vllm_engine
 
@@ -83,7 +83,7 @@ def test_vllm_greedy_matches_reference_dequantizer(smollm2_engine, quantized):
     path = quantized
     tokenizer = AutoTokenizer.from_pretrained(path)
     prompts_ids = [tokenizer(p).input_ids for p in PROMPTS]
-    reference = _hf_greedy(load_causal_lm(path, dtype=torch.float32), prompts_ids)
+    reference = _hf_greedy(load_reference(path, dtype=torch.float32), prompts_ids)
     got = _vllm_greedy(smollm2_engine, prompts_ids)
     # bf16 activations and logits in vLLM against fp32 in the reference: most log-probabilities differ by a
     # few hundredths, a few by up to 0.25 (one step of a bf16 logit between 16 and 32 is 0.125).

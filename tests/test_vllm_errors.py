@@ -1,9 +1,9 @@
 """Damaged, inconsistent and hostile AAAC checkpoints are refused at load, naming the file and tensor or field
-at fault, by vLLM and by the reference loader (aaac-eval), before either reads a tensor into a model.
+at fault, by vLLM and by the transformers loader (aaac-eval), before either reads a tensor into a model.
 
 Each case damages a copy of a small quantized checkpoint. Cases that change tensors or headers rewrite the
 manifest too, so that the check behind the manifest is the one under test; the manifest cases leave it stale.
-The reference loader is tried in-process on every case, and ``aaac-eval`` once, as a process, on all of them.
+The transformers loader is tried in-process on every case, and ``aaac-eval`` once, as a process, on all of them.
 """
 
 import json
@@ -218,7 +218,7 @@ def test_vllm_refuses_broken_checkpoint(broken):
             pass
 
 
-def test_reference_loader_refuses_broken_checkpoint(broken):
+def test_transformers_loader_refuses_broken_checkpoint(broken):
     folder, message = broken
     with pytest.raises(AAACError, match=message):
         load_causal_lm(folder)
