@@ -68,6 +68,11 @@ def quantize_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="seed for window choice and codebook initialisation")
     p.add_argument("--overwrite", action="store_true", help="replace OUTPUT if it exists")
     p.add_argument(
+        "--trust-remote-code",
+        action="store_true",
+        help="run the model's own Python code (auto_map in its config.json); off unless you trust the model",
+    )
+    p.add_argument(
         "--resume",
         action="store_true",
         help="continue an interrupted run (same source and options) from its last finished block",
@@ -94,6 +99,7 @@ def _quantize(argv) -> None:
         seed=args.seed,
         calib=args.calib or [default_calibration()],
         method=method,
+        trust_remote_code=args.trust_remote_code,
     )
     try:
         report = quantize_model(args.source, args.output, settings, overwrite=args.overwrite, resume=args.resume)
@@ -143,6 +149,7 @@ def eval_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-tokens", type=_positive, default=None, help="evaluate at most this many tokens")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     p.add_argument("--json", action="store_true", help="after each model's line, a JSON line with its figures")
+    p.add_argument("--trust-remote-code", action="store_true", help="as for aaac-quantize")
     return p
 
 
@@ -175,8 +182,9 @@ def _eval_one(model_dir: Path, text: str, args, device: str, dtype) -> None:
     from .hf_loader import load_causal_lm
 
     read_quant_config(model_dir)  # a model folder, and an AAAC format this code reads
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    model = load_causal_lm(model_dir, dtype=dtype, device=device)
+    trust = args.trust_remote_code
+    model = load_causal_lm(model_dir, dtype=dtype, device=device, trust_remote_code=trust)
+    tokenizer = AutoTokenizer.from_pretrained(model_dir, trust_remote_code=trust)
     start = time.perf_counter()
     ppl, tokens = perplexity(model, tokenizer, text, args.seqlen, args.max_tokens)
     seconds = time.perf_counter() - start

@@ -14,38 +14,50 @@ import torch
 from torch import nn
 
 from aaac_kernels.format import awq as awq_format
-from aaac_kernels.format.config import read_config, read_quant_config
+from aaac_kernels.format.config import read_quant_config
 from aaac_kernels.format.errors import AAACError
 from aaac_kernels.format.files import read_tensors
 from aaac_kernels.format.manifest import verify_manifest
 from aaac_kernels.format.reference import dequantize
 from aaac_kernels.format.verify import verify_checkpoint
 
+from .source import check_remote_code
 
-def load_causal_lm(path: Path, dtype: torch.dtype = torch.float32, device: str = "cpu") -> nn.Module:
+
+def load_causal_lm(
+    path: Path, dtype: torch.dtype = torch.float32, device: str = "cpu", trust_remote_code: bool = False
+) -> nn.Module:
     """The model at ``path`` for inference, after the checks a loader makes (docs/reliability.md)."""
     path = Path(path)
-    _, quant = read_quant_config(path)
+    config, quant = read_quant_config(path)
+    check_remote_code(path, config, trust_remote_code)
     if not quant:
-        return load_reference(path, dtype, device)
+        return load_reference(path, dtype, device, trust_remote_code)
     verify_checkpoint(path, quant["group_size"])  # names the damaged file or tensor before any work is done
     from transformers import AutoModelForCausalLM
 
     import aaac_kernels.hf  # noqa: F401  registers the aaac method with transformers
 
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, device_map=device, use_safetensors=True)
+    model = AutoModelForCausalLM.from_pretrained(
+        path, dtype=dtype, device_map=device, use_safetensors=True, trust_remote_code=trust_remote_code
+    )
     return model.eval()
 
 
-def load_reference(path: Path, dtype: torch.dtype = torch.float32, device: str = "cpu") -> nn.Module:
+def load_reference(
+    path: Path, dtype: torch.dtype = torch.float32, device: str = "cpu", trust_remote_code: bool = False
+) -> nn.Module:
     """The model at ``path`` with every quantized linear made dense by its format's reference dequantizer."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
     path = Path(path)
-    _, quant = read_quant_config(path)
-    awq = read_config(path).get("quantization_config", {}).get("quant_method") == "awq"
+    config_json, quant = read_quant_config(path)
+    check_remote_code(path, config_json, trust_remote_code)
+    awq = config_json.get("quantization_config", {}).get("quant_method") == "awq"
     if not quant and not awq:
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, device_map=device, use_safetensors=True)
+        model = AutoModelForCausalLM.from_pretrained(
+            path, dtype=dtype, device_map=device, use_safetensors=True, trust_remote_code=trust_remote_code
+        )
         return model.eval()
 
     if awq:
@@ -54,13 +66,13 @@ def load_reference(path: Path, dtype: torch.dtype = torch.float32, device: str =
         verify_checkpoint(path, quant["group_size"])  # names the damaged file or tensor before any work is done
     from accelerate import init_empty_weights
 
-    config = AutoConfig.from_pretrained(path)
+    config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
     if hasattr(config, "quantization_config"):
         del config.quantization_config  # the weights are made dense here, with no quantization library
     # Parameters on the meta device (no random init of weights about to be replaced); buffers such as
     # rotary tables stay real.
     with init_empty_weights():
-        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype, trust_remote_code=trust_remote_code)
     state = dense_state_dict(path, None if awq else quant["group_size"], dtype)
     result = model.load_state_dict(state, strict=False, assign=True)
     if result.unexpected_keys:

@@ -47,6 +47,7 @@ class Settings:
     calib: list[Path] = field(default_factory=list)
     batch_size: int = 8
     max_shard_bytes: int = 4 << 30
+    trust_remote_code: bool = False
     codebooks: CodebookOptions = field(default_factory=CodebookOptions)
     method: MethodOptions = field(default_factory=MethodOptions)
 
@@ -87,12 +88,13 @@ def quantize_model(
     finished block, and writes the same bytes an uninterrupted run would.
     """
     start = time.perf_counter()
+    config = source.check_source(source_dir, settings.trust_remote_code)
     source_dir, output = source_dir.resolve(), output.resolve()
-    config = _check_paths(source_dir, output, overwrite)
+    _check_output(source_dir, output, overwrite)
     settings.method.check()
     device = resolve_device(settings.device)
     windows = calibration_windows(source_dir, settings)
-    model = source.load_model(source_dir)
+    model = source.load_model(source_dir, settings.trust_remote_code)
     linears = _check_model(model, source_dir, settings.group_size)
     blocks = source.decoder_blocks(model)
     # CPUs without native bf16 matmul are far faster in fp32; GPUs compute in the model's dtype.
@@ -247,7 +249,7 @@ def calibration_windows(source_dir: Path, settings: Settings) -> torch.Tensor:
     texts = read_texts(settings.calib)
     if not texts:
         raise AAACError(f"calibration data is empty: no text in {', '.join(map(str, settings.calib))}")
-    tokenizer = AutoTokenizer.from_pretrained(source_dir)
+    tokenizer = AutoTokenizer.from_pretrained(source_dir, trust_remote_code=settings.trust_remote_code)
     return token_windows(texts, tokenizer, settings.nsamples, settings.seqlen, settings.seed)
 
 
@@ -259,14 +261,11 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def _check_paths(source_dir: Path, output: Path, overwrite: bool) -> dict:
-    """The source's config.json, after checking the source folder and where the output goes."""
-    config = source.check_source(source_dir)
+def _check_output(source_dir: Path, output: Path, overwrite: bool) -> None:
     if output == source_dir or source_dir.is_relative_to(output) or output.is_relative_to(source_dir):
         raise AAACError(f"output folder {output} must be outside the source model folder {source_dir}")
     if output.exists() and not overwrite:
         raise AAACError(f"output folder {output} already exists; pass --overwrite to replace it")
-    return config
 
 
 def _check_model(model: nn.Module, source_dir: Path, group_size: int) -> dict[str, nn.Linear]:

@@ -10,11 +10,17 @@ from aaac_kernels.format.config import read_config
 from aaac_kernels.format.errors import AAACError
 
 
-def check_source(path: Path) -> dict:
+def check_source(path: Path, trust_remote_code: bool = False) -> dict:
     """Validate an HF model folder with safetensors weights; return its config.json."""
     if not path.is_dir():
+        if not path.exists() and _looks_like_a_hub_name(str(path)):
+            raise AAACError(
+                f"source model folder {path} does not exist; hub names are not downloaded (the quantizer reads "
+                f"local folders): fetch it first, e.g. `huggingface-cli download {path} --local-dir DIR`, and pass DIR"
+            )
         raise AAACError(f"source model folder {path} does not exist")
     config = read_config(path)
+    check_remote_code(path, config, trust_remote_code)
     if not weight_files(path):
         raise AAACError(
             f"{path} has no safetensors weights (model.safetensors or model-*.safetensors); "
@@ -44,11 +50,28 @@ def tensor_names(path: Path) -> set[str]:
     return names
 
 
-def load_model(path: Path) -> nn.Module:
+def check_remote_code(path: Path, config: dict, trust_remote_code: bool) -> None:
+    """Refuse a model whose config names its own Python code (``auto_map``) unless the user trusts it."""
+    if config.get("auto_map") and not trust_remote_code:
+        raise AAACError(
+            f"{path / 'config.json'} names the model's own Python code (auto_map); "
+            "pass --trust-remote-code to run it, if you trust it"
+        )
+
+
+def _looks_like_a_hub_name(text: str) -> bool:
+    """``org/name`` as the Hugging Face hub spells repositories (not ./x, /x, x/y/z or a file name)."""
+    parts = text.split("/")
+    return len(parts) == 2 and all(parts) and not text.startswith(".") and "\\" not in text
+
+
+def load_model(path: Path, trust_remote_code: bool = False) -> nn.Module:
     """The source causal LM on the CPU, in its own dtype."""
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(path, dtype="auto", device_map="cpu", use_safetensors=True)
+    model = AutoModelForCausalLM.from_pretrained(
+        path, dtype="auto", device_map="cpu", use_safetensors=True, trust_remote_code=trust_remote_code
+    )
     model.eval()
     model.config.use_cache = False
     return model

@@ -10,6 +10,7 @@ import shutil
 import signal
 import subprocess
 import time
+from pathlib import Path
 
 import pytest
 
@@ -215,3 +216,46 @@ def test_eval_refuses_unknown_format_version(tmp_path, source_model):
 def test_eval_text_missing(tmp_path, source_model):
     result = in_process(eval_main, source_model, "--text", tmp_path / "none.txt")
     assert result.returncode == 2 and f"text file {tmp_path / 'none.txt'} does not exist" in result.stderr
+
+
+def test_hub_name_says_it_is_not_downloaded(tmp_path):
+    fails_with(
+        tmp_path, "HuggingFaceTB/SmolLM2-135M", "OUT", expect="hub names are not downloaded (the quantizer reads"
+    )
+
+
+def _remote_code_model(folder: Path) -> Path:
+    """A tiny Llama whose config names its own code (auto_map), as models on the hub that need
+    trust_remote_code do."""
+    tiny_llama(folder)
+    (folder / "configuration_tiny.py").write_text(
+        "from transformers import LlamaConfig\n\n\nclass TinyConfig(LlamaConfig):\n    model_type = 'tiny-remote'\n"
+    )
+    (folder / "modeling_tiny.py").write_text(
+        "from transformers import LlamaForCausalLM\n\nfrom .configuration_tiny import TinyConfig\n\n\n"
+        "class TinyForCausalLM(LlamaForCausalLM):\n    config_class = TinyConfig\n"
+    )
+    config = json.loads((folder / "config.json").read_text())
+    config["model_type"] = "tiny-remote"
+    config["auto_map"] = {
+        "AutoConfig": "configuration_tiny.TinyConfig",
+        "AutoModelForCausalLM": "modeling_tiny.TinyForCausalLM",
+    }
+    (folder / "config.json").write_text(json.dumps(config))
+    return folder
+
+
+def test_remote_code_runs_only_when_trusted(tmp_path, small_calib):
+    src = _remote_code_model(tmp_path / "src")
+    options = ["--group-size", 32, "--calib", small_calib, "--nsamples", 2, "--seqlen", 64]
+    fails_with(tmp_path, src, "OUT", *options, expect="pass --trust-remote-code to run it, if you trust it")
+    out = tmp_path / "out"
+    result = in_process(quantize_main, src, out, *options, "--trust-remote-code")
+    assert result.returncode == 0, result.stderr
+    assert (out / "modeling_tiny.py").is_file() and "auto_map" in json.loads((out / "config.json").read_text())
+    text = tmp_path / "t.txt"
+    text.write_text(small_calib.read_text()[:5000])
+    refused = in_process(eval_main, out, "--text", text, "--seqlen", 64)
+    assert refused.returncode == 2 and "pass --trust-remote-code" in refused.stderr
+    evaluated = in_process(eval_main, out, "--text", text, "--seqlen", 64, "--trust-remote-code")
+    assert evaluated.returncode == 0 and "perplexity" in evaluated.stdout, evaluated.stderr
