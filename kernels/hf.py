@@ -5,7 +5,7 @@
 ``AutoModelForCausalLM.from_pretrained(aaac_checkpoint)`` loads every quantized linear as an
 ``AAACLinear`` that keeps the checkpoint's 4-bit tensors, turns them into the layout of its device's
 kernels once the weights are loaded, and computes through ``torch.ops.aaac.linear``: the same op and
-kernels as in vLLM, never a dense copy of the weight. The layout is made for the device the model is
+kernels as in vLLM, with no dense copy of the weight kept. The layout is made for the device the model is
 loaded on (``device_map``); moving the model afterwards is not supported. Such a model runs inference;
 it cannot be trained or saved again.
 """
@@ -59,7 +59,7 @@ class AAACLinear(nn.Module):
             torch.empty(NUM_CODEBOOKS, CODEBOOK_SIZE, dtype=torch.float16, device=device), False
         )
         self.bias = nn.Parameter(torch.empty(out_features, dtype=dtype, device=device), False) if bias else None
-        self.layout: tuple[torch.Tensor, ...] | None = None
+        self.prepared = False
 
     def prepare(self) -> None:
         """Checkpoint tensors -> the kernels' layout (docs/kernels.md), which replaces them."""
@@ -67,10 +67,10 @@ class AAACLinear(nn.Module):
         del self.qweight, self.scales, self.codebooks
         for name, tensor in zip(("qweight", "scales", "codebooks"), layout):
             self.register_buffer(name, tensor, persistent=False)
-        self.layout = layout
+        self.prepared = True
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.layout is None:
+        if not self.prepared:
             raise RuntimeError("AAACLinear.prepare() was not called after its tensors were loaded")
         return torch.ops.aaac.linear(x, self.qweight, self.scales, self.codebooks, [self.out_features], self.bias)
 

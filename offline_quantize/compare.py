@@ -72,8 +72,9 @@ def run(
     # All quantization first, then all evaluation: each method's timing is taken with nothing else running.
     methods: dict[str, dict] = {}
     folders: dict[str, Path] = {}
+    options_of = variants()
     for label in labels:
-        options = variants()[label]
+        options = options_of[label]
         if options is None:
             folders[label] = source
             methods[label] = {"format": "unquantized", "quantize_seconds": 0.0}

@@ -29,19 +29,14 @@ def load_causal_lm(
 ) -> nn.Module:
     """The model at ``path`` for inference, after the checks a loader makes (docs/reliability.md)."""
     path = Path(path)
-    config, quant = read_quant_config(path)
-    check_remote_code(path, config, trust_remote_code)
+    config_json, quant = read_quant_config(path)
     if not quant:
         return load_reference(path, dtype, device, trust_remote_code)
+    check_remote_code(path, config_json, trust_remote_code)
     verify_checkpoint(path, quant["group_size"])  # names the damaged file or tensor before any work is done
-    from transformers import AutoModelForCausalLM
-
     import aaac_kernels.hf  # noqa: F401  registers the aaac method with transformers
 
-    model = AutoModelForCausalLM.from_pretrained(
-        path, dtype=dtype, device_map=device, use_safetensors=True, trust_remote_code=trust_remote_code
-    )
-    return model.eval()
+    return _from_pretrained(path, dtype, device, trust_remote_code)
 
 
 def load_reference(
@@ -55,10 +50,7 @@ def load_reference(
     check_remote_code(path, config_json, trust_remote_code)
     awq = config_json.get("quantization_config", {}).get("quant_method") == "awq"
     if not quant and not awq:
-        model = AutoModelForCausalLM.from_pretrained(
-            path, dtype=dtype, device_map=device, use_safetensors=True, trust_remote_code=trust_remote_code
-        )
-        return model.eval()
+        return _from_pretrained(path, dtype, device, trust_remote_code)
 
     if awq:
         verify_manifest(path)
@@ -82,6 +74,16 @@ def load_reference(
     if missing:
         raise AAACError(f"{path}: tensors missing from the checkpoint: {', '.join(missing[:3])}")
     return model.to(device).eval()
+
+
+def _from_pretrained(path: Path, dtype: torch.dtype, device: str, trust_remote_code: bool) -> nn.Module:
+    """A plain or AAAC checkpoint as transformers loads it (AAAC through ``aaac_kernels.hf``)."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(
+        path, dtype=dtype, device_map=device, use_safetensors=True, trust_remote_code=trust_remote_code
+    )
+    return model.eval()
 
 
 def dense_state_dict(path: Path, group_size: int | None, dtype: torch.dtype) -> dict[str, torch.Tensor]:

@@ -97,6 +97,7 @@ def quantize_model(
     model = source.load_model(source_dir, settings.trust_remote_code)
     linears = _check_model(model, source_dir, settings.group_size)
     blocks = source.decoder_blocks(model)
+    prefix = source.blocks_prefix(model, blocks)
     # CPUs without native bf16 matmul are far faster in fp32; GPUs compute in the model's dtype.
     compute_dtype = torch.float32 if device.type == "cpu" else next(blocks[0].parameters()).dtype
     fingerprint = {
@@ -113,7 +114,7 @@ def quantize_model(
         bar = tqdm(total=len(blocks), initial=done, desc=settings.method.label, unit="block", dynamic_ncols=True)
         for i in range(done, len(blocks)):
             block_start = time.perf_counter()
-            result = quantize_block(model, i, inputs, settings, device, compute_dtype)
+            result = quantize_block(blocks[i], f"{prefix}.{i}", i, inputs, settings, device, compute_dtype)
             progress.commit(i, result.tensors, result.layers, time.perf_counter() - block_start, inputs.hidden)
             bar.update()
             bar.set_postfix(error_vs_rtn=f"{_error_ratio(result.layers):.2f}")
@@ -133,17 +134,16 @@ class BlockResult:
 
 
 def quantize_block(
-    model: nn.Module,
+    block: nn.Module,
+    prefix: str,
     index: int,
     inputs: BlockInputs,
     settings: Settings,
     device: torch.device,
     compute_dtype: torch.dtype,
 ) -> BlockResult:
-    """Statistics -> channel scaling -> quantization of block ``index``; ``inputs`` become its outputs."""
-    blocks = source.decoder_blocks(model)
-    prefix = f"{source.blocks_prefix(model, blocks)}.{index}"
-    block = blocks[index]
+    """Statistics -> channel scaling -> quantization of block ``index`` (named ``prefix`` in the model);
+    ``inputs`` become its outputs."""
     model_dtype = next(block.parameters()).dtype
     block.to(device=device, dtype=compute_dtype)
     linears = source.block_linears(block)
