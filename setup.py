@@ -19,6 +19,7 @@ SOURCES = [
     "kernel_avx512.cpp",
     "kernel_avx512_bf16.cpp",
     "kernel_amx.cpp",
+    "nearest.cpp",
 ]
 
 

@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from aaac_kernels.encode import nearest
 from aaac_kernels.format.layout import CODEBOOK_SIZE, NUM_CODEBOOKS, encode_scales
 
 
@@ -57,12 +58,6 @@ class LayerResult:
     codebook1_share: float  # fraction of groups on C1
 
 
-def _nearest(u: torch.Tensor, codebook: torch.Tensor) -> torch.Tensor:
-    """Index of the nearest entry of a sorted 1-D codebook, for every element of u."""
-    midpoints = (codebook[1:] + codebook[:-1]) * 0.5
-    return torch.bucketize(u, midpoints)
-
-
 def _normalize(w: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     """w / scale per group, with zero-scale groups (all-zero weights) mapped to 0."""
     safe = torch.where(scale > 0, scale, torch.ones_like(scale))
@@ -80,8 +75,8 @@ def _group_errors(
     u = _normalize(w, scale)
     errors, indices = [], []
     for codebook in codebooks:
-        idx = _nearest(u, codebook)
-        diff = w - codebook[idx] * scale
+        idx, values = nearest(u, codebook)
+        diff = w - values * scale
         errors.append((diff * diff * mean_square).sum(dim=-1))
         indices.append(idx)
     return torch.stack(errors), torch.stack(indices)
@@ -263,8 +258,9 @@ class CodebookGrid:
         """(codes uint8, dequantized fp32) of ``w`` under ``params`` (broadcast against ``w``)."""
         scale, choice = params
         u = _normalize(w, scale)
-        codes = torch.where(choice, _nearest(u, self._float[1]), _nearest(u, self._float[0]))
-        values = torch.where(choice, self._float[1][codes], self._float[0][codes]) * scale
+        (codes0, values0), (codes1, values1) = (nearest(u, codebook) for codebook in self._float)
+        codes = torch.where(choice, codes1, codes0)
+        values = torch.where(choice, values1, values0) * scale
         return codes.to(torch.uint8), values
 
 

@@ -35,6 +35,7 @@ from .progress import Progress
 from .report import write_report
 from .staging import staging_folder
 from .statistics import LinearStatistics, collect
+from .streaming import StreamedModel
 
 
 @dataclass
@@ -94,10 +95,10 @@ def quantize_model(
     settings.method.check()
     device = resolve_device(settings.device)
     windows = calibration_windows(source_dir, settings)
-    model = source.load_model(source_dir, settings.trust_remote_code)
-    linears = _check_model(model, source_dir, settings.group_size)
-    blocks = source.decoder_blocks(model)
-    prefix = source.blocks_prefix(model, blocks)
+    model = StreamedModel(source_dir, settings.trust_remote_code)
+    linears = _check_model(model, settings.group_size)
+    blocks = source.decoder_blocks(model.module)
+    prefix = source.blocks_prefix(model.module, blocks)
     # CPUs without native bf16 matmul are far faster in fp32; GPUs compute in the model's dtype.
     compute_dtype = torch.float32 if device.type == "cpu" else next(blocks[0].parameters()).dtype
     fingerprint = {
@@ -108,18 +109,20 @@ def quantize_model(
     with torch.no_grad(), staging_folder(output, resume) as staging:
         progress = Progress(staging, fingerprint)
         done = progress.start(resume)
-        inputs = _first_block_inputs(model, blocks, windows, settings.batch_size, device, compute_dtype)
+        with model.loaded(model.outside_blocks(blocks)):
+            inputs = _first_block_inputs(model.module, blocks, windows, settings.batch_size, device, compute_dtype)
         if done:
             inputs.hidden = progress.inputs(device)
-        bar = tqdm(total=len(blocks), initial=done, desc=settings.method.label, unit="block", dynamic_ncols=True)
-        for i in range(done, len(blocks)):
-            block_start = time.perf_counter()
-            result = quantize_block(blocks[i], f"{prefix}.{i}", i, inputs, settings, device, compute_dtype)
-            progress.commit(i, result.tensors, result.layers, time.perf_counter() - block_start, inputs.hidden)
-            bar.update()
-            bar.set_postfix(error_vs_rtn=f"{_error_ratio(result.layers):.2f}")
-        bar.close()
-        shards = write_checkpoint(source_dir, staging, config, model, linears, progress, settings)
+        # As a context, the bar ends its line whatever happens: an error a block raises starts its own line.
+        with tqdm(total=len(blocks), initial=done, desc=settings.method.label, unit="block", dynamic_ncols=True) as bar:
+            for i in range(done, len(blocks)):
+                block_start = time.perf_counter()
+                with model.loaded([blocks[i]]):
+                    result = quantize_block(blocks[i], f"{prefix}.{i}", i, inputs, settings, device, compute_dtype)
+                progress.commit(i, result.tensors, result.layers, time.perf_counter() - block_start, inputs.hidden)
+                bar.update()
+                bar.set_postfix(error_vs_rtn=f"{_error_ratio(result.layers):.2f}")
+        shards = write_checkpoint(source_dir, staging, config, model.module, linears, progress, settings)
         report = write_report(staging, source_dir, settings, device, progress, shards, start, windows)
         progress.remove()
     return report
@@ -145,8 +148,9 @@ def quantize_block(
     """Statistics -> channel scaling -> quantization of block ``index`` (named ``prefix`` in the model);
     ``inputs`` become its outputs."""
     model_dtype = next(block.parameters()).dtype
-    block.to(device=device, dtype=compute_dtype)
     linears = source.block_linears(block)
+    source.check_finite(linears, prefix)
+    block.to(device=device, dtype=compute_dtype)
     with collect(linears, full=settings.method.needs_second_moment) as accumulators:
         inputs.feed(block)
     stats = {name: acc.result() for name, acc in accumulators.items()}
@@ -161,7 +165,6 @@ def quantize_block(
     for name, error in rtn_errors.items():
         result.layers[f"{prefix}.{name}"]["rtn_weighted_error"] = error
     inputs.advance(block)
-    block.to(device="cpu", dtype=model_dtype)
     return result
 
 
@@ -268,13 +271,12 @@ def _check_output(source_dir: Path, output: Path, overwrite: bool) -> None:
         raise AAACError(f"output folder {output} already exists; pass --overwrite to replace it")
 
 
-def _check_model(model: nn.Module, source_dir: Path, group_size: int) -> dict[str, nn.Linear]:
+def _check_model(model: StreamedModel, group_size: int) -> dict[str, nn.Linear]:
     """The quantizable linears by full name, each checked to be stored under its own name in the source."""
-    linears = source.check_linears(model, group_size)
-    stored = source.tensor_names(source_dir)
+    linears = source.check_linears(model.module, group_size)
     for name in linears:
-        if f"{name}.weight" not in stored:
-            raise AAACError(f"layer {name}: no tensor {name}.weight in the safetensors files of {source_dir}")
+        if f"{name}.weight" not in model.files:
+            raise AAACError(f"layer {name}: no tensor {name}.weight in the safetensors files of {model.path}")
     return linears
 
 

@@ -1,9 +1,8 @@
-"""The source model: checks on the folder, loading, and finding the decoder blocks and their linears."""
+"""The source model: checks on the folder, and finding the decoder blocks and their linears (streaming.py loads it)."""
 
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
 from torch import nn
 
 from aaac_kernels.format.config import read_config
@@ -39,17 +38,6 @@ def weight_files(path: Path) -> list[Path]:
     return sorted(path.glob("*.safetensors"))
 
 
-def tensor_names(path: Path) -> set[str]:
-    names = set()
-    for file in weight_files(path):
-        try:
-            with safe_open(str(file), framework="pt") as f:
-                names.update(f.keys())
-        except Exception as exc:  # safetensors raises its own error types for damaged files
-            raise AAACError(f"{file}: cannot read safetensors header ({exc})") from None
-    return names
-
-
 def check_remote_code(path: Path, config: dict, trust_remote_code: bool) -> None:
     """Refuse a model whose config names its own Python code (``auto_map``) unless the user trusts it."""
     if config.get("auto_map") and not trust_remote_code:
@@ -63,18 +51,6 @@ def _looks_like_a_hub_name(text: str) -> bool:
     """``org/name`` as the Hugging Face hub spells repositories (not ./x, /x, x/y/z or a file name)."""
     parts = text.split("/")
     return len(parts) == 2 and all(parts) and not text.startswith(".") and "\\" not in text
-
-
-def load_model(path: Path, trust_remote_code: bool = False) -> nn.Module:
-    """The source causal LM on the CPU, in its own dtype."""
-    from transformers import AutoModelForCausalLM
-
-    model = AutoModelForCausalLM.from_pretrained(
-        path, dtype="auto", device_map="cpu", use_safetensors=True, trust_remote_code=trust_remote_code
-    )
-    model.eval()
-    model.config.use_cache = False
-    return model
 
 
 def decoder_blocks(model: nn.Module) -> nn.ModuleList:
@@ -115,6 +91,11 @@ def check_linears(model: nn.Module, group_size: int) -> dict[str, nn.Linear]:
             fits = [g for g in (128, 64, 32) if k % g == 0]
             hint = f"use --group-size {fits[0]}" if fits else "no group size of 32 or more divides it"
             raise AAACError(f"layer {name}: in_features {k} is not divisible by group size {group_size}; {hint}")
-        if not torch.isfinite(module.weight).all():
-            raise AAACError(f"layer {name}: weight contains NaN or Inf; the source checkpoint is damaged")
     return linears
+
+
+def check_finite(linears: dict[str, nn.Linear], prefix: str) -> None:
+    """Refuse a block whose linears hold NaN or Inf, naming the first such layer."""
+    for name, module in linears.items():
+        if not torch.isfinite(module.weight).all():
+            raise AAACError(f"layer {prefix}.{name}: weight contains NaN or Inf; the source checkpoint is damaged")

@@ -7,6 +7,8 @@ import tempfile
 from contextlib import contextmanager
 from pathlib import Path
 
+from aaac_kernels.format.errors import AAACError
+
 from .progress import PROGRESS_DIR
 
 
@@ -21,7 +23,8 @@ def staging_folder(output: Path, resume: bool = False):
 
     Ctrl-C, SIGTERM, a crash or an error leave ``output`` as it was (the old folder, or none), never a
     partial one. A staging folder that holds progress (``.progress/``, see progress.py) is kept for
-    ``--resume``; otherwise it is removed. Without ``resume`` an earlier staging folder is discarded.
+    ``--resume``, unless the run stopped on bad input (``AAACError``); otherwise it is removed. Without
+    ``resume`` an earlier staging folder is discarded.
     """
     output.parent.mkdir(parents=True, exist_ok=True)
     staging = staging_path(output)
@@ -38,8 +41,9 @@ def staging_folder(output: Path, resume: bool = False):
             shutil.rmtree(trash)
         else:
             os.replace(staging, output)
-    except BaseException:
-        if not (staging / PROGRESS_DIR).is_dir():
+    except BaseException as error:
+        # Bad input found mid-run (AAACError) would stop a resumed run again: its progress is of no use.
+        if isinstance(error, AAACError) or not (staging / PROGRESS_DIR).is_dir():
             shutil.rmtree(staging, ignore_errors=True)
         raise
     finally:

@@ -35,13 +35,12 @@ class ChannelStatistics:
         self.gram = torch.zeros(features, features, dtype=torch.float64, device=device) if full else None
         self.tokens = 0
 
-    def add(self, x: torch.Tensor, gram: torch.Tensor | None = None) -> None:
-        x = x.reshape(-1, x.shape[-1])
-        self.square_sum += x.double().pow(2).sum(dim=0)
-        self.abs_sum += x.double().abs().sum(dim=0)
+    def add(self, sums: "BatchSums") -> None:
+        self.square_sum += sums.square
+        self.abs_sum += sums.absolute
         if self.gram is not None:
-            self.gram += gram
-        self.tokens += x.shape[0]
+            self.gram += sums.gram
+        self.tokens += sums.tokens
 
     def result(self) -> LinearStatistics:
         """The means so far, in fp32."""
@@ -50,25 +49,37 @@ class ChannelStatistics:
         return LinearStatistics((self.square_sum / tokens).float(), (self.abs_sum / tokens).float(), second_moment)
 
 
+@dataclass(frozen=True)
+class BatchSums:
+    """One batch's contribution to the statistics of the linears it feeds."""
+
+    square: torch.Tensor  # [K] float64
+    absolute: torch.Tensor  # [K] float64
+    gram: torch.Tensor | None  # [K, K] float64
+    tokens: int
+
+    @staticmethod
+    def of(x: torch.Tensor, full: bool) -> "BatchSums":
+        flat = x.reshape(-1, x.shape[-1])
+        wide = flat.double()
+        gram = (flat.float().t() @ flat.float()).double() if full else None
+        return BatchSums(wide.pow(2).sum(dim=0), wide.abs().sum(dim=0), gram, flat.shape[0])
+
+
 @contextmanager
 def collect(linears: dict[str, nn.Linear], full: bool = False):
     """Within the block, record the statistics of every listed linear's input.
 
-    Linears fed the same tensor (q, k and v; gate and up) share one Gram
-    matmul per batch: the last input's product is reused when the next hook
-    sees the very same tensor.
+    Linears fed the same tensor (q, k and v; gate and up) share one batch's sums (and its Gram matmul):
+    the last input's sums are reused when the next hook sees the very same tensor.
     """
     stats = {name: ChannelStatistics(m.in_features, m.weight.device, full) for name, m in linears.items()}
-    last: list = [None, None]  # (input tensor, its Gram contribution)
+    last: list = [None, None]  # (input tensor, its BatchSums)
 
     def hook(stat: ChannelStatistics, x: torch.Tensor) -> None:
-        gram = None
-        if full:
-            if last[0] is not x:
-                flat = x.reshape(-1, x.shape[-1]).float()
-                last[:] = [x, (flat.t() @ flat).double()]
-            gram = last[1]
-        stat.add(x, gram)
+        if last[0] is not x:
+            last[:] = [x, BatchSums.of(x, full)]
+        stat.add(last[1])
 
     handles = [
         module.register_forward_hook(lambda _m, args, _out, s=stats[name]: hook(s, args[0]))

@@ -8,7 +8,7 @@ from aaac_kernels.format.reference import dequantize
 from offline_quantize.calibration import token_windows
 from offline_quantize.codebooks import quantize_layer
 from offline_quantize.objectives import weighted_error
-from offline_quantize.source import block_linears, decoder_blocks, load_model
+from offline_quantize.source import block_linears, decoder_blocks
 from offline_quantize.statistics import collect
 from offline_quantize.uniform_grid import rtn_dequantized
 
@@ -20,12 +20,12 @@ BLOCK = 3
 @pytest.fixture(scope="module")
 def block_statistics(source_model, bbc_text):
     """Real weights of one block and mean_square = mean(x^2) of each linear's input on 2 x 256 BBC tokens."""
-    from transformers import AutoTokenizer
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(source_model)
     text = bbc_text["calib"].read_text()[:200_000]
     windows = token_windows([text], tokenizer, nsamples=2, seqlen=256, seed=0)
-    model = load_model(source_model).float()
+    model = AutoModelForCausalLM.from_pretrained(source_model, dtype=torch.float32)
     linears = block_linears(decoder_blocks(model)[BLOCK])
     with torch.no_grad(), collect(linears) as stats:
         model(input_ids=windows)

@@ -86,6 +86,7 @@ def test_nan_weight(tmp_path, small_calib):
         64,
         expect="layer model.layers.1.mlp.up_proj: weight contains NaN or Inf",
     )
+    assert not list(tmp_path.glob(".out*")), "found after block 0 was done: its progress is removed too"
 
 
 def test_no_linear_layers(tmp_path, small_calib, source_model):

@@ -1,5 +1,6 @@
 // torch bindings of the CPU kernels: the CPU kernel of torch.ops.aaac.linear, the instruction-set
-// dispatch, and the helpers aaac_kernels.cpu uses (ISA choice, the dequantizer the tests compare).
+// dispatch, the helpers aaac_kernels.cpu uses (ISA choice, the dequantizer the tests compare) and the
+// encoder's nearest-entry search (nearest.cpp, for aaac_kernels.encode).
 //
 // The op's schema, its fake and its CUDA kernel are defined in aaac_kernels/linear.py; this file only
 // adds the CPU kernel, so the op has one definition whether or not the extension was built.
@@ -13,11 +14,16 @@
 #include <atomic>
 #include <cstdlib>
 #include <string>
+#include <tuple>
 #include <vector>
 
 #include "cpu_kernels.h"
 
 namespace aaac {
+
+// nearest.cpp
+std::tuple<at::Tensor, at::Tensor> nearest(const at::Tensor& u, const at::Tensor& midpoints,
+                                           const at::Tensor& codebook);
 
 const uint16_t* codebook_pair(const GemmProblem& p, int64_t n) {
   int64_t part = 0;
@@ -279,4 +285,5 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("set_isa", &aaac::set_isa, "Use the kernel path of this name (ValueError if unknown or unsupported)");
   m.def("isa", &aaac::current_isa, "The kernel path in use");
   m.def("dequantize", &aaac::dequantize, "The dense [N, K] weight of a layer in the CPU layout, by the current path");
+  m.def("nearest", &aaac::nearest, "(index, value) of each element's nearest entry of a sorted 16-entry codebook");
 }
