@@ -32,7 +32,7 @@ from .codebooks import CodebookOptions
 from .methods import LayerOptions, MethodOptions
 from .objectives import layer_errors, rtn_reference_error
 from .progress import Progress
-from .report import write_report
+from .report import StepClock, write_report
 from .staging import staging_folder
 from .statistics import LinearStatistics, collect
 from .streaming import StreamedModel
@@ -115,11 +115,15 @@ def quantize_model(
             inputs.hidden = progress.inputs(device)
         # As a context, the bar ends its line whatever happens: an error a block raises starts its own line.
         with tqdm(total=len(blocks), initial=done, desc=settings.method.label, unit="block", dynamic_ncols=True) as bar:
-            for i in range(done, len(blocks)):
-                block_start = time.perf_counter()
-                with model.loaded([blocks[i]]):
-                    result = quantize_block(blocks[i], f"{prefix}.{i}", i, inputs, settings, device, compute_dtype)
-                progress.commit(i, result.tensors, result.layers, time.perf_counter() - block_start, inputs.hidden)
+            for i, block in enumerate(blocks[done:], start=done):
+                clock = StepClock()
+                with clock.step("read"):
+                    model.load(block)
+                try:
+                    result = quantize_block(block, f"{prefix}.{i}", i, inputs, settings, device, compute_dtype, clock)
+                finally:
+                    model.release(block)
+                progress.commit(i, result.tensors, result.layers, clock.seconds, inputs.hidden)
                 bar.update()
                 bar.set_postfix(error_vs_rtn=f"{_error_ratio(result.layers):.2f}")
         shards = write_checkpoint(source_dir, staging, config, model.module, linears, progress, settings)
@@ -144,27 +148,30 @@ def quantize_block(
     settings: Settings,
     device: torch.device,
     compute_dtype: torch.dtype,
+    clock: StepClock,
 ) -> BlockResult:
     """Statistics -> channel scaling -> quantization of block ``index`` (named ``prefix`` in the model);
-    ``inputs`` become its outputs."""
+    ``inputs`` become its outputs. ``clock`` times each step."""
     model_dtype = next(block.parameters()).dtype
     linears = source.block_linears(block)
     source.check_finite(linears, prefix)
     block.to(device=device, dtype=compute_dtype)
-    with collect(linears, full=settings.method.needs_second_moment) as accumulators:
+    with clock.step("statistics"), collect(linears, full=settings.method.needs_second_moment) as accumulators:
         inputs.feed(block)
     stats = {name: acc.result() for name, acc in accumulators.items()}
-    rtn_errors = {  # on the unscaled weights, before AWQ scaling changes them
-        name: rtn_reference_error(m.weight.data, stats[name].mean_square, settings.group_size)
-        for name, m in linears.items()
-    }
     result = BlockResult()
-    if settings.method.scales_channels:
-        scale_channels(block, index, prefix, linears, stats, settings.group_size, model_dtype, result)
-    quantize_linears(index, prefix, linears, stats, settings, model_dtype, result)
+    with clock.step("quantization"):
+        rtn_errors = {  # on the unscaled weights, before AWQ scaling changes them
+            name: rtn_reference_error(m.weight.data, stats[name].mean_square, settings.group_size)
+            for name, m in linears.items()
+        }
+        if settings.method.scales_channels:
+            scale_channels(block, index, prefix, linears, stats, settings.group_size, model_dtype, result)
+        quantize_linears(index, prefix, linears, stats, settings, model_dtype, result)
     for name, error in rtn_errors.items():
         result.layers[f"{prefix}.{name}"]["rtn_weighted_error"] = error
-    inputs.advance(block)
+    with clock.step("next inputs"):
+        inputs.advance(block)
     return result
 
 

@@ -30,6 +30,7 @@ class Progress:
         self.resumed_from = 0
         self.layers: dict[str, dict] = {}
         self.block_seconds: list[float] = []
+        self.step_seconds: dict[str, float] = {}  # summed over the blocks (report.StepClock's steps)
 
     def start(self, resume: bool) -> int:
         """Begin a run in the staging folder; returns how many blocks are done (0 unless ``resume`` finds a
@@ -56,10 +57,11 @@ class Progress:
                 f"the interrupted run in {self.folder.parent} used another {', '.join(changed)}; "
                 "rerun with the same options, or without --resume to start over"
             )
-        self.blocks_done, self.layers, self.block_seconds = (
+        self.blocks_done, self.layers, self.block_seconds, self.step_seconds = (
             state["blocks_done"],
             state["layers"],
             state["block_seconds"],
+            state["step_seconds"],
         )
         self.resumed_from = self.blocks_done
         return self.blocks_done
@@ -69,21 +71,24 @@ class Progress:
         block: int,
         tensors: dict[str, torch.Tensor],
         layers: dict[str, dict],
-        seconds: float,
+        step_seconds: dict[str, float],
         inputs: list[torch.Tensor],
     ) -> None:
-        """Record block ``block`` as finished, with the inputs of the next block."""
+        """Record block ``block`` as finished, with the seconds of its steps and the inputs of the next block."""
         self.folder.mkdir(exist_ok=True)
         _save(tensors, self.block_file(block))
         _save({str(i): t for i, t in enumerate(inputs)}, self.folder / _INPUTS)
         self.blocks_done = block + 1
         self.layers.update(layers)
-        self.block_seconds.append(seconds)
+        self.block_seconds.append(sum(step_seconds.values()))
+        for step, seconds in step_seconds.items():
+            self.step_seconds[step] = self.step_seconds.get(step, 0.0) + seconds
         state = {
             "fingerprint": self.fingerprint,
             "blocks_done": self.blocks_done,
             "layers": self.layers,
             "block_seconds": self.block_seconds,
+            "step_seconds": self.step_seconds,
         }
         _replace(self.folder / _STATE, lambda tmp: tmp.write_text(json.dumps(state) + "\n"))
 

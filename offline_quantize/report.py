@@ -4,6 +4,8 @@ import json
 import platform
 import resource
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -11,6 +13,22 @@ import torch
 from .progress import Progress
 
 REPORT_FILE = "quantization_report.json"
+
+
+class StepClock:
+    """Seconds spent in each named step of a block (on CUDA, as seen by the host: the steps end in reads
+    of results that wait for the device)."""
+
+    def __init__(self):
+        self.seconds: dict[str, float] = {}
+
+    @contextmanager
+    def step(self, name: str) -> Iterator[None]:
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - start
 
 
 def write_report(
@@ -40,6 +58,7 @@ def write_report(
         "device": str(device),
         "seconds": time.perf_counter() - start,
         "block_seconds": progress.block_seconds,
+        "step_seconds": progress.step_seconds,
         "resumed_from_block": progress.resumed_from,
         "memory": _peak_memory(device),
         "summary": {
