@@ -35,6 +35,22 @@ def _positive(text: str) -> int:
     return value
 
 
+_UNITS = {"kb": 10**3, "mb": 10**6, "gb": 10**9, "kib": 2**10, "mib": 2**20, "gib": 2**30}
+
+
+def _size(text: str) -> int:
+    """Bytes from "500MB", "2GB", "4GiB" (units as transformers' max_shard_size reads them, and binary ones)."""
+    number = text.rstrip("kKmMgGiIbB")
+    unit = text[len(number) :].lower()
+    try:
+        value = int(float(number) * _UNITS[unit])
+    except (ValueError, KeyError):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a size such as 500MB, 2GB or 4GiB") from None
+    if value < 2**20:
+        raise argparse.ArgumentTypeError(f"{text} is less than 1 MiB")
+    return value
+
+
 def quantize_parser() -> argparse.ArgumentParser:
     from .methods import METHODS
     from .methods.registry import FORMATS
@@ -68,6 +84,13 @@ def quantize_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="seed for window choice and codebook initialisation")
     p.add_argument("--overwrite", action="store_true", help="replace OUTPUT if it exists")
     p.add_argument(
+        "--max-shard-size",
+        type=_size,
+        default=4 << 30,
+        metavar="SIZE",
+        help="largest safetensors shard written, e.g. 2GB (default 4GiB); a shard is held in memory while it fills",
+    )
+    p.add_argument(
         "--trust-remote-code",
         action="store_true",
         help="run the model's own Python code (auto_map in its config.json); off unless you trust the model",
@@ -100,6 +123,7 @@ def _quantize(argv) -> None:
         calib=args.calib or [default_calibration()],
         method=method,
         trust_remote_code=args.trust_remote_code,
+        max_shard_bytes=args.max_shard_size,
     )
     try:
         report = quantize_model(args.source, args.output, settings, overwrite=args.overwrite, resume=args.resume)

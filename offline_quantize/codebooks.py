@@ -65,21 +65,20 @@ def _normalize(w: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
 
 
 def _group_errors(
-    w: torch.Tensor, mean_square: torch.Tensor, scale: torch.Tensor, codebooks: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor]:
+    w: torch.Tensor, u: torch.Tensor, mean_square: torch.Tensor, scale: torch.Tensor, codebooks: torch.Tensor
+) -> tuple[torch.Tensor, list[torch.Tensor]]:
     """Weighted error of every group under each codebook, and the matching indices.
 
-    w: [N, Gn, G]; mean_square: [Gn, G]; scale: [N, Gn, 1]; codebooks: [2, 16].
-    Returns errors [2, N, Gn] and indices [2, N, Gn, G].
+    w: [N, Gn, G]; u: w normalized by scale (``_normalize``); mean_square: [Gn, G]; scale: [N, Gn, 1];
+    codebooks: [2, 16]. Returns errors [2, N, Gn] and, per codebook, indices [N, Gn, G].
     """
-    u = _normalize(w, scale)
     errors, indices = [], []
     for codebook in codebooks:
         idx, values = nearest(u, codebook)
         diff = w - values * scale
         errors.append((diff * diff * mean_square).sum(dim=-1))
         indices.append(idx)
-    return torch.stack(errors), torch.stack(indices)
+    return torch.stack(errors), indices
 
 
 def _weighted_quantiles(values: torch.Tensor, weights: torch.Tensor, count: int) -> torch.Tensor:
@@ -141,7 +140,7 @@ def _lloyd(
     best, best_total = codebooks, float("inf")
     previous, reseeds = None, 0
     for _ in range(options.lloyd_iters):
-        errors, indices = _group_errors(w, mean_square, scale, codebooks)
+        errors, indices = _group_errors(w, u, mean_square, scale, codebooks)
         choice = errors[1] < errors[0]
         total = torch.where(choice, errors[1], errors[0]).sum().item()
         if total < best_total:
@@ -175,10 +174,10 @@ def _search_scales(
     """Per group, the |scale| = absmax * alpha (alpha on a grid) with the lowest error under either codebook."""
     lo, hi, steps = options.scale_grid
     best_scale = absmax.clone()
-    best_error = _group_errors(w, mean_square, absmax, codebooks)[0].min(dim=0).values
+    best_error = _group_errors(w, _normalize(w, absmax), mean_square, absmax, codebooks)[0].min(dim=0).values
     for alpha in torch.linspace(lo, hi, steps).tolist():
         scale = absmax * alpha
-        error = _group_errors(w, mean_square, scale, codebooks)[0].min(dim=0).values
+        error = _group_errors(w, _normalize(w, scale), mean_square, scale, codebooks)[0].min(dim=0).values
         better = error < best_error
         best_error = torch.where(better, error, best_error)
         best_scale = torch.where(better.unsqueeze(-1), scale, best_scale)
@@ -212,7 +211,9 @@ def quantize_layer(
     # choice and indices are optimal for what the dequantizer will read.
     codebooks16 = torch.sort(codebooks.to(torch.float16)).values
     scale16 = scale.to(torch.float16)
-    errors, indices = _group_errors(w, group_mean_square, scale16.float(), codebooks16.float())
+    errors, indices = _group_errors(
+        w, _normalize(w, scale16.float()), group_mean_square, scale16.float(), codebooks16.float()
+    )
     choice = errors[1] < errors[0]
     chosen = torch.where(choice.unsqueeze(-1), indices[1], indices[0])
     energy = (w * w * group_mean_square).sum().item()
@@ -251,7 +252,7 @@ class CodebookGrid:
             options = CodebookOptions(scale_grid=self.scale_grid)
             scale = _search_scales(w, mean_square, absmax, self._float, options)
         scale = scale.half().float()
-        errors, _ = _group_errors(w, mean_square, scale, self._float)
+        errors, _ = _group_errors(w, _normalize(w, scale), mean_square, scale, self._float)
         return scale, (errors[1] < errors[0]).unsqueeze(-1)
 
     def quantize(self, w: torch.Tensor, params: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:

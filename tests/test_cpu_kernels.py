@@ -206,3 +206,20 @@ def test_op_traces_under_torch_compile():
     x = torch.randn(5, 256)
     _check(compiled(x) / 2, x, dense, None)
     torch.library.opcheck(torch.ops.aaac.linear.default, (x, *layout, PARTS, None))
+
+
+def test_nearest_entries_equal_bucketize():
+    """The encoder's C++ search gives bucketize's indices exactly: values on the midpoints (a tie goes to
+    the lower entry), repeated entries, values beyond both ends, non-contiguous input."""
+    from aaac_kernels import encode
+
+    g = torch.Generator().manual_seed(0)
+    codebook = torch.sort(torch.randn(16, generator=g)).values
+    codebook[7] = codebook[6]  # two equal entries: an empty cell between them
+    midpoints = (codebook[1:] + codebook[:-1]) * 0.5
+    u = torch.cat([torch.randn(100_003, generator=g) * 2, midpoints, codebook, torch.tensor([-1e30, 1e30])])
+    u = torch.stack([u, -u], dim=1).t()[0]  # a strided view
+    index, value = encode.nearest(u, codebook)
+    assert torch.equal(index, torch.bucketize(u.contiguous(), midpoints)) and torch.equal(value, codebook[index])
+    assert index.dtype == torch.int64 and value.dtype == torch.float32
+    assert torch.equal(NATIVE.nearest(u, midpoints, codebook)[0], index)  # the extension itself, not a fallback

@@ -260,3 +260,9 @@ def test_remote_code_runs_only_when_trusted(tmp_path, small_calib):
     assert refused.returncode == 2 and "pass --trust-remote-code" in refused.stderr
     evaluated = in_process(eval_main, out, "--text", text, "--seqlen", 64, "--trust-remote-code")
     assert evaluated.returncode == 0 and "perplexity" in evaluated.stdout, evaluated.stderr
+
+
+@pytest.mark.parametrize("size, expect", [("3XB", "is not a size such as 500MB"), ("100KB", "less than 1 MiB")])
+def test_max_shard_size_is_checked(tmp_path, source_model, size, expect):
+    result = in_process(quantize_main, source_model, tmp_path / "out", "--max-shard-size", size)
+    assert result.returncode == 2 and "--max-shard-size: " in result.stderr and expect in result.stderr
