@@ -179,6 +179,9 @@ def test_interrupt_leaves_nothing(tmp_path, source_model, small_calib, sig):
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
+        # As a terminal delivers it: an earlier test's vLLM engine may leave this process ignoring SIGINT,
+        # which a child inherits (and Python then keeps ignoring it).
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
     # Interrupt once the staging folder exists (the run is under way) and before a block is finished:
     # with no progress to resume, nothing at all may be left (tests/test_resume.py covers the other case).

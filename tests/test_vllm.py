@@ -1,5 +1,6 @@
 """The AAAC SmolLM2 in vLLM's engine (the CPU build) against transformers running the reference dequantizer."""
 
+import pytest
 import torch
 from transformers import AutoTokenizer
 
@@ -118,7 +119,15 @@ def test_native_kernels_match_torch_path(smollm2_engine, quantized, monkeypatch)
     assert _check_close(reference, got, PROMPTS, logprob_tol=BF16_LOGPROB_TOL) >= len(PROMPTS) // 2 + 1
 
 
-def test_batched_answers_equal_solo_answers_in_fp32(quantized, bbc_text):
+@pytest.fixture(scope="module")
+def tiny_fp32_engine(tiny_quantized):
+    """One eager fp32 engine on the small random model, on one rank: the batching test's, and the reference
+    of the parallel ones."""
+    with vllm_engine(tiny_quantized, dtype="float32") as llm:
+        yield llm
+
+
+def test_batched_answers_equal_solo_answers_in_fp32(tiny_fp32_engine, bbc_text):
     """Concurrent clients put requests of mixed lengths into one batch, so each layer runs at other row
     counts than alone (other CPU kernels, other sums). In fp32 those rounding differences are far below any
     gap between tokens: every answer in a batch of 32 must be exactly the one its request gets alone."""
@@ -126,32 +135,29 @@ def test_batched_answers_equal_solo_answers_in_fp32(quantized, bbc_text):
 
     paragraphs = [p.strip().splitlines()[0] for p in bbc_text["eval"].read_text().split("\n\n") if p.strip()]
     requests = [(paragraphs[i % 8], (8, 16, 32, 48)[i % 4]) for i in range(32)]
-    with vllm_engine(quantized, dtype="float32") as llm:
 
-        def generate(batch):
-            params = [SamplingParams(temperature=0, max_tokens=n) for _, n in batch]
-            outputs = llm.generate([prompt for prompt, _ in batch], params, use_tqdm=False)
-            return [list(o.outputs[0].token_ids) for o in outputs]
+    def generate(batch):
+        params = [SamplingParams(temperature=0, max_tokens=n) for _, n in batch]
+        outputs = tiny_fp32_engine.generate([prompt for prompt, _ in batch], params, use_tqdm=False)
+        return [list(o.outputs[0].token_ids) for o in outputs]
 
-        alone = {request: generate([request])[0] for request in set(requests)}
-        batched = generate(requests)
+    alone = {request: generate([request])[0] for request in set(requests)}
+    batched = generate(requests)
     assert [alone[request] for request in requests] == batched
 
 
-def test_tensor_and_pipeline_parallel_2_match_1_rank(tiny_quantized, monkeypatch):
+def test_tensor_and_pipeline_parallel_2_match_1_rank(tiny_fp32_engine, tiny_quantized, monkeypatch):
     monkeypatch.setenv("VLLM_CPU_OMP_THREADS_BIND", "0|1")  # one NUMA node here: one core per rank
     prompts_ids = [[1, 2, 3, 4, 5], [100, 2000, 30000, 17], [4000, 4001, 4002, 4003, 4004, 4005, 4006]]
     runs = {
-        "1 rank": {},
         "tensor parallel 2": {"tensor_parallel_size": 2},
         # vLLM 0.32's CPU build runs pipeline parallel only in compiled mode (docs/vllm.md).
         "pipeline parallel 2": {"pipeline_parallel_size": 2, "enforce_eager": False},
     }
-    results = {}
+    one_rank = _vllm_greedy(tiny_fp32_engine, prompts_ids)
     for name, options in runs.items():
         with vllm_engine(tiny_quantized, dtype="float32", **options) as llm:
-            results[name] = _vllm_greedy(llm, prompts_ids)
-    # fp32 throughout: the ranks only change the order of sums (the all-reduce) or where layers run.
-    for name in list(runs)[1:]:
-        identical = _check_close(results["1 rank"], results[name], [str(p) for p in prompts_ids], logprob_tol=1e-3)
+            parallel = _vllm_greedy(llm, prompts_ids)
+        # fp32 throughout: the ranks only change the order of sums (the all-reduce) or where layers run.
+        identical = _check_close(one_rank, parallel, [str(p) for p in prompts_ids], logprob_tol=1e-3)
         assert identical == len(prompts_ids), name
