@@ -12,16 +12,19 @@ Every quantization is its own ``aaac-quantize`` process, so its time and peak RS
 ``quantization_report.json``) are its own; the processes run one after the other. The table shows where
 the time goes (the report's ``step_seconds``: reading the block from the shards, the forward that collects
 statistics, the method's own work, the forward that makes the next block's inputs) and the peak RSS as a
-fraction of the model's size on disk.
+fraction of the model's size on disk. The forwards' rate (the FLOP of the linears over the two forward
+steps, statistics hooks included) is printed beside this machine's fp32 GEMM rate, their floor.
 """
 
 import argparse
 import json
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import torch
+from safetensors import safe_open
 
 ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:  # run as a script from anywhere: offline_quantize is importable from the repo root
@@ -78,10 +81,29 @@ def write_synthetic(folder: Path, shape: dict, seed: int = 0) -> Path:
 
 
 def model_facts(folder: Path) -> dict:
+    """Blocks, bytes and parameters on disk (bf16: 2 bytes each), and the weights of one block's linears."""
     config = read_config(folder)
     files = sorted(folder.glob("*.safetensors"))
     size = sum(f.stat().st_size for f in files)
-    return {"blocks": config["num_hidden_layers"], "bytes": size, "parameters": size / 2}  # bf16: 2 bytes each
+    linear = 0
+    for file in files:
+        with safe_open(str(file), framework="pt") as f:
+            for name in f.keys():
+                shape = f.get_slice(name).get_shape()
+                if name.startswith("model.layers.0.") and name.endswith("proj.weight") and len(shape) == 2:
+                    linear += shape[0] * shape[1]
+    return {"blocks": config["num_hidden_layers"], "bytes": size, "parameters": size / 2, "block_linear": linear}
+
+
+def matmul_rate() -> float:
+    """This machine's fp32 GEMM rate (GFLOP/s, best of 5, torch's threads): the floor the forwards race."""
+    a, b = torch.randn(4096, 2048), torch.randn(2048, 2048)
+    best = float("inf")
+    for _ in range(6):
+        start = time.perf_counter()
+        a @ b
+        best = min(best, time.perf_counter() - start)
+    return 2 * 4096 * 2048 * 2048 / best / 1e9
 
 
 def quantize(source: Path, output: Path, options: list[str]) -> dict:
@@ -114,6 +136,8 @@ def main(argv: list[str] | None = None) -> None:
     )
     common = ["--group-size", args.group_size, "--nsamples", args.nsamples, "--seqlen", args.seqlen]
     common = [str(o) for o in [*common, "--device", args.device]]
+    rate = matmul_rate()
+    tokens = args.nsamples * args.seqlen
     rows = []
     for name, folder in models.items():
         facts = model_facts(folder)
@@ -121,6 +145,9 @@ def main(argv: list[str] | None = None) -> None:
             report = quantize(folder, args.workdir / f"{name}-{label}", [*variants[label].arguments, *common])
             steps = report["step_seconds"]
             rss = report["memory"]["host_peak_rss_mib"] * 2**20
+            # Two forwards per block (statistics, next inputs), 2 FLOP per weight and token in the linears.
+            forward_flop = 2 * 2 * facts["block_linear"] * tokens * facts["blocks"]
+            forward_seconds = steps["statistics"] + steps["next inputs"]
             rows.append(
                 [
                     name,
@@ -131,6 +158,7 @@ def main(argv: list[str] | None = None) -> None:
                     f"{sum(report['block_seconds']) / facts['blocks']:.2f}",
                     f"{report['seconds'] / (facts['parameters'] / 1e9):.0f}",
                     " / ".join(f"{100 * steps.get(s, 0.0) / sum(report['block_seconds']):.0f}" for s in STEPS),
+                    f"{forward_flop / forward_seconds / 1e9:.0f}",
                     f"{rss / 2**20:.0f}",
                     f"{facts['bytes'] / 2**20:.0f}",
                     f"{rss / facts['bytes']:.2f}",
@@ -145,11 +173,13 @@ def main(argv: list[str] | None = None) -> None:
         "s / block",
         "s / B params",
         "% read / statistics / quantization / next inputs",
+        "forward linear GFLOP/s",
         "peak RSS MiB",
         "model MiB",
         "RSS / model",
     ]
     print(f"\ncalibration: {args.nsamples} x {args.seqlen} tokens, group size {args.group_size}, device {args.device}")
+    print(f"fp32 GEMM on this machine: {rate:.0f} GFLOP/s ({torch.get_num_threads()} threads)")
     print("| " + " | ".join(header) + " |")
     print("|" + "---|" * len(header))
     for row in rows:
