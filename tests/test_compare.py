@@ -43,7 +43,7 @@ def comparison(tmp_path_factory, smollm2_two_blocks, small_calib, bbc_text, pydo
         "--eval-seqlen",
         512,
         "--max-tokens",
-        2048,
+        1024,
     )
     return workdir, json.loads((workdir / "results.json").read_text()), result.stdout
 
@@ -51,7 +51,7 @@ def comparison(tmp_path_factory, smollm2_two_blocks, small_calib, bbc_text, pydo
 def test_results_cover_every_method_and_text(comparison):
     workdir, results, stdout = comparison
     assert list(results["methods"]) == list(variants())
-    assert results["texts"]["bbc"]["tokens"] == results["texts"]["pydoc"]["tokens"] == 4 * 511
+    assert results["texts"]["bbc"]["tokens"] == results["texts"]["pydoc"]["tokens"] == 2 * 511
     for label, entry in results["methods"].items():
         for text in TEXTS:
             assert math.isfinite(entry["perplexity"][text]) and entry["perplexity"][text] > 1, label
@@ -139,7 +139,7 @@ def test_uniform_grid_methods_write_the_awq_format(comparison, label):
 def test_aaac_eval_reads_the_awq_format(comparison, bbc_text):
     workdir, results, _ = comparison
     out = run_cli(
-        "aaac-eval", workdir / "gptq", "--text", bbc_text["eval"], "--seqlen", 512, "--max-tokens", 2048, "--json"
+        "aaac-eval", workdir / "gptq", "--text", bbc_text["eval"], "--seqlen", 512, "--max-tokens", 1024, "--json"
     )
     assert json.loads(out.stdout.strip().splitlines()[-1])["perplexity"] == pytest.approx(
         results["methods"]["gptq"]["perplexity"]["bbc"], rel=1e-6

@@ -25,10 +25,12 @@ TOP = 5
 BF16_LOGPROB_TOL = 0.3
 
 
-def _vllm_greedy(llm, prompts_ids: list[list[int]]) -> list[tuple[list[int], list[dict[int, float]]]]:
+def _vllm_greedy(
+    llm, prompts_ids: list[list[int]], max_tokens: int = MAX_TOKENS
+) -> list[tuple[list[int], list[dict[int, float]]]]:
     from vllm import SamplingParams, TokensPrompt
 
-    params = SamplingParams(temperature=0, max_tokens=MAX_TOKENS, logprobs=TOP, ignore_eos=True)
+    params = SamplingParams(temperature=0, max_tokens=max_tokens, logprobs=TOP, ignore_eos=True)
     outputs = llm.generate([TokensPrompt(prompt_token_ids=ids) for ids in prompts_ids], params, use_tqdm=False)
     return [
         (list(o.outputs[0].token_ids), [{t: lp.logprob for t, lp in step.items()} for step in o.outputs[0].logprobs])
@@ -111,11 +113,11 @@ def test_native_kernels_match_torch_path(smollm2_engine, quantized, monkeypatch)
     assert smollm2_engine.apply_model(cpu_kernel_path) == [native.supported_isas()[-1]]
     tokenizer = AutoTokenizer.from_pretrained(quantized)
     prompts_ids = [tokenizer(p).input_ids for p in PROMPTS]
-    got = _vllm_greedy(smollm2_engine, prompts_ids)
+    got = _vllm_greedy(smollm2_engine, prompts_ids, max_tokens=8)  # the torch path is slow: 8 tokens
     monkeypatch.setenv(cpu.ISA_VARIABLE, cpu.TORCH_PATH)
     with vllm_engine(quantized) as llm:
         assert llm.apply_model(cpu_kernel_path) == [cpu.TORCH_PATH]
-        reference = _vllm_greedy(llm, prompts_ids)
+        reference = _vllm_greedy(llm, prompts_ids, max_tokens=8)
     assert _check_close(reference, got, PROMPTS, logprob_tol=BF16_LOGPROB_TOL) >= len(PROMPTS) // 2 + 1
 
 
