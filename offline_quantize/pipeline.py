@@ -1,12 +1,12 @@
 """``quantize_model``: a Hugging Face causal LM -> a 4-bit checkpoint, one decoder block at a time.
 
-    capture block 0's inputs -> per block: statistics -> (AWQ channel scaling) -> quantize -> commit
-    -> write the checkpoint -> report
+    capture block 0's inputs -> per block: read -> statistics -> (AWQ channel scaling) -> quantize
+    -> next inputs -> commit -> write the checkpoint -> report
 
 Block i + 1 is calibrated on the outputs of the already-quantized block i, so each block's codebooks
-see the errors the blocks before it will make at inference. Only one block at a time lives on the
-compute device. Every finished block is committed to the run's progress (progress.py), from which
-``--resume`` continues.
+see the errors the blocks before it will make at inference. The source is streamed (streaming.py): only
+one block at a time is read from its shards, and only that block lives on the compute device. Every
+finished block is committed to the run's progress (progress.py), from which ``--resume`` continues.
 """
 
 import time
