@@ -81,7 +81,18 @@ def write_report(
 
 
 def _peak_memory(device: torch.device) -> dict:
-    peak = {"host_peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+    peak = {"host_peak_rss_mib": _host_peak_rss() / 2**20}
     if device.type == "cuda":
         peak["device_peak_allocated_mib"] = torch.cuda.max_memory_allocated(device) / 2**20
     return peak
+
+
+def _host_peak_rss() -> int:
+    """This process's peak resident memory in bytes. Linux's VmHWM starts afresh at exec; ru_maxrss keeps
+    the peak of the process that forked it (a parent holding gigabytes would count)."""
+    status = Path("/proc/self/status")
+    if status.is_file():
+        for line in status.read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) << 10
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss << 10
