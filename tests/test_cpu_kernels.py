@@ -29,8 +29,12 @@ from .conftest import ROOT, random_layer
 NATIVE = aaac_linear.native
 ISAS = ["scalar", "avx2", "avx512", "avx512_bf16", "amx_bf16"]
 SUPPORTED = NATIVE.supported_isas() if NATIVE else []
-PARTS = [64, 32, 43]  # a merged QKV-like layer; N = 139 is a multiple of no column block (4, 16, 128)
-M_VALUES = [1, 2, 3, 4, 5, 16, 33, 128]
+# A merged QKV-like layer; N = 139 is a multiple of no column block (4, 8, 16, 128), and its last AMX
+# panel holds one column tile (padded to the pair the panel blocks multiply).
+PARTS = [64, 32, 43]
+# Decode rows (1-5), one AMX sweep (16, 33), panels with an even (128) and an odd (80 = 5 x 16, padded)
+# number of row blocks.
+M_VALUES = [1, 2, 3, 4, 5, 16, 33, 80, 128]
 # (K, group size): chunks of 64; chunks of 32 (group 32, and 96 = 3 x 32); a group size that is not
 # a multiple of 32 (the scalar kernel serves it on every path); K past the AMX panel depth (2048).
 SHAPES = [(256, 64), (192, 32), (384, 96), (144, 48), (4224, 128)]

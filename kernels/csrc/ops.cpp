@@ -195,11 +195,6 @@ void amx(const IsaKernels& isa, GemmProblem p, const at::Tensor& x) {
   });
 }
 
-// Beyond one sweep of rows the AMX kernel decodes panels into L2; with K within one panel, a dequantized
-// tile handed to oneDNN measured about 2x faster (SmolLM2's layers at M = 128 and 512), with a long K
-// the panels were (Llama-3-8B's down_proj shape at M = 512: 74 against 127 ms). docs/kernels.md.
-bool amx_pays(const GemmProblem& p) { return p.m <= kAmxSweepRows || p.k > kAmxPanelDepth; }
-
 at::Tensor linear_cpu(const at::Tensor& x_in, const at::Tensor& qbytes, const at::Tensor& scales,
                       const at::Tensor& codebooks, c10::IntArrayRef part_sizes, const std::optional<at::Tensor>& bias) {
   const std::vector<int64_t> part_ends = part_ends_of(part_sizes);
@@ -210,9 +205,9 @@ at::Tensor linear_cpu(const at::Tensor& x_in, const at::Tensor& qbytes, const at
   const bool bf16 = out_dtype == at::kBFloat16;
   at::Tensor x = x_in.reshape({-1, p.k});
   p.m = x.size(0);
-  const Path path = isa.gemm_bf16 && bf16 && p.m >= isa.gemm_min_rows && amx_pays(p) ? Path::kAmx
-                    : p.m <= kMaxDecodeRows                                         ? Path::kDecode
-                                                                                    : Path::kTiled;
+  const Path path = isa.gemm_bf16 && bf16 && p.m >= isa.gemm_min_rows ? Path::kAmx
+                    : p.m <= kMaxDecodeRows                            ? Path::kDecode
+                                                                       : Path::kTiled;
   // Activations the path does not read in their own dtype (fp16 always; bf16 where a decode kernel
   // computes in fp32) are widened once per call; the output keeps the activations' dtype.
   const bool bf16_compute = bf16 && (path != Path::kDecode || isa.gemv_takes_bf16);
