@@ -79,12 +79,9 @@ void gemv_block(const GemmProblem& p, int64_t n) {
     for (int c = 0; c < kN; ++c) store_output(p, m, n + c, _mm512_reduce_add_ps(_mm512_add_ps(acc[m][c][0], acc[m][c][1])));
 }
 
-// Columns per block: as many as the registers hold. One row streams 8 columns at once: with 4, layers
-// of K = 2048 (1 KiB per column) streamed at ~12 G weights/s against ~17 for K = 4096, and with 8 at
-// ~14 (a /tmp loop on this project's benchmark machine; K = 4096 unchanged).
 template <class Arith, int kM, int kChunk>
 void gemv_rows(const GemmProblem& p, int64_t n_begin, int64_t n_end) {
-  constexpr int kN = kM == 1 ? 8 : kM <= 2 ? 4 : 2;
+  constexpr int kN = kM <= 2 ? 4 : 2;
   int64_t n = n_begin;
   for (; n + kN <= n_end; n += kN) gemv_block<Arith, kM, kN, kChunk>(p, n);
   for (; n < n_end; ++n) gemv_block<Arith, kM, 1, kChunk>(p, n);
