@@ -233,18 +233,25 @@ int64_t amx_workspace_bytes(const GemmProblem& p) {
   return kPanelColumns * panel_depth(p) * 2 + row_blocks(p) * kPanelColumns * kTile * 4 + 64;
 }
 
+// Each tile row r holds k pair r of 16 rows of x: viewing x as 32-bit pairs, a tile is the transpose
+// of a 16 x 16 block, one gather per tile row (rows past m read as zeros).
 void pack_amx_activations(const uint16_t* x, int64_t m, int64_t k, int64_t stride, uint16_t* out) {
   const int64_t m_blocks = packed_row_blocks(m);
-  for (int64_t kb = 0; kb < k / kTileK; ++kb)
-    for (int64_t mb = 0; mb < m_blocks; ++mb) {
+  const __m512i row_starts = _mm512_mullo_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
+                                                _mm512_set1_epi32(static_cast<int>(stride / 2)));
+  for (int64_t mb = 0; mb < m_blocks; ++mb) {
+    const int64_t rows = min64(kTile, max64(0, m - mb * kTile));
+    const __mmask16 valid = static_cast<__mmask16>((1u << rows) - 1);
+    const uint16_t* block = x + mb * kTile * stride;
+    for (int64_t kb = 0; kb < k / kTileK; ++kb) {
       uint16_t* tile = out + (kb * m_blocks + mb) * kTileElems;
-      for (int r = 0; r < kTile; ++r)        // pair of k: 2r, 2r + 1
-        for (int i = 0; i < kTile; ++i) {    // row of x
-          const int64_t row = mb * kTile + i, col = kb * kTileK + 2 * r;
-          tile[r * kTileK + 2 * i] = row < m ? x[row * stride + col] : 0;
-          tile[r * kTileK + 2 * i + 1] = row < m ? x[row * stride + col + 1] : 0;
-        }
+      for (int r = 0; r < kTile; ++r) {
+        const __m512i pairs = _mm512_mask_i32gather_epi32(_mm512_setzero_si512(), valid, row_starts,
+                                                          block + kb * kTileK + 2 * r, 4);
+        _mm512_storeu_si512(tile + r * kTileK, pairs);
+      }
     }
+  }
 }
 
 void gemm_amx(const GemmProblem& p, int64_t n_begin, int64_t n_end, void* workspace) {
