@@ -21,6 +21,10 @@ class CodebookOptions:
     scale_grid: tuple[float, float, int] = (0.70, 1.10, 9)
     # Rounds of (scale search, then Lloyd with the new scales).
     refine_rounds: int = 2
+    # Then rounds of (least-squares scales for the assignment, then Lloyd), each scale step alternating
+    # assignment and closed-form scale refit_steps times (aaac --refit-scales: 2 rounds).
+    refit_rounds: int = 0
+    refit_steps: int = 2
     # Elements sampled for the quantile initialisation.
     init_samples: int = 1 << 20
     # A codebook used by fewer groups than this is re-seeded, at most max_reseeds times per Lloyd run.
@@ -184,6 +188,32 @@ def _search_scales(
     return best_scale
 
 
+def _refit_scales(
+    w: torch.Tensor, mean_square: torch.Tensor, scale: torch.Tensor, codebooks: torch.Tensor, steps: int
+) -> torch.Tensor:
+    """Per group, alternately: the assignment (codebook and entries) under the scale, and the scale that
+    minimizes the weighted error of that assignment, sum_k m_k (w_k - s c_k)^2, in closed form:
+    s = sum m w c / sum m c^2. Neither step can raise a group's error; a non-positive solution keeps
+    the old scale (the sign bit holds the codebook choice)."""
+    for _ in range(steps):
+        errors, indices = _group_errors(w, _normalize(w, scale), mean_square, scale, codebooks)
+        choice = (errors[1] < errors[0]).long().unsqueeze(-1)
+        entries = codebooks[choice.expand_as(indices[0]), torch.where(choice.bool(), indices[1], indices[0]).long()]
+        num = (mean_square * w * entries).sum(-1, keepdim=True)
+        den = (mean_square * entries * entries).sum(-1, keepdim=True)
+        scale = torch.where((num > 0) & (den > 0), num / den.clamp_min(1e-30), scale)
+    return scale
+
+
+def _assign(
+    w: torch.Tensor, mean_square: torch.Tensor, scale: torch.Tensor, codebooks: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(error [N, Gn], choice of C1 [N, Gn], entries [N, Gn, G]) of the best codebook per group."""
+    errors, indices = _group_errors(w, _normalize(w, scale), mean_square, scale, codebooks)
+    choice = errors[1] < errors[0]
+    return torch.where(choice, errors[1], errors[0]), choice, torch.where(choice.unsqueeze(-1), indices[1], indices[0])
+
+
 def quantize_layer(
     weight: torch.Tensor,
     mean_square: torch.Tensor,
@@ -206,22 +236,31 @@ def quantize_layer(
     for _ in range(options.refine_rounds):
         scale = _search_scales(w, group_mean_square, absmax, codebooks, options)
         codebooks = _lloyd(w, group_mean_square, scale, codebooks, options, generator)
+    searched = scale
+    for _ in range(options.refit_rounds):
+        scale = _refit_scales(w, group_mean_square, scale, codebooks, options.refit_steps)
+        codebooks = _lloyd(w, group_mean_square, scale, codebooks, options, generator)
 
-    # Final assignment with exactly the values that are stored (fp16), so the
-    # choice and indices are optimal for what the dequantizer will read.
-    codebooks16 = torch.sort(codebooks.to(torch.float16)).values
-    scale16 = scale.to(torch.float16)
-    errors, indices = _group_errors(
-        w, _normalize(w, scale16.float()), group_mean_square, scale16.float(), codebooks16.float()
-    )
-    choice = errors[1] < errors[0]
-    chosen = torch.where(choice.unsqueeze(-1), indices[1], indices[0])
+    # Final assignment with exactly the values that are stored (fp16), so the choice and indices are
+    # optimal for what the dequantizer will read; each group keeps the better of its searched and
+    # refitted scale under the final codebooks (fp16 rounding could otherwise cost a refitted group).
+    codebooks16 = torch.sort(codebooks.to(torch.float16)).values.float()
+    scale16 = scale.half().float()
+    group_error, choice, chosen = _assign(w, group_mean_square, scale16, codebooks16)
+    if options.refit_rounds:
+        searched16 = searched.half().float()
+        searched_error, searched_choice, searched_chosen = _assign(w, group_mean_square, searched16, codebooks16)
+        keep = searched_error < group_error
+        group_error = torch.where(keep, searched_error, group_error)
+        choice = torch.where(keep, searched_choice, choice)
+        chosen = torch.where(keep.unsqueeze(-1), searched_chosen, chosen)
+        scale16 = torch.where(keep.unsqueeze(-1), searched16, scale16)
     energy = (w * w * group_mean_square).sum().item()
-    error = torch.where(choice, errors[1], errors[0]).sum().item()
+    error = group_error.sum().item()
     return LayerResult(
         indices=chosen.reshape(n, k).to(torch.uint8),
-        scales=encode_scales(scale16.squeeze(-1), choice),
-        codebooks=codebooks16,
+        scales=encode_scales(scale16.half().squeeze(-1), choice),
+        codebooks=codebooks16.half(),
         error=error / energy if energy > 0 else 0.0,
         codebook1_share=choice.float().mean().item(),
     )

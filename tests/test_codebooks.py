@@ -6,7 +6,7 @@ import torch
 from aaac_kernels.format.layout import pack_indices
 from aaac_kernels.format.reference import dequantize
 from offline_quantize.calibration import token_windows
-from offline_quantize.codebooks import quantize_layer
+from offline_quantize.codebooks import CodebookOptions, _assign, _refit_scales, quantize_layer
 from offline_quantize.objectives import weighted_error
 from offline_quantize.source import block_linears, decoder_blocks
 from offline_quantize.statistics import collect
@@ -93,3 +93,27 @@ def test_all_zero_group_is_exact():
     result = quantize_layer(weight, torch.ones(128), 64)
     dense = dequantize(pack_indices(result.indices), result.scales.t().contiguous(), result.codebooks, 64)
     assert dense[1, 64:].abs().sum() == 0
+
+
+def test_scale_refit_never_raises_a_groups_error():
+    generator = torch.Generator().manual_seed(0)
+    w = (torch.randn(64, 4, 64, generator=generator) * torch.rand(1, 4, 64, generator=generator)).float()
+    mean_square = torch.rand(4, 64, generator=generator) ** 3
+    codebooks = torch.sort(torch.randn(2, 16, generator=generator)).values
+    scale = w.abs().amax(dim=-1, keepdim=True) / codebooks.abs().max()
+    before, _, _ = _assign(w, mean_square, scale, codebooks)
+    after, _, _ = _assign(w, mean_square, _refit_scales(w, mean_square, scale, codebooks, steps=3), codebooks)
+    assert (after <= before * (1 + 1e-5)).all()
+    assert after.sum() < 0.95 * before.sum()  # absmax scales are far from the least-squares ones
+
+
+def test_refit_rounds_lower_the_layer_error_and_keep_zero_groups_exact():
+    generator = torch.Generator().manual_seed(1)
+    weight = torch.randn(128, 256, generator=generator) * torch.rand(1, 256, generator=generator)
+    weight[3, :64] = 0
+    mean_square = torch.rand(256, generator=generator) ** 3
+    plain = quantize_layer(weight, mean_square, 64, CodebookOptions(refit_rounds=0))
+    refit = quantize_layer(weight, mean_square, 64, CodebookOptions(refit_rounds=2))
+    assert refit.error < plain.error
+    dense = dequantize(pack_indices(refit.indices), refit.scales.t().contiguous(), refit.codebooks, 64)
+    assert dense[3, :64].abs().sum() == 0

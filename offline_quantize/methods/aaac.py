@@ -1,6 +1,8 @@
 """``aaac``: two codebooks learned per layer, each group on the one with the lower activation-weighted
-error (codebooks.py); optionally after AWQ channel scaling, and with GPTQ's error compensation on the
-learned codebooks."""
+error (codebooks.py); optionally after AWQ channel scaling, with least-squares group scales, and with
+GPTQ's error compensation on the learned codebooks."""
+
+from dataclasses import replace
 
 import torch
 
@@ -13,6 +15,10 @@ from .registry import Flag, LayerOptions, Method, QuantizedLinear, pack_codebook
 
 AWQ_SCALE = Flag("awq-scale", "awq", "AWQ channel scaling before learning codebooks")
 COMPENSATE = Flag("compensate", "compensate", "GPTQ-style error compensation with the learned codebooks as the grid")
+REFIT_SCALES = Flag(
+    "refit-scales", "refit", "after the scale search, 2 rounds of least-squares group scales and Lloyd (docs/method.md)"
+)
+REFIT_ROUNDS = 2
 
 
 @register
@@ -20,8 +26,11 @@ class AAAC(Method):
     name = "aaac"
     help = "two codebooks learned per layer by activation-weighted Lloyd; each group picks one (the default)"
     format = "aaac"
-    flags = (AWQ_SCALE, COMPENSATE)
-    compared = tuple(frozenset(s) for s in ((), {AWQ_SCALE.name}, {COMPENSATE.name}, {AWQ_SCALE.name, COMPENSATE.name}))
+    flags = (AWQ_SCALE, REFIT_SCALES, COMPENSATE)
+    compared = tuple(
+        frozenset(s)
+        for s in ((), {AWQ_SCALE.name}, {REFIT_SCALES.name}, {COMPENSATE.name}, {AWQ_SCALE.name, COMPENSATE.name})
+    )
 
     def needs_second_moment(self, flags: frozenset[str]) -> bool:
         return bool(flags & {AWQ_SCALE.name, COMPENSATE.name})
@@ -30,7 +39,10 @@ class AAAC(Method):
         return AWQ_SCALE.name in flags
 
     def quantize(self, weight: torch.Tensor, stats: LinearStatistics, options: LayerOptions) -> QuantizedLinear:
-        learned = quantize_layer(weight, stats.mean_square, options.group_size, options.codebooks, seed=options.seed)
+        codebook_options = options.codebooks
+        if REFIT_SCALES.name in options.flags:
+            codebook_options = replace(codebook_options, refit_rounds=REFIT_ROUNDS)
+        learned = quantize_layer(weight, stats.mean_square, options.group_size, codebook_options, seed=options.seed)
         if COMPENSATE.name not in options.flags:
             return pack_codebook_layer(learned.indices, learned.scales, learned.codebooks, options.group_size)
         grid = CodebookGrid(learned.codebooks, options.codebooks.scale_grid)
