@@ -188,6 +188,15 @@ def _search_scales(
     return best_scale
 
 
+def _assign(
+    w: torch.Tensor, mean_square: torch.Tensor, scale: torch.Tensor, codebooks: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(error [N, Gn], choice of C1 [N, Gn], entries [N, Gn, G]) of the best codebook per group."""
+    errors, indices = _group_errors(w, _normalize(w, scale), mean_square, scale, codebooks)
+    choice = errors[1] < errors[0]
+    return torch.where(choice, errors[1], errors[0]), choice, torch.where(choice.unsqueeze(-1), indices[1], indices[0])
+
+
 def _refit_scales(
     w: torch.Tensor, mean_square: torch.Tensor, scale: torch.Tensor, codebooks: torch.Tensor, steps: int
 ) -> torch.Tensor:
@@ -196,22 +205,12 @@ def _refit_scales(
     s = sum m w c / sum m c^2. Neither step can raise a group's error; a non-positive solution keeps
     the old scale (the sign bit holds the codebook choice)."""
     for _ in range(steps):
-        errors, indices = _group_errors(w, _normalize(w, scale), mean_square, scale, codebooks)
-        choice = (errors[1] < errors[0]).long().unsqueeze(-1)
-        entries = codebooks[choice.expand_as(indices[0]), torch.where(choice.bool(), indices[1], indices[0]).long()]
-        num = (mean_square * w * entries).sum(-1, keepdim=True)
-        den = (mean_square * entries * entries).sum(-1, keepdim=True)
+        _, choice, chosen = _assign(w, mean_square, scale, codebooks)
+        values = codebooks[choice.long().unsqueeze(-1).expand_as(chosen), chosen.long()]
+        num = (mean_square * w * values).sum(-1, keepdim=True)
+        den = (mean_square * values * values).sum(-1, keepdim=True)
         scale = torch.where((num > 0) & (den > 0), num / den.clamp_min(1e-30), scale)
     return scale
-
-
-def _assign(
-    w: torch.Tensor, mean_square: torch.Tensor, scale: torch.Tensor, codebooks: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(error [N, Gn], choice of C1 [N, Gn], entries [N, Gn, G]) of the best codebook per group."""
-    errors, indices = _group_errors(w, _normalize(w, scale), mean_square, scale, codebooks)
-    choice = errors[1] < errors[0]
-    return torch.where(choice, errors[1], errors[0]), choice, torch.where(choice.unsqueeze(-1), indices[1], indices[0])
 
 
 def quantize_layer(

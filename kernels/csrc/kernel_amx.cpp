@@ -188,7 +188,8 @@ void stream_columns(const GemmProblem& p, int64_t n0, int64_t columns) {
   if constexpr (kBlocks > 1) _tile_stored(1, sums[1], 64);
   if constexpr (kBlocks > 2) _tile_stored(2, sums[2], 64);
   if constexpr (kBlocks > 3) _tile_stored(3, sums[3], 64);
-  for (int64_t mb = 0; mb < kBlocks; ++mb) store_tile(p, &sums[mb][0][0], mb * kTile, min64(kTile, p.m - mb * kTile), n0, columns);
+  for (int64_t mb = 0; mb < kBlocks; ++mb)
+    store_tile(p, &sums[mb][0][0], mb * kTile, min64(kTile, p.m - mb * kTile), n0, columns);
 }
 
 template <int kChunk>
