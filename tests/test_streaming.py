@@ -15,6 +15,7 @@ from aaac_kernels.format.errors import AAACError
 from offline_quantize import pipeline, streaming
 from offline_quantize.methods import MethodOptions
 from offline_quantize.pipeline import Settings, quantize_model
+from offline_quantize.report import _host_peak_rss
 from offline_quantize.source import decoder_blocks
 
 from .conftest import MODEL, TOKENIZER_FILES
@@ -122,10 +123,6 @@ def test_a_parameter_missing_from_the_shards_is_named(sharded, small_calib, tmp_
     assert not (tmp_path / "out").exists()
 
 
-def _peak_since_reset() -> int:
-    return int(re.search(r"VmHWM:\s+(\d+) kB", Path("/proc/self/status").read_text()).group(1)) << 10
-
-
 def _resident() -> int:
     return int(re.search(r"VmRSS:\s+(\d+) kB", Path("/proc/self/status").read_text()).group(1)) << 10
 
@@ -160,6 +157,6 @@ def test_peak_memory_is_bounded_by_a_block_not_the_model(tmp_path, small_calib, 
     Path("/proc/self/clear_refs").write_text("5")  # resets the peak (VmHWM) to the present size
     before = _resident()
     quantize_model(model, tmp_path / "out", settings)
-    growth = _peak_since_reset() - before
+    growth = _host_peak_rss() - before
     print(f"peak growth {growth / 2**20:.0f} MiB; bound {bound / 2**20:.0f} MiB; model {model_bytes / 2**20:.0f} MiB")
     assert growth < bound
