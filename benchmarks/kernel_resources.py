@@ -1,14 +1,22 @@
-"""Compile the Triton kernels for NVIDIA GPUs (no GPU needed) and print their registers, spills and shared memory.
+"""Compile the Triton kernels for NVIDIA GPUs (no GPU needed): registers, spills, shared memory, and
+what the decode kernels' main loop issues per weight.
 
-    python benchmarks/kernel_resources.py [--arch 80 90]
+    python benchmarks/kernel_resources.py [--arch 80 90] [--json]
 
-Every stored tile configuration of the fused kernel is compiled for each activation dtype and
-both scale paths (a group as wide as the K tile or wider, and narrower groups), plus the dequantizer.
-Triton's bundled ptxas does the compiling, so this runs on any Linux machine; a kernel that fails to
-compile fails the run. Spilled registers (stack bytes) cost memory traffic on the hot path.
+Every kernel the op launches (the GEMV for each M it takes, every stored GEMM configuration, the
+dequantizer) is compiled with the signature of a real call: bf16 and fp16 activations, group sizes 128
+and 64, a Llama-3-8B QKV layer (three parts), and the divisibility-by-16 attributes that Triton gives
+real shapes' pointers and sizes. Triton's bundled ``ptxas`` and ``cuobjdump`` do the work, so this runs
+on any Linux machine; a kernel that fails to compile fails the run.
+
+For the GEMV and the small-M GEMM it also reads the SASS of the main loop (the largest backward
+branch): instructions per weight (warp instructions: one instruction of a warp handles 32 lanes),
+shuffles per weight, barriers and shared-memory stores inside the loop, and the widest global load.
+docs/kernels.md explains what these counts predict and what the GPU measured.
 """
 
 import argparse
+import json
 import os
 import re
 import subprocess
@@ -23,22 +31,39 @@ from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
 from aaac_kernels import triton_gemm  # noqa: E402
+from aaac_kernels.format.serving import cuda_block  # noqa: E402
 
 CUOBJDUMP = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
 PART_STARTS = (4096, 5120)  # a Llama-3-8B QKV layer: q 4096, k 1024, v 1024 columns
-POINTERS = {"w_ptr": "*i32", "s_ptr": "*i16", "lut_ptr": "*fp32"}
+LAYER = {"w_ptr": "*i32", "s_ptr": "*i16", "cb_ptr": "*fp32"}
+SPLIT = {"part_ptr": "*fp32", "count_ptr": "*i32"}
+# Arguments a real call passes that Triton specializes as multiples of 16 (pointers from torch's
+# allocator; N, K, strides of Llama shapes).
+DIVISIBLE = ("x_ptr", "w_ptr", "s_ptr", "cb_ptr", "out_ptr", "part_ptr", "count_ptr", "M", "N", "K")
+DIVISIBLE_STRIDES = ("stride_xm", "stride_wn")
 
 
-def _resources(kernel, signature: dict, constants: dict, arch: int, num_warps: int, num_stages: int) -> dict:
-    source = ASTSource(kernel, {**signature, **dict.fromkeys(constants, "constexpr")}, constants)
-    compiled = triton.compile(
+def _compile(kernel, signature: dict, constants: dict, num_warps: int, num_stages: int, arch: int):
+    attrs = {
+        (kernel.arg_names.index(name),): [["tt.divisibility", 16]]
+        for name in (*DIVISIBLE, *DIVISIBLE_STRIDES)
+        if name in signature
+    }
+    source = ASTSource(kernel, {**signature, **dict.fromkeys(constants, "constexpr")}, constants, attrs)
+    return triton.compile(
         source, target=GPUTarget("cuda", arch, 32), options={"num_warps": num_warps, "num_stages": num_stages}
     )
+
+
+def _cuobjdump(compiled, flag: str) -> str:
     with tempfile.NamedTemporaryFile(suffix=".cubin") as cubin:
         cubin.write(compiled.asm["cubin"])
         cubin.flush()
-        usage = subprocess.run([CUOBJDUMP, "-res-usage", cubin.name], capture_output=True, text=True, check=True).stdout
-    found = dict(re.findall(r"(REG|STACK):(\d+)", usage))
+        return subprocess.run([CUOBJDUMP, flag, cubin.name], capture_output=True, text=True, check=True).stdout
+
+
+def resources(compiled) -> dict:
+    found = dict(re.findall(r"(REG|STACK):(\d+)", _cuobjdump(compiled, "-res-usage")))
     return {
         "registers": int(found["REG"]),
         "spill_bytes": int(found["STACK"]),
@@ -46,26 +71,94 @@ def _resources(kernel, signature: dict, constants: dict, arch: int, num_warps: i
     }
 
 
-def fused_rows(arch: int):
-    low = 1
-    for high, config in triton_gemm.CONFIGS:
-        rows = f"fused, M {low}-{high}" if high < float("inf") else f"fused, M >= {low}"
-        low = int(high) + 1 if high < float("inf") else low
-        split_k = config.split_k or 2  # 0 means "chosen per shape": compile the split path
-        for dtype in ("fp16", "bf16"):
-            for group_size in (128, 64):
+def main_loop(sass: str) -> list[str]:
+    """The opcodes of the largest loop body: the instructions between a backward branch and its target."""
+    code = re.findall(r"/\*([0-9a-f]{4,})\*/\s+(.*?);", sass)
+    lines = [(int(address, 16), text) for address, text in code]
+    best: list[str] = []
+    for address, text in lines:
+        branch = re.search(r"\bBRA\b.*?(0x[0-9a-f]+)", text)
+        if branch and int(branch.group(1), 16) < address:
+            body = [t for a, t in lines if int(branch.group(1), 16) <= a <= address]
+            best = max(best, body, key=len)
+    return [re.sub(r"^@!?U?P\w+\s+", "", text).split()[0] for text in best]
+
+
+def loop_counts(compiled, weights_per_iteration: int, threads: int) -> dict:
+    """Warp instructions per weight in the main loop, and what the issue's static check looks at."""
+    opcodes = main_loop(_cuobjdump(compiled, "-sass"))
+    per_weight = threads / 32 / weights_per_iteration
+    count = lambda prefix: sum(op.split(".")[0] == prefix for op in opcodes)  # noqa: E731
+    widths = [int(w) for op in opcodes if op.startswith("LDG") for w in re.findall(r"\.(64|128)\b", op)]
+    return {
+        "instructions_per_weight": round(len(opcodes) * per_weight, 4),
+        "shuffles_per_weight": round(count("SHFL") * per_weight, 4),
+        "barriers": count("BAR"),
+        "shared_stores": count("STS") + count("STSM"),
+        "widest_global_load_bits": max(widths, default=32),
+    }
+
+
+def gemv_rows(arch: int, dtypes=("bf16", "fp16"), group_sizes=(128, 64)):
+    config = triton_gemm.GEMV_CONFIG
+    for rows in range(1, triton_gemm.GEMV_MAX_M + 1):
+        for dtype in dtypes:
+            for group_size in group_sizes:
                 signature = {
                     "x_ptr": f"*{dtype}",
-                    **POINTERS,
-                    "out_ptr": "*fp32" if split_k > 1 else f"*{dtype}",
+                    **LAYER,
+                    "out_ptr": f"*{dtype}",
+                    **SPLIT,
+                    "N": "i32",
+                    "K": "i32",
+                    "stride_xm": "i32",
+                    "stride_wn": "i32",
+                    "stride_sn": "i32",
+                }
+                constants = dict(
+                    ROWS=rows,
+                    GROUP_SIZE=group_size,
+                    BLOCK_WORDS=cuda_block(group_size) // 8,
+                    PART_STARTS=PART_STARTS,
+                    LOOKUP="shfl",
+                    BLOCK_N=config.block_n,
+                    BLOCK_K=config.block_k,
+                    SPLIT_K=1,
+                    EVEN_K=True,
+                    ROW_SCALES=triton_gemm.GEMV_ROW_SCALES,
+                )
+                compiled = _compile(
+                    triton_gemm._gemv_kernel, signature, constants, config.num_warps, config.num_stages, arch
+                )
+                loop = loop_counts(compiled, config.block_n * config.block_k, 32 * config.num_warps)
+                yield f"gemv, M = {rows}", _tiles(config), dtype, group_size, resources(compiled), loop
+
+
+def gemm_rows(arch: int, dtypes=("bf16", "fp16"), group_sizes=(128, 64)):
+    low = triton_gemm.GEMV_MAX_M + 1
+    for high, config in triton_gemm.GEMM_CONFIGS:
+        name = f"gemm, M {low}-{high}" if high < float("inf") else f"gemm, M >= {low}"
+        low = int(high) + 1 if high < float("inf") else low
+        split_k = config.split_k or 2  # 0 means "chosen per shape": compile the split path
+        for dtype in dtypes:
+            for group_size in group_sizes:
+                signature = {
+                    "x_ptr": f"*{dtype}",
+                    **LAYER,
+                    "out_ptr": f"*{dtype}",
+                    **SPLIT,
                     "M": "i32",
                     "N": "i32",
                     "K": "i32",
                     "stride_xm": "i32",
+                    "stride_wn": "i32",
+                    "stride_sn": "i32",
                 }
                 constants = dict(
                     GROUP_SIZE=group_size,
+                    BLOCK_WORDS=cuda_block(group_size) // 8,
                     PART_STARTS=PART_STARTS,
+                    LOOKUP="shfl",
                     BLOCK_M=config.block_m,
                     BLOCK_N=config.block_n,
                     BLOCK_K=config.block_k,
@@ -74,53 +167,63 @@ def fused_rows(arch: int):
                     EVEN_K=True,
                     DOT_PRECISION="tf32",
                 )
-                tiles = f"{config.block_m}x{config.block_n}x{config.block_k} w{config.num_warps} s{config.num_stages}"
-                yield (
-                    rows,
-                    tiles,
-                    f"split {split_k}",
-                    dtype,
-                    group_size,
-                    _resources(
-                        triton_gemm._gemm_kernel, signature, constants, arch, config.num_warps, config.num_stages
-                    ),
+                compiled = _compile(
+                    triton_gemm._gemm_kernel, signature, constants, config.num_warps, config.num_stages, arch
                 )
+                loop = loop_counts(compiled, config.block_n * config.block_k, 32 * config.num_warps)
+                yield name, _tiles(config, split_k), dtype, group_size, resources(compiled), loop
 
 
-def dequant_rows(arch: int):
-    for dtype in ("fp16", "bf16"):
-        signature = {**POINTERS, "out_ptr": f"*{dtype}", "N": "i32", "K": "i32"}
+def dequant_rows(arch: int, dtypes=("bf16", "fp16")):
+    for dtype in dtypes:
+        signature = {**LAYER, "out_ptr": f"*{dtype}", "N": "i32", "K": "i32", "first_n": "i32"}
+        signature |= {"stride_wn": "i32", "stride_sn": "i32"}
         constants = dict(
             GROUP_SIZE=128,
+            BLOCK_WORDS=cuda_block(128) // 8,
             PART_STARTS=PART_STARTS,
+            LOOKUP="shfl",
             BLOCK_N=triton_gemm.DEQUANT_BLOCK_N,
             BLOCK_K=triton_gemm.DEQUANT_BLOCK_K,
         )
+        compiled = _compile(triton_gemm._dequant_kernel, signature, constants, 4, 1, arch)
         tiles = f"{triton_gemm.DEQUANT_BLOCK_N}x{triton_gemm.DEQUANT_BLOCK_K} w4"
-        yield (
-            "dequantize",
-            tiles,
-            "",
-            dtype,
-            128,
-            _resources(triton_gemm._dequant_kernel, signature, constants, arch, 4, 1),
-        )
+        yield "dequantize", tiles, dtype, 128, resources(compiled), None
+
+
+def _tiles(config: triton_gemm.TileConfig, split_k: int | None = None) -> str:
+    m = f"{config.block_m}x" if config.block_m else ""
+    split = f", split {split_k}" if split_k and split_k > 1 else ""
+    return f"{m}{config.block_n}x{config.block_k} w{config.num_warps} s{config.num_stages}{split}"
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--arch", type=int, nargs="+", default=[80, 90], help="compute capabilities (80 A100, 90 H100)")
+    parser.add_argument("--json", action="store_true", help="one JSON object per kernel instead of a table")
     args = parser.parse_args(argv)
-    print(f"triton {triton.__version__}")
-    print(
-        "| sm | kernel | tiles (MxNxK, warps, stages) | split-K | act | group | registers | spill bytes | shared KiB |"
-    )
-    print("|---|---|---|---|---|---|---|---|---|")
+    if not args.json:
+        print(f"triton {triton.__version__}")
+        print(
+            "| sm | kernel | tiles | act | group | registers | spill bytes | shared KiB "
+            "| loop instr / weight | SHFL / weight | BAR, STS in loop | widest LDG |"
+        )
+        print("|---|---|---|---|---|---:|---:|---:|---:|---:|---|---:|")
     for arch in args.arch:
-        for name, tiles, split, dtype, group_size, used in (*fused_rows(arch), *dequant_rows(arch)):
+        for name, tiles, dtype, group_size, used, loop in (*gemv_rows(arch), *gemm_rows(arch), *dequant_rows(arch)):
+            if args.json:
+                row = dict(arch=arch, kernel=name, tiles=tiles, dtype=dtype, group_size=group_size, **used)
+                print(json.dumps(row | (loop or {})), flush=True)
+                continue
+            counts = (
+                f"{loop['instructions_per_weight']:.3f} | {loop['shuffles_per_weight']:.3f} "
+                f"| {loop['barriers']}, {loop['shared_stores']} | {loop['widest_global_load_bits']}"
+                if loop
+                else "| | |"
+            )
             print(
-                f"| {arch} | {name} | {tiles} | {split} | {dtype} | {group_size} | {used['registers']} "
-                f"| {used['spill_bytes']} | {used['shared_bytes'] / 1024:.1f} |",
+                f"| {arch} | {name} | {tiles} | {dtype} | {group_size} | {used['registers']} "
+                f"| {used['spill_bytes']} | {used['shared_bytes'] / 1024:.1f} | {counts} |",
                 flush=True,
             )
     return 0

@@ -1,13 +1,19 @@
-"""Triton kernels for AAAC layers on NVIDIA GPUs: a fused dequant-GEMM and a dequantizer.
+"""Triton kernels for AAAC layers on NVIDIA GPUs: a decode GEMV, a tensor-core GEMM and a dequantizer.
 
-Both read the layout that ``aaac_kernels.format.serving.cuda_layout`` makes once at load time.
+All three read the layout that ``aaac_kernels.format.serving.cuda_layout`` makes once at load time.
+A tile of ``BLOCK_K / 8`` words per output column is loaded with 16-byte loads; nibble ``j`` of those
+words holds a contiguous run of k (the layout's order), so it meets a plain slice of x and the indices
+never move between lanes. Each index reads its entry from the part's codebook pair (32 fp32 values,
+one 128-byte line that stays in L1), the codebook chosen by the group's sign bit.
 
-The fused kernel dequantizes W tile by tile in registers (table lookup, times |scale|, one rounding
-to the activation dtype, exactly as the reference dequantizer) and feeds ``tl.dot`` with fp32
-accumulation, one dot per nibble position so that indices never move between lanes. Small batches
-split K over several programs (decoding is bound by reading the weights, and a few hundred programs
-are needed to keep every SM streaming); larger ones use the grouped tile order of Triton's matmul
-tutorial so that weight tiles are reused from L2.
+* ``_gemv_kernel`` (M <= GEMV_MAX_M, decoding): fp32 FMAs on the CUDA cores, every row of x against
+  each weight once; the 8 products of a word are summed before the group's scale multiplies them.
+* ``_gemm_kernel`` (larger M): the weight tile times |scale|, rounded once to the activation dtype as
+  in the reference, is the A operand of ``tl.dot`` against xᵀ (out[n, m], so small M is the dot's N).
+* ``_dequant_kernel``: slabs of the dense weight for ``dequantize_matmul``, the prefill path.
+
+Both product kernels split K over several programs when the output alone cannot fill the GPU; the
+last program of each column block to finish sums the fp32 partials in split order (deterministic).
 """
 
 import functools
@@ -17,32 +23,309 @@ import torch
 import triton
 import triton.language as tl
 
+from .format.serving import cuda_block
+
 
 class TileConfig(NamedTuple):
-    block_m: int
+    block_m: int  # rows of x per program (the GEMV takes all M rows at once)
     block_n: int
-    block_k: int  # a power of two >= 128: each of the 8 nibble dots spans block_k / 8 >= 16 (tl.dot's least K)
-    split_k: int  # 0: choose from the shape so that the grid fills the GPU
-    group_m: int
+    block_k: int  # k per step: 8 nibble slices of block_k / 8 words (>= 16 for tl.dot)
+    split_k: int  # 0: chosen from the shape so that the grid fills the GPU
+    group_m: int  # GEMM tile order: row blocks that sweep the same columns while they are in L2
     num_warps: int
     num_stages: int
 
 
-# Chosen for H100-class GPUs from the memory-bound arithmetic (4.125 bits a weight moves the ridge
-# point to M of about 70), not yet from measurements: benchmarks/kernels.py times them against cuBLAS.
+# The GEMV takes batches up to this many rows: it issues M FMAs per weight, the GEMM's tensor cores none.
+GEMV_MAX_M = 4
+GEMV_CONFIG = TileConfig(block_m=0, block_n=16, block_k=512, split_k=0, group_m=1, num_warps=4, num_stages=4)
+GEMV_ROW_SCALES = True
 # Keyed by the largest M each serves.
-CONFIGS: tuple[tuple[float, TileConfig], ...] = (
-    (16, TileConfig(block_m=16, block_n=64, block_k=128, split_k=0, group_m=1, num_warps=4, num_stages=4)),
-    (64, TileConfig(block_m=64, block_n=64, block_k=128, split_k=0, group_m=1, num_warps=4, num_stages=4)),
+GEMM_CONFIGS: tuple[tuple[float, TileConfig], ...] = (
+    (16, TileConfig(block_m=16, block_n=64, block_k=256, split_k=0, group_m=1, num_warps=4, num_stages=4)),
+    (64, TileConfig(block_m=64, block_n=64, block_k=256, split_k=0, group_m=1, num_warps=4, num_stages=4)),
     (float("inf"), TileConfig(block_m=128, block_n=128, block_k=128, split_k=1, group_m=8, num_warps=8, num_stages=3)),
 )
-# Above this M the weight is dequantized once and multiplied by cuBLAS: at large M the GEMM is
-# compute-bound and the one extra pass over W costs little (vLLM's AWQ method switches at 256 too).
+# From this M the weight is dequantized slab by slab and each slab multiplied by cuBLAS: the GEMM is
+# compute-bound there, and a slab of at most DEQUANT_SLAB_BYTES is read back from L2, not from HBM.
 DEQUANT_MATMUL_MIN_M = 256
-DEQUANT_BLOCK_N, DEQUANT_BLOCK_K = 32, 128
-# Split K until about this many programs per SM are running, keeping at least two K tiles each.
-_PROGRAMS_PER_SM = 2
-_MIN_K_TILES_PER_SPLIT = 2
+DEQUANT_SLAB_BYTES = 16 << 20
+DEQUANT_BLOCK_N, DEQUANT_BLOCK_K = 32, 256
+# Split K until about this many programs per SM are running, keeping at least two K steps each.
+_PROGRAMS_PER_SM = 4
+_MIN_K_STEPS_PER_SPLIT = 2
+
+
+@triton.jit
+def _codebook_offsets(offs_n, PART_STARTS: tl.constexpr):
+    """Each column's first entry in the [parts, 2, 16] table: 32 * its part (PART_STARTS is compile-time)."""
+    part = tl.zeros_like(offs_n)
+    for i in tl.static_range(len(PART_STARTS)):
+        part += (offs_n >= PART_STARTS[i]).to(tl.int32)
+    return part * 32
+
+
+# One word's 8 entries by shuffles. Each lane loads entry ``lane`` of the codebook pair at $9 (once per
+# word, from L1; ptxas keeps it across words). A shuffle takes its source lane from bits 0-4 of its
+# index: the bytes of ``even`` hold nibbles 0, 2, 4, 6 with the codebook offset ($10 = 16 * 0x01010101
+# for C1) in bit 4, those of ``odd`` nibbles 1, 3, 5, 7, so nibble j's index is one byte shift away.
+# All columns of a program must share one part: a lane serves every column its neighbours hold.
+_SHUFFLE_WORD = tl.constexpr(
+    "{ .reg .u32 lane, entry, even, odd, index; .reg .u64 address; "
+    "mov.u32 lane, %laneid; mad.wide.u32 address, lane, 4, $9; ld.global.nc.b32 entry, [address]; "
+    "and.b32 even, $8, 0x0F0F0F0F; or.b32 even, even, $10; "
+    "shr.b32 odd, $8, 4; and.b32 odd, odd, 0x0F0F0F0F; or.b32 odd, odd, $10; "
+    "shfl.sync.idx.b32 $0, entry, even, 31, -1; shfl.sync.idx.b32 $1, entry, odd, 31, -1; "
+    "shr.b32 index, even, 8; shfl.sync.idx.b32 $2, entry, index, 31, -1; "
+    "shr.b32 index, odd, 8; shfl.sync.idx.b32 $3, entry, index, 31, -1; "
+    "shr.b32 index, even, 16; shfl.sync.idx.b32 $4, entry, index, 31, -1; "
+    "shr.b32 index, odd, 16; shfl.sync.idx.b32 $5, entry, index, 31, -1; "
+    "shr.b32 index, even, 24; shfl.sync.idx.b32 $6, entry, index, 31, -1; "
+    "shr.b32 index, odd, 24; shfl.sync.idx.b32 $7, entry, index, 31, -1; }"
+)
+
+
+@triton.jit
+def _word_entries(pair_ptrs, words, codebook, LOOKUP: tl.constexpr):
+    """The codebook entries (fp32) of nibbles 0..7 of each word, given each column's codebook pair
+    (``pair_ptrs``, 32 entries) and the codebook offset of the word's group (0 or 16). ``shfl`` runs
+    ``_SHUFFLE_WORD`` (the GPU path); ``load`` reads each entry through L1 (Triton's interpreter runs it)."""
+    if LOOKUP == "shfl":
+        e0, e1, e2, e3, e4, e5, e6, e7 = tl.inline_asm_elementwise(
+            _SHUFFLE_WORD,
+            "=r,=r,=r,=r,=r,=r,=r,=r,r,l,r",
+            [words, pair_ptrs.to(tl.int64, bitcast=True), codebook * 0x01010101],
+            dtype=(tl.int32,) * 8,
+            is_pure=True,
+            pack=1,
+        )
+        return (
+            e0.to(tl.float32, bitcast=True),
+            e1.to(tl.float32, bitcast=True),
+            e2.to(tl.float32, bitcast=True),
+            e3.to(tl.float32, bitcast=True),
+            e4.to(tl.float32, bitcast=True),
+            e5.to(tl.float32, bitcast=True),
+            e6.to(tl.float32, bitcast=True),
+            e7.to(tl.float32, bitcast=True),
+        )
+    else:
+        entries = pair_ptrs + codebook
+        return (
+            tl.load(entries + (words & 0xF)),
+            tl.load(entries + ((words >> 4) & 0xF)),
+            tl.load(entries + ((words >> 8) & 0xF)),
+            tl.load(entries + ((words >> 12) & 0xF)),
+            tl.load(entries + ((words >> 16) & 0xF)),
+            tl.load(entries + ((words >> 20) & 0xF)),
+            tl.load(entries + ((words >> 24) & 0xF)),
+            tl.load(entries + ((words >> 28) & 0xF)),
+        )
+
+
+@triton.jit
+def _load_scales(
+    s_ptr,
+    offs_n,
+    mask_n,
+    first_k,
+    word,
+    mask_w,
+    stride_sn,
+    GROUP_SIZE: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    ROW_SCALES: tl.constexpr = True,
+):
+    """The codebook offset (0 or 16) and |scale| of each word's group: one per column when a group
+    spans the whole K step of BLOCK_K from ``first_k`` (and ROW_SCALES), else one per word."""
+    if GROUP_SIZE % BLOCK_K == 0 and ROW_SCALES:
+        group = first_k // GROUP_SIZE
+        bits = tl.load(s_ptr + offs_n * stride_sn + group, mask=mask_n, other=0)[:, None]
+    else:  # the 8 weights of a word share a group (the layout's blocks divide the group)
+        bits = tl.load(s_ptr + offs_n[:, None] * stride_sn + (word * 8 // GROUP_SIZE)[None, :], mask=mask_w, other=0)
+    # Bit 15 (read as a bit: a -0.0 scale selects C1 too) moved to bit 4: C1's offset in the pair.
+    codebook = ((bits >> 11) & 16).to(tl.int32)
+    magnitude = (bits & 0x7FFF).to(tl.float16, bitcast=True).to(tl.float32)
+    return codebook, magnitude
+
+
+@triton.jit
+def _load_step(
+    w_ptr,
+    s_ptr,
+    offs_n,
+    mask_n,
+    step,
+    offs_w,
+    words_k,
+    stride_wn,
+    stride_sn,
+    GROUP_SIZE: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    EVEN_K: tl.constexpr,
+    ROW_SCALES: tl.constexpr,
+):
+    """A step's [BLOCK_N, BLOCK_K / 8] words, and the codebook offset and |scale| of their groups."""
+    word = step * (BLOCK_K // 8) + offs_w
+    mask_w = mask_n[:, None] if EVEN_K else mask_n[:, None] & (word < words_k)[None, :]
+    words = tl.load(w_ptr + offs_n[:, None] * stride_wn + word[None, :], mask=mask_w, other=0)
+    codebook, magnitude = _load_scales(
+        s_ptr, offs_n, mask_n, step * BLOCK_K, word, mask_w, stride_sn, GROUP_SIZE, BLOCK_K, ROW_SCALES
+    )
+    return words, codebook, magnitude
+
+
+@triton.jit
+def _x_columns(word, BLOCK_WORDS: tl.constexpr):
+    """k of nibble 0 of each word (nibble j is k + j * BLOCK_WORDS): the layout's blocks of 8 * BLOCK_WORDS."""
+    return (word // BLOCK_WORDS) * (8 * BLOCK_WORDS) + word % BLOCK_WORDS
+
+
+@triton.jit
+def _sum_splits(part_ptr, out_ptr, count_ptr, offs_m, offs_n, mask, M, N, SPLIT_K: tl.constexpr):
+    """After a program has stored its fp32 partials [SPLIT_K, M, N], the last of its column block's
+    SPLIT_K programs to arrive adds them up in split order and writes the output."""
+    tl.debug_barrier()  # every thread's partials are written before the count says so
+    arrived = tl.atomic_add(count_ptr + tl.program_id(0), 1, sem="acq_rel")
+    if arrived == SPLIT_K - 1:
+        offsets = offs_m[:, None] * N + offs_n[None, :]
+        total = tl.zeros(offsets.shape, dtype=tl.float32)
+        for split in range(SPLIT_K):
+            total += tl.load(part_ptr + split * M * N + offsets, mask=mask, other=0.0, cache_modifier=".cg")
+        tl.store(out_ptr + offsets, total.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _store_row(out_ptr, part_ptr, acc, row, offs_n, mask_n, N, ROWS: tl.constexpr, SPLIT_K: tl.constexpr):
+    """One row of the GEMV's output: y directly, or its fp32 partial when K is split."""
+    total = tl.sum(acc, axis=1)
+    if SPLIT_K == 1:
+        tl.store(out_ptr + row * N + offs_n, total.to(out_ptr.dtype.element_ty), mask=mask_n)
+    else:
+        tl.store(part_ptr + (tl.program_id(1) * ROWS + row) * N + offs_n, total, mask=mask_n)
+
+
+@triton.jit
+def _gemv_kernel(
+    x_ptr,
+    w_ptr,
+    s_ptr,
+    cb_ptr,
+    out_ptr,
+    part_ptr,
+    count_ptr,
+    N,
+    K,
+    stride_xm,
+    stride_wn,
+    stride_sn,
+    ROWS: tl.constexpr,
+    GROUP_SIZE: tl.constexpr,
+    BLOCK_WORDS: tl.constexpr,
+    PART_STARTS: tl.constexpr,
+    LOOKUP: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    SPLIT_K: tl.constexpr,
+    EVEN_K: tl.constexpr,
+    ROW_SCALES: tl.constexpr,
+):
+    pid_n = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_w = tl.arange(0, BLOCK_K // 8)
+    mask_n = offs_n < N
+    pair_ptrs = cb_ptr + _codebook_offsets(offs_n, PART_STARTS)[:, None]
+
+    words_k = K // 8
+    k_steps = tl.cdiv(K, BLOCK_K)
+    steps_per_split = tl.cdiv(k_steps, SPLIT_K)
+    first_step = pid_k * steps_per_split
+    last_step = min(first_step + steps_per_split, k_steps)
+
+    # Per row of x, fp32 sums per (column, word slot); reduced over the slots once, at the end.
+    acc0 = tl.zeros([BLOCK_N, BLOCK_K // 8], dtype=tl.float32)
+    if ROWS > 1:
+        acc1 = tl.zeros([BLOCK_N, BLOCK_K // 8], dtype=tl.float32)
+    if ROWS > 2:
+        acc2 = tl.zeros([BLOCK_N, BLOCK_K // 8], dtype=tl.float32)
+    if ROWS > 3:
+        acc3 = tl.zeros([BLOCK_N, BLOCK_K // 8], dtype=tl.float32)
+    # The next step's words and scales are loaded before this step's arithmetic: nothing waits on memory.
+    words, codebook, magnitude = _load_step(
+        w_ptr,
+        s_ptr,
+        offs_n,
+        mask_n,
+        min(first_step, last_step - 1),  # a split left without steps reads a valid one and adds nothing
+        offs_w,
+        words_k,
+        stride_wn,
+        stride_sn,
+        GROUP_SIZE,
+        BLOCK_K,
+        EVEN_K,
+        ROW_SCALES,
+    )
+    for step in range(first_step, last_step):
+        word = step * (BLOCK_K // 8) + offs_w
+        mask_k = word < words_k
+        # (the last step loads itself again rather than branch: one extra read from cache per program)
+        next_words, next_codebook, next_magnitude = _load_step(
+            w_ptr,
+            s_ptr,
+            offs_n,
+            mask_n,
+            min(step + 1, last_step - 1),
+            offs_w,
+            words_k,
+            stride_wn,
+            stride_sn,
+            GROUP_SIZE,
+            BLOCK_K,
+            EVEN_K,
+            ROW_SCALES,
+        )
+        x_cols = _x_columns(word, BLOCK_WORDS)
+        entries = _word_entries(pair_ptrs, words, codebook, LOOKUP)
+        part0 = tl.zeros([BLOCK_N, BLOCK_K // 8], dtype=tl.float32)
+        if ROWS > 1:
+            part1 = tl.zeros([BLOCK_N, BLOCK_K // 8], dtype=tl.float32)
+        if ROWS > 2:
+            part2 = tl.zeros([BLOCK_N, BLOCK_K // 8], dtype=tl.float32)
+        if ROWS > 3:
+            part3 = tl.zeros([BLOCK_N, BLOCK_K // 8], dtype=tl.float32)
+        for j in tl.static_range(8):
+            w = entries[j]
+            x_ptrs = x_ptr + x_cols + j * BLOCK_WORDS
+            part0 += w * tl.load(x_ptrs, mask=mask_k, other=0.0).to(tl.float32)[None, :]
+            if ROWS > 1:
+                part1 += w * tl.load(x_ptrs + stride_xm, mask=mask_k, other=0.0).to(tl.float32)[None, :]
+            if ROWS > 2:
+                part2 += w * tl.load(x_ptrs + 2 * stride_xm, mask=mask_k, other=0.0).to(tl.float32)[None, :]
+            if ROWS > 3:
+                part3 += w * tl.load(x_ptrs + 3 * stride_xm, mask=mask_k, other=0.0).to(tl.float32)[None, :]
+        # The group's scale multiplies the sum of a word's 8 products, not each weight.
+        acc0 += part0 * magnitude
+        if ROWS > 1:
+            acc1 += part1 * magnitude
+        if ROWS > 2:
+            acc2 += part2 * magnitude
+        if ROWS > 3:
+            acc3 += part3 * magnitude
+        words, codebook, magnitude = next_words, next_codebook, next_magnitude
+
+    _store_row(out_ptr, part_ptr, acc0, 0, offs_n, mask_n, N, ROWS, SPLIT_K)
+    if ROWS > 1:
+        _store_row(out_ptr, part_ptr, acc1, 1, offs_n, mask_n, N, ROWS, SPLIT_K)
+    if ROWS > 2:
+        _store_row(out_ptr, part_ptr, acc2, 2, offs_n, mask_n, N, ROWS, SPLIT_K)
+    if ROWS > 3:
+        _store_row(out_ptr, part_ptr, acc3, 3, offs_n, mask_n, N, ROWS, SPLIT_K)
+    if SPLIT_K > 1:
+        offs_m = tl.arange(0, 4)
+        mask = (offs_m < ROWS)[:, None] & mask_n[None, :]
+        _sum_splits(part_ptr, out_ptr, count_ptr, offs_m, offs_n, mask, ROWS, N, SPLIT_K)
 
 
 @triton.jit
@@ -50,14 +333,20 @@ def _gemm_kernel(
     x_ptr,
     w_ptr,
     s_ptr,
-    lut_ptr,
+    cb_ptr,
     out_ptr,
+    part_ptr,
+    count_ptr,
     M,
     N,
     K,
     stride_xm,
+    stride_wn,
+    stride_sn,
     GROUP_SIZE: tl.constexpr,
+    BLOCK_WORDS: tl.constexpr,
     PART_STARTS: tl.constexpr,
+    LOOKUP: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
@@ -82,87 +371,77 @@ def _gemm_kernel(
     offs_w = tl.arange(0, BLOCK_K // 8)
     mask_m = offs_m < M
     mask_n = offs_n < N
-
-    # Each column's two codebooks (its part's pair), kept in registers: pair[n, s * 16 + v] = C_s[v].
-    part = tl.zeros([BLOCK_N], dtype=tl.int32)
-    for i in tl.static_range(len(PART_STARTS)):
-        part += (offs_n >= PART_STARTS[i]).to(tl.int32)
-    entries = tl.arange(0, 32)
-    pair = tl.load(lut_ptr + part[:, None] * 1024 + ((entries // 16) * 512 + (entries % 16) * 2)[None, :])
+    pair_ptrs = cb_ptr + _codebook_offsets(offs_n, PART_STARTS)[:, None]
 
     words_k = K // 8
-    k_tiles = tl.cdiv(K, BLOCK_K)
-    tiles_per_split = tl.cdiv(k_tiles, SPLIT_K)
-    first_tile = pid_k * tiles_per_split
-    last_tile = min(first_tile + tiles_per_split, k_tiles)
+    k_steps = tl.cdiv(K, BLOCK_K)
+    steps_per_split = tl.cdiv(k_steps, SPLIT_K)
+    first_step = pid_k * steps_per_split
+    last_step = min(first_step + steps_per_split, k_steps)
 
-    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-    for tile in range(first_tile, last_tile):
-        word = tile * (BLOCK_K // 8) + offs_w
-        mask_w = mask_n[:, None] if EVEN_K else mask_n[:, None] & (word < words_k)[None, :]
-        mask_x = mask_m[:, None] if EVEN_K else mask_m[:, None] & (word < words_k)[None, :]
-        words = tl.load(w_ptr + offs_n[:, None] * words_k + word[None, :], mask=mask_w, other=0)
-        if GROUP_SIZE % BLOCK_K == 0:
-            group = (tile * BLOCK_K) // GROUP_SIZE
-            bits = tl.load(s_ptr + offs_n * (K // GROUP_SIZE) + group, mask=mask_n, other=0)[:, None]
-        else:  # groups narrower than the tile: the 8 weights of a word share a group
-            bits = tl.load(
-                s_ptr + offs_n[:, None] * (K // GROUP_SIZE) + (word * 8 // GROUP_SIZE)[None, :], mask=mask_w, other=0
-            )
-        # The codebook is bit 15 of the scale (a -0.0 scale selects C1 too); bits 0-14 are |scale|.
-        codebook = ((bits >> 15) & 1).to(tl.int32) * 16
-        magnitude = (bits & 0x7FFF).to(tl.float16, bitcast=True).to(tl.float32)
-        # Nibble j of every word is k = 8 * word + j: one dot per nibble, over the matching
-        # (stride-8) columns of x, so the 4-bit indices are never shuffled between lanes.
+    acc = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)  # out[m, n] transposed: M is the dot's N
+    for step in range(first_step, last_step):
+        word = step * (BLOCK_K // 8) + offs_w
+        mask_k = word < words_k
+        mask_w = mask_n[:, None] if EVEN_K else mask_n[:, None] & mask_k[None, :]
+        mask_x = mask_m[None, :] if EVEN_K else mask_m[None, :] & mask_k[:, None]
+        words = tl.load(w_ptr + offs_n[:, None] * stride_wn + word[None, :], mask=mask_w, other=0)
+        codebook, magnitude = _load_scales(
+            s_ptr, offs_n, mask_n, step * BLOCK_K, word, mask_w, stride_sn, GROUP_SIZE, BLOCK_K
+        )
+        x_cols = _x_columns(word, BLOCK_WORDS)
+        entries = _word_entries(pair_ptrs, words, codebook, LOOKUP)
         for j in tl.static_range(8):
-            x = tl.load(x_ptr + offs_m[:, None] * stride_xm + (word * 8 + j)[None, :], mask=mask_x, other=0.0)
-            entry = tl.gather(pair, ((words >> (4 * j)) & 0xF) + codebook, axis=1)
-            # fp16 entry times fp16 |scale| is exact in fp32: one rounding, as in the reference.
-            w = (entry * magnitude).to(x.dtype)
-            acc = tl.dot(x, tl.trans(w), acc, input_precision=DOT_PRECISION)
+            # fp32 entry times fp32 |scale| is exact: one rounding to x's dtype, as in the reference.
+            w = (entries[j] * magnitude).to(x_ptr.dtype.element_ty)
+            xt = tl.load(
+                x_ptr + offs_m[None, :] * stride_xm + (x_cols + j * BLOCK_WORDS)[:, None], mask=mask_x, other=0.0
+            )
+            acc = tl.dot(w, xt, acc, input_precision=DOT_PRECISION)
 
-    out_ptrs = out_ptr + pid_k * M * N + offs_m[:, None] * N + offs_n[None, :]
-    tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
+    offsets = offs_m[None, :] * N + offs_n[:, None]
+    mask = mask_m[None, :] & mask_n[:, None]
+    if SPLIT_K == 1:
+        tl.store(out_ptr + offsets, acc.to(out_ptr.dtype.element_ty), mask=mask)
+    else:
+        tl.store(part_ptr + pid_k * M * N + offsets, acc, mask=mask)
+        _sum_splits(part_ptr, out_ptr, count_ptr, offs_m, offs_n, mask_m[:, None] & mask_n[None, :], M, N, SPLIT_K)
 
 
 @triton.jit
 def _dequant_kernel(
     w_ptr,
     s_ptr,
-    lut_ptr,
+    cb_ptr,
     out_ptr,
     N,
     K,
+    first_n,
+    stride_wn,
+    stride_sn,
     GROUP_SIZE: tl.constexpr,
+    BLOCK_WORDS: tl.constexpr,
     PART_STARTS: tl.constexpr,
+    LOOKUP: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
 ):
-    offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
-    offs_k = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
-    offs_w = tl.program_id(1) * (BLOCK_K // 8) + tl.arange(0, BLOCK_K // 8)
+    """Rows first_n .. N - 1 of the dense weight into out[0 : N - first_n, K]."""
+    rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_n = first_n + rows
+    word = tl.program_id(1) * (BLOCK_K // 8) + tl.arange(0, BLOCK_K // 8)
     mask_n = offs_n < N
-    mask = mask_n[:, None] & (offs_k < K)[None, :]
-
-    part = tl.zeros([BLOCK_N], dtype=tl.int32)
-    for i in tl.static_range(len(PART_STARTS)):
-        part += (offs_n >= PART_STARTS[i]).to(tl.int32)
-
-    words = tl.load(
-        w_ptr + offs_n[:, None] * (K // 8) + offs_w[None, :], mask=mask_n[:, None] & (offs_w < K // 8)[None, :], other=0
+    mask_w = mask_n[:, None] & (word < K // 8)[None, :]
+    words = tl.load(w_ptr + offs_n[:, None] * stride_wn + word[None, :], mask=mask_w, other=0)
+    codebook, magnitude = _load_scales(
+        s_ptr, offs_n, mask_n, tl.program_id(1) * BLOCK_K, word, mask_w, stride_sn, GROUP_SIZE, BLOCK_K
     )
-    words = tl.interleave(words, words)
-    words = tl.interleave(words, words)
-    words = tl.interleave(words, words)
-    index = (words >> ((offs_k % 8) * 4)[None, :]) & 0xF
-    # Groups may be narrower than the tile here, so each weight reads its own group's scale.
-    bits = tl.load(s_ptr + offs_n[:, None] * (K // GROUP_SIZE) + (offs_k // GROUP_SIZE)[None, :], mask=mask, other=0)
-    table = part[:, None] * 1024 + ((bits >> 15) & 1).to(tl.int32) * 512
-    magnitude = (bits & 0x7FFF).to(tl.float16, bitcast=True).to(tl.float32)
-    entry = tl.load(lut_ptr + table + 2 * index)
-    tl.store(
-        out_ptr + offs_n[:, None] * K + offs_k[None, :], (entry * magnitude).to(out_ptr.dtype.element_ty), mask=mask
-    )
+    pair_ptrs = cb_ptr + _codebook_offsets(offs_n, PART_STARTS)[:, None]
+    out_ptrs = out_ptr + rows[:, None] * K + _x_columns(word, BLOCK_WORDS)[None, :]
+    entries = _word_entries(pair_ptrs, words, codebook, LOOKUP)
+    for j in tl.static_range(8):
+        w = entries[j] * magnitude
+        tl.store(out_ptrs + j * BLOCK_WORDS, w.to(out_ptr.dtype.element_ty), mask=mask_w)
 
 
 def _part_starts(part_sizes: list[int]) -> tuple[int, ...]:
@@ -179,46 +458,120 @@ def _sm_count(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count
 
 
+def _layer_args(
+    qbytes: torch.Tensor, scales: torch.Tensor, part_sizes: list[int], block_n: int
+) -> tuple[list, list, dict]:
+    """The kernels' arguments describing a layer: (words, scale bits), their row strides, and constants."""
+    words = qbytes.view(torch.int32)
+    group_size = 2 * qbytes.shape[1] // scales.shape[1]
+    part_starts = _part_starts(part_sizes)
+    # Shuffles need every program's columns in one part; Triton's interpreter has no lanes to shuffle.
+    shuffle = qbytes.is_cuda and all(start % block_n == 0 for start in part_starts)
+    constants = dict(
+        GROUP_SIZE=group_size,
+        BLOCK_WORDS=cuda_block(group_size) // 8,
+        PART_STARTS=part_starts,
+        LOOKUP="shfl" if shuffle else "load",
+    )
+    return [words, scales.view(torch.int16)], [words.stride(0), scales.stride(0)], constants
+
+
+def _split_k(config: TileConfig, programs: int, k: int, device: torch.device) -> int:
+    """config.split_k, or (0) enough K splits for about _PROGRAMS_PER_SM programs per SM."""
+    if config.split_k:
+        return config.split_k
+    wanted = _PROGRAMS_PER_SM * (_sm_count(device) if device.type == "cuda" else 1)
+    k_steps = triton.cdiv(k, config.block_k)
+    split_k = max(1, min(triton.cdiv(wanted, programs), k_steps // _MIN_K_STEPS_PER_SPLIT))
+    return triton.cdiv(k_steps, triton.cdiv(k_steps, split_k))  # as many splits, none left without steps
+
+
+def _split_buffers(split_k: int, m: int, n: int, programs: int, device: torch.device) -> tuple[torch.Tensor, ...]:
+    """fp32 partials [split_k, M, N] and one arrival count per output block (zeroed: a memset per call)."""
+    if split_k == 1:
+        empty = torch.empty(0, device=device)
+        return empty, empty.int()
+    return (
+        torch.empty((split_k, m, n), dtype=torch.float32, device=device),
+        torch.zeros(programs, dtype=torch.int32, device=device),
+    )
+
+
+def gemv(
+    x: torch.Tensor,
+    qbytes: torch.Tensor,
+    scales: torch.Tensor,
+    codebooks: torch.Tensor,
+    part_sizes: list[int],
+    config: TileConfig = GEMV_CONFIG,
+) -> torch.Tensor:
+    """x [M, K] (M <= GEMV_MAX_M, unit stride along K) @ Wᵀ with the GEMV kernel; returns [M, N] in x.dtype."""
+    m, k = x.shape
+    n = qbytes.shape[0]
+    if not 0 < m <= GEMV_MAX_M:
+        raise ValueError(f"the GEMV takes 1 to {GEMV_MAX_M} rows, not {m}")
+    tensors, strides, constants = _layer_args(qbytes, scales, part_sizes, config.block_n)
+    programs = triton.cdiv(n, config.block_n)
+    split_k = _split_k(config, programs, k, x.device)
+    out = torch.empty((m, n), dtype=x.dtype, device=x.device)
+    _gemv_kernel[(programs, split_k)](
+        x,
+        *tensors,
+        codebooks,
+        out,
+        *_split_buffers(split_k, m, n, programs, x.device),
+        n,
+        k,
+        x.stride(0),
+        *strides,
+        ROWS=m,
+        **constants,
+        BLOCK_N=config.block_n,
+        BLOCK_K=config.block_k,
+        SPLIT_K=split_k,
+        EVEN_K=k % config.block_k == 0,
+        ROW_SCALES=GEMV_ROW_SCALES,
+        num_warps=config.num_warps,
+        num_stages=config.num_stages,
+    )
+    return out
+
+
 def pick_config(m: int) -> TileConfig:
-    """The stored tile configuration for a batch of ``m`` rows."""
-    return next(config for limit, config in CONFIGS if m <= limit)
+    """The stored GEMM tile configuration for a batch of ``m`` rows."""
+    return next(config for limit, config in GEMM_CONFIGS if m <= limit)
 
 
 def gemm(
     x: torch.Tensor,
     qbytes: torch.Tensor,
     scales: torch.Tensor,
-    lut: torch.Tensor,
+    codebooks: torch.Tensor,
     part_sizes: list[int],
     config: TileConfig | None = None,
 ) -> torch.Tensor:
-    """x [M, K] (unit stride along K) @ Wᵀ with the fused kernel; returns [M, N] in x.dtype."""
+    """x [M, K] (unit stride along K) @ Wᵀ with the tensor-core kernel; returns [M, N] in x.dtype."""
     m, k = x.shape
     n = qbytes.shape[0]
     if m == 0:
         return x.new_empty((0, n))
     config = config or pick_config(m)
-    k_tiles = triton.cdiv(k, config.block_k)
-    grid_mn = triton.cdiv(m, config.block_m) * triton.cdiv(n, config.block_n)
-    split_k = config.split_k
-    if not split_k:
-        programs = _PROGRAMS_PER_SM * (_sm_count(x.device) if x.is_cuda else 1)
-        split_k = max(1, min(triton.cdiv(programs, grid_mn), k_tiles // _MIN_K_TILES_PER_SPLIT))
-    out = torch.empty(
-        (split_k, m, n) if split_k > 1 else (m, n), dtype=torch.float32 if split_k > 1 else x.dtype, device=x.device
-    )
-    _gemm_kernel[(grid_mn, split_k)](
+    tensors, strides, constants = _layer_args(qbytes, scales, part_sizes, config.block_n)
+    programs = triton.cdiv(m, config.block_m) * triton.cdiv(n, config.block_n)
+    split_k = _split_k(config, programs, k, x.device)
+    out = torch.empty((m, n), dtype=x.dtype, device=x.device)
+    _gemm_kernel[(programs, split_k)](
         x,
-        qbytes.view(torch.int32),
-        scales.view(torch.int16),
-        lut,
+        *tensors,
+        codebooks,
         out,
+        *_split_buffers(split_k, m, n, programs, x.device),
         m,
         n,
         k,
         x.stride(0),
-        GROUP_SIZE=k // scales.shape[1],
-        PART_STARTS=_part_starts(part_sizes),
+        *strides,
+        **constants,
         BLOCK_M=config.block_m,
         BLOCK_N=config.block_n,
         BLOCK_K=config.block_k,
@@ -229,28 +582,63 @@ def gemm(
         num_warps=config.num_warps,
         num_stages=config.num_stages,
     )
-    # A separate sum keeps the result deterministic, unlike atomic adds of the partial tiles.
-    return out.sum(0).to(x.dtype) if split_k > 1 else out
+    return out
 
 
 def dequantize(
-    qbytes: torch.Tensor, scales: torch.Tensor, lut: torch.Tensor, part_sizes: list[int], dtype: torch.dtype
+    qbytes: torch.Tensor,
+    scales: torch.Tensor,
+    codebooks: torch.Tensor,
+    part_sizes: list[int],
+    dtype: torch.dtype,
+    rows: range | None = None,
+    out: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """The dense [N, K] weight in ``dtype``, equal to the reference dequantizer."""
+    """Rows ``rows`` (default all) of the dense [N, K] weight in ``dtype``, equal to the reference
+    dequantizer; written into ``out`` (at least that many rows, contiguous) when given."""
     n, k = qbytes.shape[0], 2 * qbytes.shape[1]
-    out = torch.empty((n, k), dtype=dtype, device=qbytes.device)
-    _dequant_kernel[(triton.cdiv(n, DEQUANT_BLOCK_N), triton.cdiv(k, DEQUANT_BLOCK_K))](
-        qbytes.view(torch.int32),
-        scales.view(torch.int16),
-        lut,
+    rows = rows or range(n)
+    if out is None:
+        out = torch.empty((len(rows), k), dtype=dtype, device=qbytes.device)
+    tensors, strides, constants = _layer_args(qbytes, scales, part_sizes, DEQUANT_BLOCK_N)
+    _dequant_kernel[(triton.cdiv(len(rows), DEQUANT_BLOCK_N), triton.cdiv(k, DEQUANT_BLOCK_K))](
+        *tensors,
+        codebooks,
         out,
-        n,
+        rows.stop,
         k,
-        GROUP_SIZE=k // scales.shape[1],
-        PART_STARTS=_part_starts(part_sizes),
+        rows.start,
+        *strides,
+        **constants,
         BLOCK_N=DEQUANT_BLOCK_N,
         BLOCK_K=DEQUANT_BLOCK_K,
     )
+    return out[: len(rows)]
+
+
+def dequantize_matmul(
+    x: torch.Tensor,
+    qbytes: torch.Tensor,
+    scales: torch.Tensor,
+    codebooks: torch.Tensor,
+    part_sizes: list[int],
+    bias: torch.Tensor | None,
+) -> torch.Tensor:
+    """x [M, K] @ Wᵀ (+ bias) for large M: slabs of W's rows dequantized into one L2-sized buffer, each
+    multiplied by cuBLAS straight into its columns of the output; no dense copy of W is made."""
+    m, k = x.shape
+    n = qbytes.shape[0]
+    slab = max(DEQUANT_BLOCK_N, DEQUANT_SLAB_BYTES // (k * x.element_size()) // DEQUANT_BLOCK_N * DEQUANT_BLOCK_N)
+    buffer = torch.empty((min(slab, n), k), dtype=x.dtype, device=x.device)
+    out = torch.empty((m, n), dtype=x.dtype, device=x.device)
+    for first in range(0, n, slab):
+        rows = range(first, min(n, first + slab))
+        weight = dequantize(qbytes, scales, codebooks, part_sizes, x.dtype, rows, buffer)
+        columns = out[:, rows.start : rows.stop]
+        if bias is None:
+            torch.mm(x, weight.t(), out=columns)
+        else:
+            torch.addmm(bias[rows.start : rows.stop], x, weight.t(), out=columns)
     return out
 
 
@@ -258,18 +646,20 @@ def linear(
     x: torch.Tensor,
     qbytes: torch.Tensor,
     scales: torch.Tensor,
-    lut: torch.Tensor,
+    codebooks: torch.Tensor,
     part_sizes: list[int],
     bias: torch.Tensor | None,
 ) -> torch.Tensor:
-    """``aaac::linear`` on CUDA: the fused kernel for small and medium batches, dequantize and cuBLAS for large."""
+    """``aaac::linear`` on CUDA: the GEMV for decoding, the tensor-core kernel for medium batches,
+    slabs of dequantized weight and cuBLAS for large ones."""
     x2d = x.reshape(-1, x.shape[-1])
     if x2d.stride(-1) != 1:
         x2d = x2d.contiguous()
-    if x2d.shape[0] >= DEQUANT_MATMUL_MIN_M:
-        y = torch.nn.functional.linear(x2d, dequantize(qbytes, scales, lut, part_sizes, x.dtype), bias)
+    m = x2d.shape[0]
+    if m >= DEQUANT_MATMUL_MIN_M:
+        y = dequantize_matmul(x2d, qbytes, scales, codebooks, part_sizes, bias)
     else:
-        y = gemm(x2d, qbytes, scales, lut, part_sizes)
+        y = (gemv if 0 < m <= GEMV_MAX_M else gemm)(x2d, qbytes, scales, codebooks, part_sizes)
         if bias is not None:
             y += bias
     return y.view(*x.shape[:-1], y.shape[-1])

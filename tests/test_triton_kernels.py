@@ -6,6 +6,7 @@ bf16 conversion truncates instead of rounding). With a GPU the same tests run co
 """
 
 import functools
+import json
 import subprocess
 import sys
 
@@ -25,6 +26,8 @@ PARTS = [64, 32, 40]  # a merged QKV-like layer, N = 136: no tile size divides i
 K, GROUP = 512, 64  # 8 groups a row, two per K tile
 # (K, group size): a group as wide as the K tile; groups that straddle tiles; K not a multiple of the tile.
 SHAPES = [(512, 128), (384, 32), (576, 192)]
+# The GEMV's main loop on sm_90 (benchmarks/kernel_resources.py): warp instructions per weight at M = 1.
+GEMV_INSTRUCTIONS_PER_WEIGHT = 0.22
 
 
 @functools.cache
@@ -35,11 +38,15 @@ def _layer(k: int = K, group_size: int = GROUP) -> tuple[tuple[torch.Tensor, ...
     return layout, dense
 
 
-def _check(got: torch.Tensor, x: torch.Tensor, dense: torch.Tensor, bias: torch.Tensor | None = None) -> None:
-    """``got`` equals x @ Wᵀ (+ bias), W rounded to x.dtype as the kernels do, up to fp32 summation order
-    and one rounding of the output to x.dtype."""
+def _check(
+    got: torch.Tensor, x: torch.Tensor, dense: torch.Tensor, bias: torch.Tensor | None = None, rounded: bool = True
+) -> None:
+    """``got`` equals x @ Wᵀ (+ bias) up to fp32 summation order and one rounding of the output to x.dtype,
+    with W the reference weight rounded to x.dtype (``rounded``: the GEMM and the dequantizer) or exact in
+    fp32 (the GEMV, which scales each word's sum of products instead of each weight)."""
     assert got.dtype == x.dtype and got.device.type == DEVICE
-    want = F.linear(x.cpu().double(), dense.to(x.dtype).double(), None if bias is None else bias.cpu().double())
+    weight = dense.to(x.dtype).double() if rounded else dense.double()
+    want = F.linear(x.cpu().double(), weight, None if bias is None else bias.cpu().double())
     rtol = {torch.float32: 1e-5, torch.float16: 1e-3, torch.bfloat16: 8e-3}[x.dtype]
     torch.testing.assert_close(got.cpu().double(), want, rtol=rtol, atol=1e-3)
 
@@ -60,57 +67,115 @@ def test_dequantize_kernel_is_exact(k, group_size, dtype):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("m", [1, 3, 16, 33, 128])
-def test_fused_kernel_matches_reference(m, dtype):
+@pytest.mark.parametrize("m", range(1, triton_gemm.GEMV_MAX_M + 1))
+def test_gemv_matches_reference(m, dtype):
+    layout, dense = _layer()
+    x = torch.randn(m, K, device=DEVICE).to(dtype)
+    _check(triton_gemm.gemv(x, *layout, PARTS), x, dense, rounded=False)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("m", [1, 5, 16, 33, 128])
+def test_gemm_matches_reference(m, dtype):
     layout, dense = _layer()
     x = torch.randn(m, K, device=DEVICE).to(dtype)
     _check(triton_gemm.gemm(x, *layout, PARTS), x, dense)
 
 
-@pytest.mark.parametrize("config", [config for _, config in triton_gemm.CONFIGS], ids=["small", "medium", "large"])
 @pytest.mark.parametrize("k,group_size", SHAPES)
-def test_every_stored_config(config, k, group_size):
+def test_stored_gemv_config_and_per_word_scales(k, group_size, monkeypatch):
+    # The stored GEMV tiles, and a K step narrower than the group with scales read per word.
+    layout, dense = _layer(k, group_size)
+    x = torch.randn(3, k, device=DEVICE).half()
+    _check(triton_gemm.gemv(x, *layout, PARTS), x, dense, rounded=False)
+    monkeypatch.setattr(triton_gemm, "GEMV_ROW_SCALES", False)
+    narrow = triton_gemm.GEMV_CONFIG._replace(block_k=128)
+    _check(triton_gemm.gemv(x, *layout, PARTS, narrow), x, dense, rounded=False)
+
+
+@pytest.mark.parametrize("config", [config for _, config in triton_gemm.GEMM_CONFIGS], ids=["small", "medium", "large"])
+@pytest.mark.parametrize("k,group_size", SHAPES)
+def test_every_stored_gemm_config(config, k, group_size):
     layout, dense = _layer(k, group_size)
     x = torch.randn(70, k, device=DEVICE).half()
     _check(triton_gemm.gemm(x, *layout, PARTS, config), x, dense)
 
 
 @pytest.mark.parametrize("split_k", [1, 3, 5])
-def test_split_k_with_uneven_tiles(split_k):
-    # 576 / 128 gives 5 K tiles (the last one half full); 3 splits get 2, 2 and 1 of them.
+def test_split_k_with_uneven_steps(split_k):
+    # 576 / 128 gives 5 K steps (the last one half full); 3 splits get 2, 2 and 1 of them, 5 one each.
+    # The last program of each column block to finish adds the partials up, in the kernel.
     layout, dense = _layer(576, 64)
+    x = torch.randn(5, 576, device=DEVICE).half()
     config = triton_gemm.TileConfig(
         block_m=16, block_n=32, block_k=128, split_k=split_k, group_m=1, num_warps=4, num_stages=2
     )
-    x = torch.randn(5, 576, device=DEVICE).half()
     _check(triton_gemm.gemm(x, *layout, PARTS, config), x, dense)
+    _check(triton_gemm.gemv(x[:4], *layout, PARTS, config), x[:4], dense, rounded=False)
 
 
-def test_parts_read_their_own_codebooks():
+def test_split_without_steps_adds_nothing():
+    # 4 K steps in 3 splits of 2: the third split has no step and must leave the sum alone.
+    layout, dense = _layer(512, 128)
+    x = torch.randn(2, 512, device=DEVICE).half()
+    config = triton_gemm.GEMV_CONFIG._replace(block_k=128, split_k=3)
+    _check(triton_gemm.gemv(x, *layout, PARTS, config), x, dense, rounded=False)
+
+
+@pytest.mark.parametrize("kernel", [triton_gemm.gemv, triton_gemm.gemm])
+def test_parts_read_their_own_codebooks(kernel):
     qweight, scales, codebooks, _ = random_layer(PARTS, K, GROUP)
     x = torch.randn(4, K, device=DEVICE).half()
     layouts = [cuda_layout(qweight.to(DEVICE), scales.to(DEVICE), c.to(DEVICE)) for c in (codebooks, codebooks.flip(0))]
-    first, swapped = (triton_gemm.gemm(x, *layout, PARTS) for layout in layouts)
+    first, swapped = (kernel(x, *layout, PARTS) for layout in layouts)
     q, k, v = torch.tensor(PARTS).cumsum(0).tolist()
     # Swapping the q and v pairs changes q's and v's columns and leaves k's alone.
     assert torch.equal(first[:, q:k], swapped[:, q:k])
     assert not torch.allclose(first[:, :q], swapped[:, :q]) and not torch.allclose(first[:, k:], swapped[:, k:])
 
 
-@pytest.mark.parametrize("tokens", [6, 2 * triton_gemm.DEQUANT_MATMUL_MIN_M], ids=["fused", "dequantize-matmul"])
-def test_linear_entry_point_both_paths(tokens):
-    # The CUDA implementation of aaac::linear: leading batch dims, a bias, and each path by M.
+@pytest.mark.skipif(DEVICE != "cuda", reason="the shuffle lookup runs on a GPU only")
+@pytest.mark.parametrize("kernel", ["gemv", "gemm", "dequantize"])
+def test_shuffle_lookup_with_parts_on_tile_boundaries(kernel):
+    # Parts that start on multiples of every BLOCK_N take the shuffle lookup (PARTS above take loads
+    # in the GEMM); both must give the reference.
+    parts = [128, 64, 64]
+    qweight, scales, codebooks, dense = random_layer(parts, K, GROUP)
+    layout = cuda_layout(qweight.cuda(), scales.cuda(), codebooks.cuda())
+    assert triton_gemm._layer_args(*layout[:2], parts, 64)[2]["LOOKUP"] == "shfl"
+    x = torch.randn(3, K, device=DEVICE, dtype=torch.bfloat16)
+    if kernel == "gemv":
+        _check(triton_gemm.gemv(x, *layout, parts), x, dense, rounded=False)
+    elif kernel == "gemm":
+        _check(triton_gemm.gemm(x, *layout, parts), x, dense)
+    else:
+        assert torch.equal(triton_gemm.dequantize(*layout, parts, torch.bfloat16).cpu(), dense.bfloat16())
+
+
+def test_dequantize_rows_into_a_buffer():
+    layout, dense = _layer()
+    buffer = torch.empty(64, K, device=DEVICE, dtype=torch.float16)
+    got = triton_gemm.dequantize(*layout, PARTS, torch.float16, range(40, 100), buffer)
+    assert got.data_ptr() == buffer.data_ptr() and got.shape == (60, K)
+    assert torch.equal(got.cpu(), dense[40:100].half())
+
+
+@pytest.mark.parametrize("tokens", [2, 6, 2 * triton_gemm.DEQUANT_MATMUL_MIN_M], ids=["gemv", "gemm", "slabs"])
+def test_linear_entry_point_every_path(tokens, monkeypatch):
+    # The CUDA implementation of aaac::linear: leading batch dims, a bias, and each path by M; slabs of
+    # 32 rows (a tenth of the layer) make the large-M path run several, the last one short.
+    monkeypatch.setattr(triton_gemm, "DEQUANT_SLAB_BYTES", 32 * K * 2)
     layout, dense = _layer()
     x = torch.randn(2, tokens // 2, K, device=DEVICE).half()
     bias = torch.randn(sum(PARTS), device=DEVICE).half()
     got = triton_gemm.linear(x, *layout, PARTS, bias)
     assert got.shape == (2, tokens // 2, sum(PARTS))
-    _check(got.reshape(tokens, -1), x.reshape(tokens, K), dense, bias.float())
+    _check(got.reshape(tokens, -1), x.reshape(tokens, K), dense, bias.float(), rounded=tokens > triton_gemm.GEMV_MAX_M)
 
 
 def test_empty_batch():
     layout, _ = _layer()
-    assert triton_gemm.gemm(torch.empty(0, K, device=DEVICE).half(), *layout, PARTS).shape == (0, sum(PARTS))
+    assert triton_gemm.linear(torch.empty(0, K, device=DEVICE).half(), *layout, PARTS, None).shape == (0, sum(PARTS))
 
 
 @pytest.mark.skipif(DEVICE != "cuda", reason="CUDA graphs need a GPU")
@@ -134,13 +199,23 @@ def test_op_under_torch_compile_and_cuda_graphs():
 
 def test_kernels_compile_for_ampere_and_hopper():
     # The interpreter does not check what the compiler does (layouts, dtypes, register allocation):
-    # every stored configuration is compiled to a cubin for sm_80 and sm_90 by Triton's own ptxas.
+    # every kernel the op launches is compiled to a cubin for sm_80 and sm_90 by Triton's own ptxas,
+    # with the attributes of real calls, and the decode kernel's main loop is read from its SASS.
     result = subprocess.run(
-        [sys.executable, ROOT / "benchmarks" / "kernel_resources.py", "--arch", "80", "90"],
+        [sys.executable, ROOT / "benchmarks" / "kernel_resources.py", "--arch", "80", "90", "--json"],
         capture_output=True,
         text=True,
         timeout=600,
     )
     assert result.returncode == 0, result.stderr[-3000:]
-    rows = [line for line in result.stdout.splitlines() if line.startswith("| 80 ") or line.startswith("| 90 ")]
-    assert len(rows) == 2 * (len(triton_gemm.CONFIGS) * 2 * 2 + 2)
+    kernels = [json.loads(line) for line in result.stdout.splitlines()]
+    launched = triton_gemm.GEMV_MAX_M + len(triton_gemm.GEMM_CONFIGS) + 1
+    assert len(kernels) == 2 * (2 * 2 * (triton_gemm.GEMV_MAX_M + len(triton_gemm.GEMM_CONFIGS)) + 2)
+    assert len({(k["arch"], k["kernel"]) for k in kernels}) == 2 * launched
+    assert all(k["spill_bytes"] == 0 for k in kernels), [k for k in kernels if k["spill_bytes"]]
+    # Decoding (M = 1) on Hopper: what docs/kernels.md's roofline assumes of the GEMV's main loop.
+    for decode in (k for k in kernels if k["arch"] == 90 and k["kernel"] == "gemv, M = 1"):
+        assert decode["instructions_per_weight"] <= GEMV_INSTRUCTIONS_PER_WEIGHT, decode
+        assert decode["shuffles_per_weight"] <= 1 / 32, decode  # one lane-shuffle per weight: the lookup
+        assert decode["barriers"] == decode["shared_stores"] == 0, decode
+        assert decode["widest_global_load_bits"] == 128, decode

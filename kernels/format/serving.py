@@ -7,20 +7,17 @@ describes both.
   C / 2 bytes whose low nibbles hold the first half of the chunk and whose high nibbles the second half:
   one load, a widening and one shift give the indices of C consecutive k. ``scales`` fp16 [N, K / G]
   (signed, transposed so a column's groups are contiguous); ``codebooks`` fp16 [parts, 2, 16] as stored.
-* CUDA (``cuda_layout``): ``qbytes`` uint8 [N, K / 2], which the kernels read as int32 [N, K / 8]: word
-  ``w`` of row ``n`` holds the indices of k = 8w .. 8w + 7 in nibbles 0 .. 7 (little-endian bytes, low
-  nibble = even k); ``scales`` fp16 [N, K / G], read as int16 (bit 15 selects the codebook, bits 0-14
-  are |scale|); ``lut`` fp32 [parts, 512, 2]: a byte-pair table (row ``s * 256 + b`` of a part holds the
-  values of byte b's two nibbles under codebook s). Row ``s * 256 + v`` (v < 16) holds entry v of
-  codebook s in its first column, so ``lut[part * 1024 + s * 512 + 2 * v]`` is the codebook itself:
-  16 entries 8 bytes apart, one 128-byte cache line per codebook.
+* CUDA (``cuda_layout``): ``qbytes`` uint8 [N, K / 2], which the kernels read as int32 [N, K / 8], in
+  blocks of B consecutive k (B = ``cuda_block(G)``: the largest power of two that divides G, at most
+  256): word ``v`` of a block holds k = j * B / 8 + v in nibble j (little-endian bytes, low nibble
+  first). Nibble j of a tile of words then meets a contiguous run of x, and the 8 weights of a word
+  share a group. ``scales`` fp16 [N, K / G], read as int16 (bit 15 selects the codebook, bits 0-14 are
+  |scale|); ``codebooks`` fp32 [parts, 2, 16]: a part's pair is 32 entries, one 128-byte cache line.
 """
 
 import torch
 
-from .layout import NUM_CODEBOOKS, unpack_indices
-
-BYTE_VALUES = 1 << 8
+from .layout import unpack_indices
 
 
 def prepare(
@@ -49,15 +46,21 @@ def cpu_layout(
     return qbytes, scales.t().contiguous(), codebooks.to(torch.float16).contiguous()
 
 
+def cuda_block(group_size: int) -> int:
+    """The k-block of the CUDA layout for a group size (a multiple of 8): the largest power of two
+    dividing it, at most 256."""
+    return min(256, group_size & -group_size)
+
+
 def cuda_layout(
     qweight: torch.Tensor, scales: torch.Tensor, codebooks: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Checkpoint tensors -> (qbytes, scales, lut) for the Triton kernels."""
+    """Checkpoint tensors -> (qbytes, scales, codebooks) for the Triton kernels."""
     indices = unpack_indices(qweight).t()  # [N, K]
-    qbytes = (indices[:, 0::2] | (indices[:, 1::2] << 4)).contiguous()
-    byte = torch.arange(BYTE_VALUES, device=codebooks.device)
-    table = codebooks.float()
-    # Products of two fp16 numbers are exact in fp32, so the table is kept in fp32 and the
-    # result is rounded once, as in the reference dequantizer.
-    lut = torch.stack([table[..., byte & 0xF], table[..., byte >> 4]], dim=-1)
-    return qbytes, scales.t().contiguous(), lut.reshape(len(codebooks), NUM_CODEBOOKS * BYTE_VALUES, 2).contiguous()
+    n, k = indices.shape
+    block = cuda_block(k // scales.shape[0])
+    # [N, blocks, nibble j, word v] -> [N, blocks, v, j]: nibble j of word v is k = j * block / 8 + v.
+    ordered = indices.reshape(n, k // block, 8, block // 8).transpose(2, 3).reshape(n, k)
+    qbytes = (ordered[:, 0::2] | (ordered[:, 1::2] << 4)).contiguous()
+    # fp32 entries: an fp16 entry times an fp16 |scale| is exact in fp32, rounded once as in the reference.
+    return qbytes, scales.t().contiguous(), codebooks.float().contiguous()
