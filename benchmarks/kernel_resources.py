@@ -100,10 +100,10 @@ def loop_counts(compiled, weights_per_iteration: int, threads: int) -> dict:
 
 
 def gemv_rows(arch: int, dtypes=("bf16", "fp16"), group_sizes=(128, 64)):
-    config = triton_gemm.GEMV_CONFIG
     for rows in range(1, triton_gemm.GEMV_MAX_M + 1):
         for dtype in dtypes:
             for group_size in group_sizes:
+                config = triton_gemm._narrow_step(triton_gemm.pick_gemv_config(rows), group_size)
                 signature = {
                     "x_ptr": f"*{dtype}",
                     **LAYER,
@@ -125,7 +125,6 @@ def gemv_rows(arch: int, dtypes=("bf16", "fp16"), group_sizes=(128, 64)):
                     BLOCK_K=config.block_k,
                     SPLIT_K=1,
                     EVEN_K=True,
-                    ROW_SCALES=triton_gemm.GEMV_ROW_SCALES,
                 )
                 compiled = _compile(
                     triton_gemm._gemv_kernel, signature, constants, config.num_warps, config.num_stages, arch
@@ -184,10 +183,10 @@ def dequant_rows(arch: int, dtypes=("bf16", "fp16")):
             PART_STARTS=PART_STARTS,
             LOOKUP="shfl",
             BLOCK_N=triton_gemm.DEQUANT_BLOCK_N,
-            BLOCK_K=triton_gemm.DEQUANT_BLOCK_K,
+            BLOCK_K=min(triton_gemm.DEQUANT_BLOCK_K, cuda_block(128)),
         )
         compiled = _compile(triton_gemm._dequant_kernel, signature, constants, 4, 1, arch)
-        tiles = f"{triton_gemm.DEQUANT_BLOCK_N}x{triton_gemm.DEQUANT_BLOCK_K} w4"
+        tiles = f"{triton_gemm.DEQUANT_BLOCK_N}x{constants['BLOCK_K']} w4"
         yield "dequantize", tiles, dtype, 128, resources(compiled), None
 
 

@@ -34,18 +34,18 @@ from aaac_kernels.format.serving import prepare
 
 # (hidden, intermediate, attention heads, KV heads, head dim)
 MODELS = {"8b": (4096, 14336, 32, 8, 128), "70b": (8192, 28672, 64, 8, 128)}
-M_VALUES = [1, 4, 16, 64, 256, 2048]
+M_VALUES = [1, 2, 4, 16, 64, 256, 2048]
 GROUP_SIZE = 128
 BEGIN, END = "<!-- kernel-benchmark:begin -->", "<!-- kernel-benchmark:end -->"
 # Candidates the sweep times beside the stored configurations.
 GEMV_CANDIDATES = [
-    triton_gemm.TileConfig(0, block_n, block_k, 0, 1, warps, stages)
-    for block_n, block_k, warps, stages in [(16, 512, 4, 1), (64, 128, 4, 1), (128, 128, 4, 1), (64, 256, 4, 1)]
+    triton_gemm.TileConfig(0, block_n, 128, 0, 1, warps, 1)
+    for block_n, warps in [(32, 4), (64, 4), (128, 4), (128, 8)]
 ]
 GEMM_CANDIDATES = {
-    16: [triton_gemm.TileConfig(16, 64, 256, 0, 1, 4, 4), triton_gemm.TileConfig(16, 128, 128, 0, 1, 4, 3)],
-    64: [triton_gemm.TileConfig(64, 64, 256, 0, 1, 4, 4), triton_gemm.TileConfig(64, 128, 128, 0, 1, 8, 3)],
-    256: [triton_gemm.TileConfig(128, 128, 128, 1, 8, 8, 3), triton_gemm.TileConfig(128, 256, 128, 1, 8, 8, 3)],
+    16: [triton_gemm.TileConfig(16, 128, 128, 0, 1, 4, 3), triton_gemm.TileConfig(16, 256, 128, 0, 1, 8, 3)],
+    64: [triton_gemm.TileConfig(64, 128, 128, 0, 1, 8, 3), triton_gemm.TileConfig(32, 128, 128, 0, 1, 4, 3)],
+    256: [triton_gemm.TileConfig(128, 128, 128, 1, 8, 8, 3), triton_gemm.TileConfig(64, 128, 128, 0, 8, 8, 3)],
 }
 
 
@@ -130,9 +130,8 @@ def aaac_variants(m: int, sweep: bool) -> dict:
         return variants
     if m <= triton_gemm.GEMV_MAX_M:
         for config in GEMV_CANDIDATES:
-            for row_scales in (True, False) if config.block_k <= GROUP_SIZE else (True,):
-                name = f"gemv {config.block_n}x{config.block_k} w{config.num_warps}" + ("" if row_scales else " ws")
-                variants[name] = _gemv_variant(config, row_scales)
+            name = f"gemv {config.block_n}x{config.block_k} w{config.num_warps}"
+            variants[name] = lambda x, *layer, config=config: triton_gemm.gemv(x, *layer, config)
     bucket = min((b for b in GEMM_CANDIDATES if m <= b), default=256)
     for config in GEMM_CANDIDATES[bucket]:
         name = f"gemm {config.block_m}x{config.block_n}x{config.block_k} w{config.num_warps}"
@@ -140,18 +139,6 @@ def aaac_variants(m: int, sweep: bool) -> dict:
     if m >= 64:
         variants["deq+mm"] = lambda x, *layer: triton_gemm.dequantize_matmul(x, *layer, None)
     return variants
-
-
-def _gemv_variant(config, row_scales: bool):
-    def run(x, *layer):
-        saved = triton_gemm.GEMV_ROW_SCALES
-        triton_gemm.GEMV_ROW_SCALES = row_scales
-        try:
-            return triton_gemm.gemv(x, *layer, config)
-        finally:
-            triton_gemm.GEMV_ROW_SCALES = saved
-
-    return run
 
 
 def measure(layer: str, parts: list[int], k: int, m_values: list[int], sweep: bool) -> list[dict]:
@@ -246,6 +233,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--sweep", action="store_true", help="also time every candidate tile configuration")
     parser.add_argument("--json", type=Path, help="write every measurement to this file")
     parser.add_argument(
+        "--report", type=Path, help="no measuring: print (and write to --docs) the tables of a saved --json file"
+    )
+    parser.add_argument(
         "--docs",
         type=Path,
         default=Path(__file__).resolve().parents[1] / "docs" / "benchmarks.md",
@@ -253,6 +243,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--no-docs", action="store_true")
     args = parser.parse_args(argv)
+    if args.report:
+        saved = json.loads(args.report.read_text())
+        return publish(saved["header"], saved["rows"], saved["command"], args)
     if not torch.cuda.is_available():
         print("benchmarks/kernels.py: no CUDA GPU here; the kernel benchmark needs one", file=sys.stderr)
         return 2
@@ -260,6 +253,7 @@ def main(argv: list[str] | None = None) -> int:
     import triton
 
     rate = copy_rate()
+    command = "python benchmarks/kernels.py " + " ".join(argv if argv is not None else sys.argv[1:])
     header = (
         f"GPU: {torch.cuda.get_device_name()}; torch {torch.__version__}, triton {triton.__version__}, "
         f"CUDA {torch.version.cuda}; group size {GROUP_SIZE}; device-to-device copy {rate / 1e12:.2f} TB/s "
@@ -271,14 +265,21 @@ def main(argv: list[str] | None = None) -> int:
         for name, parts, k in layer_shapes(model):
             results += measure(f"{model} {name}", parts, k, args.m, args.sweep)
             if args.json:
-                args.json.write_text(json.dumps({"header": header, "rows": results}, indent=1))
+                saved = {"header": header, "rate": rate, "command": command.strip(), "rows": results}
+                args.json.write_text(json.dumps(saved, indent=1))
+    return publish(header, results, command.strip(), args, rate)
+
+
+def publish(header: str, results: list[dict], command: str, args, rate: float | None = None) -> int:
+    """Print the tables, and write them to the docs unless --no-docs."""
+    if rate is None:  # a saved run: its copy rate is in its JSON
+        rate = json.loads(args.report.read_text())["rate"]
     lines = [header, "", *report(results, rate)]
-    if args.sweep:
+    if any(key.startswith(("gemv ", "gemm ")) for row in results for key in row):
         lines += ["", *sweep_report(results)]
     print("\n".join(lines))
     if not args.no_docs:
-        command = "python benchmarks/kernels.py " + " ".join(argv if argv is not None else sys.argv[1:])
-        write_docs(args.docs, "\n".join([f"```bash\n{command.strip()}\n```", "", *lines]))
+        write_docs(args.docs, "\n".join([f"```bash\n{command}\n```", "", *lines]))
         print(f"wrote {args.docs}")
     return 0
 

@@ -36,21 +36,24 @@ class TileConfig(NamedTuple):
     num_stages: int
 
 
-# The GEMV takes batches up to this many rows: it issues M FMAs per weight, the GEMM's tensor cores none.
+# Measured on an H200 (docs/benchmarks.md, benchmarks/kernels.py --sweep), keyed by the largest M each
+# serves. The GEMV issues M FMAs per weight where the GEMM's tensor cores issue none: it takes M <= 4.
+# Its K step is at most the layout's block (``cuda_block``), so that one scale per column serves a step.
+GEMV_CONFIGS: tuple[tuple[float, TileConfig], ...] = (
+    (1, TileConfig(block_m=0, block_n=64, block_k=128, split_k=0, group_m=1, num_warps=4, num_stages=1)),
+    (4, TileConfig(block_m=0, block_n=128, block_k=128, split_k=0, group_m=1, num_warps=4, num_stages=1)),
+)
 GEMV_MAX_M = 4
-GEMV_CONFIG = TileConfig(block_m=0, block_n=16, block_k=512, split_k=0, group_m=1, num_warps=4, num_stages=4)
-GEMV_ROW_SCALES = True
-# Keyed by the largest M each serves.
 GEMM_CONFIGS: tuple[tuple[float, TileConfig], ...] = (
-    (16, TileConfig(block_m=16, block_n=64, block_k=256, split_k=0, group_m=1, num_warps=4, num_stages=4)),
-    (64, TileConfig(block_m=64, block_n=64, block_k=256, split_k=0, group_m=1, num_warps=4, num_stages=4)),
+    (16, TileConfig(block_m=16, block_n=128, block_k=128, split_k=0, group_m=1, num_warps=4, num_stages=3)),
+    (64, TileConfig(block_m=64, block_n=128, block_k=128, split_k=0, group_m=1, num_warps=8, num_stages=3)),
     (float("inf"), TileConfig(block_m=128, block_n=128, block_k=128, split_k=1, group_m=8, num_warps=8, num_stages=3)),
 )
 # From this M the weight is dequantized slab by slab and each slab multiplied by cuBLAS: the GEMM is
 # compute-bound there, and a slab of at most DEQUANT_SLAB_BYTES is read back from L2, not from HBM.
 DEQUANT_MATMUL_MIN_M = 256
 DEQUANT_SLAB_BYTES = 16 << 20
-DEQUANT_BLOCK_N, DEQUANT_BLOCK_K = 32, 256
+DEQUANT_BLOCK_N, DEQUANT_BLOCK_K = 64, 256
 # Split K until about this many programs per SM are running, keeping at least two K steps each.
 _PROGRAMS_PER_SM = 4
 _MIN_K_STEPS_PER_SPLIT = 2
@@ -134,11 +137,11 @@ def _load_scales(
     stride_sn,
     GROUP_SIZE: tl.constexpr,
     BLOCK_K: tl.constexpr,
-    ROW_SCALES: tl.constexpr = True,
 ):
     """The codebook offset (0 or 16) and |scale| of each word's group: one per column when a group
-    spans the whole K step of BLOCK_K from ``first_k`` (and ROW_SCALES), else one per word."""
-    if GROUP_SIZE % BLOCK_K == 0 and ROW_SCALES:
+    spans the whole K step of BLOCK_K from ``first_k``, else one per word (only the GEMM with groups
+    under 128: loading them per word made the GEMV 2.5x slower on an H200)."""
+    if GROUP_SIZE % BLOCK_K == 0:
         group = first_k // GROUP_SIZE
         bits = tl.load(s_ptr + offs_n * stride_sn + group, mask=mask_n, other=0)[:, None]
     else:  # the 8 weights of a word share a group (the layout's blocks divide the group)
@@ -163,14 +166,13 @@ def _load_step(
     GROUP_SIZE: tl.constexpr,
     BLOCK_K: tl.constexpr,
     EVEN_K: tl.constexpr,
-    ROW_SCALES: tl.constexpr,
 ):
     """A step's [BLOCK_N, BLOCK_K / 8] words, and the codebook offset and |scale| of their groups."""
     word = step * (BLOCK_K // 8) + offs_w
     mask_w = mask_n[:, None] if EVEN_K else mask_n[:, None] & (word < words_k)[None, :]
     words = tl.load(w_ptr + offs_n[:, None] * stride_wn + word[None, :], mask=mask_w, other=0)
     codebook, magnitude = _load_scales(
-        s_ptr, offs_n, mask_n, step * BLOCK_K, word, mask_w, stride_sn, GROUP_SIZE, BLOCK_K, ROW_SCALES
+        s_ptr, offs_n, mask_n, step * BLOCK_K, word, mask_w, stride_sn, GROUP_SIZE, BLOCK_K
     )
     return words, codebook, magnitude
 
@@ -228,7 +230,6 @@ def _gemv_kernel(
     BLOCK_K: tl.constexpr,
     SPLIT_K: tl.constexpr,
     EVEN_K: tl.constexpr,
-    ROW_SCALES: tl.constexpr,
 ):
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
@@ -265,7 +266,6 @@ def _gemv_kernel(
         GROUP_SIZE,
         BLOCK_K,
         EVEN_K,
-        ROW_SCALES,
     )
     for step in range(first_step, last_step):
         word = step * (BLOCK_K // 8) + offs_w
@@ -284,7 +284,6 @@ def _gemv_kernel(
             GROUP_SIZE,
             BLOCK_K,
             EVEN_K,
-            ROW_SCALES,
         )
         x_cols = _x_columns(word, BLOCK_WORDS)
         entries = _word_entries(pair_ptrs, words, codebook, LOOKUP)
@@ -458,15 +457,20 @@ def _sm_count(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count
 
 
+def _group_size(qbytes: torch.Tensor, scales: torch.Tensor) -> int:
+    return 2 * qbytes.shape[1] // scales.shape[1]
+
+
 def _layer_args(
-    qbytes: torch.Tensor, scales: torch.Tensor, part_sizes: list[int], block_n: int
+    qbytes: torch.Tensor, scales: torch.Tensor, part_sizes: list[int], block_n: int, first_row: int = 0
 ) -> tuple[list, list, dict]:
-    """The kernels' arguments describing a layer: (words, scale bits), their row strides, and constants."""
+    """The kernels' arguments describing a layer: (words, scale bits), their row strides, and constants
+    (programs take ``block_n`` columns from ``first_row`` on)."""
     words = qbytes.view(torch.int32)
-    group_size = 2 * qbytes.shape[1] // scales.shape[1]
+    group_size = _group_size(qbytes, scales)
     part_starts = _part_starts(part_sizes)
     # Shuffles need every program's columns in one part; Triton's interpreter has no lanes to shuffle.
-    shuffle = qbytes.is_cuda and all(start % block_n == 0 for start in part_starts)
+    shuffle = qbytes.is_cuda and all((start - first_row) % block_n == 0 for start in part_starts)
     constants = dict(
         GROUP_SIZE=group_size,
         BLOCK_WORDS=cuda_block(group_size) // 8,
@@ -503,13 +507,14 @@ def gemv(
     scales: torch.Tensor,
     codebooks: torch.Tensor,
     part_sizes: list[int],
-    config: TileConfig = GEMV_CONFIG,
+    config: TileConfig | None = None,
 ) -> torch.Tensor:
     """x [M, K] (M <= GEMV_MAX_M, unit stride along K) @ Wᵀ with the GEMV kernel; returns [M, N] in x.dtype."""
     m, k = x.shape
     n = qbytes.shape[0]
     if not 0 < m <= GEMV_MAX_M:
         raise ValueError(f"the GEMV takes 1 to {GEMV_MAX_M} rows, not {m}")
+    config = _narrow_step(config or pick_gemv_config(m), _group_size(qbytes, scales))
     tensors, strides, constants = _layer_args(qbytes, scales, part_sizes, config.block_n)
     programs = triton.cdiv(n, config.block_n)
     split_k = _split_k(config, programs, k, x.device)
@@ -530,16 +535,26 @@ def gemv(
         BLOCK_K=config.block_k,
         SPLIT_K=split_k,
         EVEN_K=k % config.block_k == 0,
-        ROW_SCALES=GEMV_ROW_SCALES,
         num_warps=config.num_warps,
         num_stages=config.num_stages,
     )
     return out
 
 
+def pick_gemv_config(m: int) -> TileConfig:
+    """The stored GEMV configuration for a batch of ``m`` <= GEMV_MAX_M rows."""
+    return next(config for limit, config in GEMV_CONFIGS if m <= limit)
+
+
 def pick_config(m: int) -> TileConfig:
     """The stored GEMM tile configuration for a batch of ``m`` rows."""
     return next(config for limit, config in GEMM_CONFIGS if m <= limit)
+
+
+def _narrow_step(config: TileConfig, group_size: int) -> TileConfig:
+    """``config`` with its K step cut to the layout's block, which divides the group: one scale per column
+    and step (the GEMV and the dequantizer; the GEMM's tl.dot needs steps of at least 128)."""
+    return config._replace(block_k=min(config.block_k, cuda_block(group_size)))
 
 
 def gemm(
@@ -600,8 +615,9 @@ def dequantize(
     rows = rows or range(n)
     if out is None:
         out = torch.empty((len(rows), k), dtype=dtype, device=qbytes.device)
-    tensors, strides, constants = _layer_args(qbytes, scales, part_sizes, DEQUANT_BLOCK_N)
-    _dequant_kernel[(triton.cdiv(len(rows), DEQUANT_BLOCK_N), triton.cdiv(k, DEQUANT_BLOCK_K))](
+    tensors, strides, constants = _layer_args(qbytes, scales, part_sizes, DEQUANT_BLOCK_N, rows.start)
+    block_k = min(DEQUANT_BLOCK_K, cuda_block(constants["GROUP_SIZE"]))  # one scale per column and step
+    _dequant_kernel[(triton.cdiv(len(rows), DEQUANT_BLOCK_N), triton.cdiv(k, block_k))](
         *tensors,
         codebooks,
         out,
@@ -611,7 +627,7 @@ def dequantize(
         *strides,
         **constants,
         BLOCK_N=DEQUANT_BLOCK_N,
-        BLOCK_K=DEQUANT_BLOCK_K,
+        BLOCK_K=block_k,
     )
     return out[: len(rows)]
 

@@ -26,8 +26,9 @@ PARTS = [64, 32, 40]  # a merged QKV-like layer, N = 136: no tile size divides i
 K, GROUP = 512, 64  # 8 groups a row, two per K tile
 # (K, group size): a group as wide as the K tile; groups that straddle tiles; K not a multiple of the tile.
 SHAPES = [(512, 128), (384, 32), (576, 192)]
-# The GEMV's main loop on sm_90 (benchmarks/kernel_resources.py): warp instructions per weight at M = 1.
-GEMV_INSTRUCTIONS_PER_WEIGHT = 0.22
+# The GEMV's main loop on sm_90 (benchmarks/kernel_resources.py): warp instructions per weight at M = 1,
+# by group size (groups of 64 halve the K step, and the per-step work is spread over fewer weights).
+GEMV_INSTRUCTIONS_PER_WEIGHT = {128: 0.175, 64: 0.23}
 
 
 @functools.cache
@@ -39,7 +40,12 @@ def _layer(k: int = K, group_size: int = GROUP) -> tuple[tuple[torch.Tensor, ...
 
 
 def _check(
-    got: torch.Tensor, x: torch.Tensor, dense: torch.Tensor, bias: torch.Tensor | None = None, rounded: bool = True
+    got: torch.Tensor,
+    x: torch.Tensor,
+    dense: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    rounded: bool = True,
+    atol: float = 1e-3,
 ) -> None:
     """``got`` equals x @ Wᵀ (+ bias) up to fp32 summation order and one rounding of the output to x.dtype,
     with W the reference weight rounded to x.dtype (``rounded``: the GEMM and the dequantizer) or exact in
@@ -48,7 +54,7 @@ def _check(
     weight = dense.to(x.dtype).double() if rounded else dense.double()
     want = F.linear(x.cpu().double(), weight, None if bias is None else bias.cpu().double())
     rtol = {torch.float32: 1e-5, torch.float16: 1e-3, torch.bfloat16: 8e-3}[x.dtype]
-    torch.testing.assert_close(got.cpu().double(), want, rtol=rtol, atol=1e-3)
+    torch.testing.assert_close(got.cpu().double(), want, rtol=rtol, atol=atol)
 
 
 def test_layer_exercises_both_codebooks_and_negative_zero():
@@ -82,15 +88,13 @@ def test_gemm_matches_reference(m, dtype):
     _check(triton_gemm.gemm(x, *layout, PARTS), x, dense)
 
 
+@pytest.mark.parametrize("config", [config for _, config in triton_gemm.GEMV_CONFIGS], ids=["m1", "m4"])
 @pytest.mark.parametrize("k,group_size", SHAPES)
-def test_stored_gemv_config_and_per_word_scales(k, group_size, monkeypatch):
-    # The stored GEMV tiles, and a K step narrower than the group with scales read per word.
+def test_every_stored_gemv_config(config, k, group_size):
+    # Groups narrower than the K step (32, 192) cut the step to the layout's block.
     layout, dense = _layer(k, group_size)
     x = torch.randn(3, k, device=DEVICE).half()
-    _check(triton_gemm.gemv(x, *layout, PARTS), x, dense, rounded=False)
-    monkeypatch.setattr(triton_gemm, "GEMV_ROW_SCALES", False)
-    narrow = triton_gemm.GEMV_CONFIG._replace(block_k=128)
-    _check(triton_gemm.gemv(x, *layout, PARTS, narrow), x, dense, rounded=False)
+    _check(triton_gemm.gemv(x, *layout, PARTS, config), x, dense, rounded=False)
 
 
 @pytest.mark.parametrize("config", [config for _, config in triton_gemm.GEMM_CONFIGS], ids=["small", "medium", "large"])
@@ -118,7 +122,7 @@ def test_split_without_steps_adds_nothing():
     # 4 K steps in 3 splits of 2: the third split has no step and must leave the sum alone.
     layout, dense = _layer(512, 128)
     x = torch.randn(2, 512, device=DEVICE).half()
-    config = triton_gemm.GEMV_CONFIG._replace(block_k=128, split_k=3)
+    config = triton_gemm.pick_gemv_config(2)._replace(block_k=128, split_k=3)
     _check(triton_gemm.gemv(x, *layout, PARTS, config), x, dense, rounded=False)
 
 
@@ -170,7 +174,9 @@ def test_linear_entry_point_every_path(tokens, monkeypatch):
     bias = torch.randn(sum(PARTS), device=DEVICE).half()
     got = triton_gemm.linear(x, *layout, PARTS, bias)
     assert got.shape == (2, tokens // 2, sum(PARTS))
-    _check(got.reshape(tokens, -1), x.reshape(tokens, K), dense, bias.float(), rounded=tokens > triton_gemm.GEMV_MAX_M)
+    # cuBLAS may sum fp16 products in fp16 (torch's allow_fp16_reduced_precision_reduction): a looser atol.
+    atol = 3e-3 if tokens >= triton_gemm.DEQUANT_MATMUL_MIN_M else 1e-3
+    _check(got.reshape(tokens, -1), x.reshape(tokens, K), dense, bias.float(), tokens > triton_gemm.GEMV_MAX_M, atol)
 
 
 def test_empty_batch():
@@ -215,7 +221,7 @@ def test_kernels_compile_for_ampere_and_hopper():
     assert all(k["spill_bytes"] == 0 for k in kernels), [k for k in kernels if k["spill_bytes"]]
     # Decoding (M = 1) on Hopper: what docs/kernels.md's roofline assumes of the GEMV's main loop.
     for decode in (k for k in kernels if k["arch"] == 90 and k["kernel"] == "gemv, M = 1"):
-        assert decode["instructions_per_weight"] <= GEMV_INSTRUCTIONS_PER_WEIGHT, decode
+        assert decode["instructions_per_weight"] <= GEMV_INSTRUCTIONS_PER_WEIGHT[decode["group_size"]], decode
         assert decode["shuffles_per_weight"] <= 1 / 32, decode  # one lane-shuffle per weight: the lookup
         assert decode["barriers"] == decode["shared_stores"] == 0, decode
         assert decode["widest_global_load_bits"] == 128, decode
