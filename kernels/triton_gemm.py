@@ -3,14 +3,16 @@
 All three read the layout that ``aaac_kernels.format.serving.cuda_layout`` makes once at load time.
 A tile of ``BLOCK_K / 8`` words per output column is loaded with 16-byte loads; nibble ``j`` of those
 words holds a contiguous run of k (the layout's order), so it meets a plain slice of x and the indices
-never move between lanes. Each index reads its entry from the part's codebook pair (32 fp32 values,
-one 128-byte line that stays in L1), the codebook chosen by the group's sign bit.
+never move between lanes. The 32 lanes of a warp hold the 32 entries of the part's codebook pair
+(fp32), and each index becomes one lane shuffle (``_SHUFFLE_WORD``); Triton's interpreter, which has no
+lanes, and programs whose columns straddle two parts read the entries from memory instead.
+docs/kernels.md has the design and the H200 measurements behind every constant here.
 
 * ``_gemv_kernel`` (M <= GEMV_MAX_M, decoding): fp32 FMAs on the CUDA cores, every row of x against
   each weight once; the 8 products of a word are summed before the group's scale multiplies them.
 * ``_gemm_kernel`` (larger M): the weight tile times |scale|, rounded once to the activation dtype as
   in the reference, is the A operand of ``tl.dot`` against xᵀ (out[n, m], so small M is the dot's N).
-* ``_dequant_kernel``: slabs of the dense weight for ``dequantize_matmul``, the prefill path.
+* ``_dequant_kernel``: slabs of the dense weight for ``dequantize_matmul``, the path for M > 64.
 
 Both product kernels split K over several programs when the output alone cannot fill the GPU; the
 last program of each column block to finish sums the fp32 partials in split order (deterministic).
@@ -40,20 +42,20 @@ class TileConfig(NamedTuple):
 # serves. The GEMV issues M FMAs per weight where the GEMM's tensor cores issue none: it takes M <= 4.
 # Its K step is at most the layout's block (``cuda_block``), so that one scale per column serves a step.
 GEMV_CONFIGS: tuple[tuple[float, TileConfig], ...] = (
-    (1, TileConfig(block_m=0, block_n=64, block_k=128, split_k=0, group_m=1, num_warps=4, num_stages=1)),
+    (2, TileConfig(block_m=0, block_n=64, block_k=128, split_k=0, group_m=1, num_warps=4, num_stages=1)),
     (4, TileConfig(block_m=0, block_n=128, block_k=128, split_k=0, group_m=1, num_warps=4, num_stages=1)),
 )
 GEMV_MAX_M = 4
 GEMM_CONFIGS: tuple[tuple[float, TileConfig], ...] = (
     (16, TileConfig(block_m=16, block_n=128, block_k=128, split_k=0, group_m=1, num_warps=4, num_stages=3)),
-    (64, TileConfig(block_m=64, block_n=128, block_k=128, split_k=0, group_m=1, num_warps=8, num_stages=3)),
-    (float("inf"), TileConfig(block_m=128, block_n=128, block_k=128, split_k=1, group_m=8, num_warps=8, num_stages=3)),
+    (float("inf"), TileConfig(block_m=64, block_n=128, block_k=128, split_k=0, group_m=8, num_warps=8, num_stages=3)),
 )
-# From this M the weight is dequantized slab by slab and each slab multiplied by cuBLAS: the GEMM is
-# compute-bound there, and a slab of at most DEQUANT_SLAB_BYTES is read back from L2, not from HBM.
-DEQUANT_MATMUL_MIN_M = 256
-DEQUANT_SLAB_BYTES = 16 << 20
-DEQUANT_BLOCK_N, DEQUANT_BLOCK_K = 64, 256
+# Beyond 64 rows the weight is dequantized slab by slab and each slab multiplied by cuBLAS (0.41x of
+# bf16 at M = 128 against the GEMM's 0.30x; 0.84x at M = 2048). Slabs of 64 MiB ran as fast as one
+# dense weight and 1.2-1.4x faster than 16 MiB ones (fewer, larger cuBLAS calls) while bounding the buffer.
+DEQUANT_MATMUL_MIN_M = 65
+DEQUANT_SLAB_BYTES = 64 << 20
+DEQUANT_BLOCK_N, DEQUANT_BLOCK_K, DEQUANT_WARPS = 32, 256, 8
 # Split K until about this many programs per SM are running, keeping at least two K steps each.
 _PROGRAMS_PER_SM = 4
 _MIN_K_STEPS_PER_SPLIT = 2
@@ -68,11 +70,12 @@ def _codebook_offsets(offs_n, PART_STARTS: tl.constexpr):
     return part * 32
 
 
-# One word's 8 entries by shuffles. Each lane loads entry ``lane`` of the codebook pair at $9 (once per
-# word, from L1; ptxas keeps it across words). A shuffle takes its source lane from bits 0-4 of its
-# index: the bytes of ``even`` hold nibbles 0, 2, 4, 6 with the codebook offset ($10 = 16 * 0x01010101
-# for C1) in bit 4, those of ``odd`` nibbles 1, 3, 5, 7, so nibble j's index is one byte shift away.
-# All columns of a program must share one part: a lane serves every column its neighbours hold.
+# One word's 8 entries by shuffles. Each lane loads entry ``lane`` of the codebook pair at $9 (an L1
+# hit, once per word: the lane id cannot leave the asm, since Triton may move values between lanes).
+# A shuffle takes its source lane from bits 0-4 of its index: the bytes of ``even`` hold nibbles 0, 2,
+# 4, 6 with the codebook offset ($10 = 16 * 0x01010101 for C1) in bit 4, those of ``odd`` nibbles 1,
+# 3, 5, 7, so nibble j's index is one byte shift away. All columns of a program must share one part:
+# a lane serves every column its neighbours hold.
 _SHUFFLE_WORD = tl.constexpr(
     "{ .reg .u32 lane, entry, even, odd, index; .reg .u64 address; "
     "mov.u32 lane, %laneid; mad.wide.u32 address, lane, 4, $9; ld.global.nc.b32 entry, [address]; "
@@ -628,6 +631,7 @@ def dequantize(
         **constants,
         BLOCK_N=DEQUANT_BLOCK_N,
         BLOCK_K=block_k,
+        num_warps=DEQUANT_WARPS,
     )
     return out[: len(rows)]
 
