@@ -200,6 +200,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--arch", type=int, nargs="+", default=[80, 90], help="compute capabilities (80 A100, 90 H100)")
     parser.add_argument("--json", action="store_true", help="one JSON object per kernel instead of a table")
+    parser.add_argument("--dtypes", nargs="+", choices=["bf16", "fp16"], default=["bf16", "fp16"])
+    parser.add_argument("--group-sizes", type=int, nargs="+", default=[128, 64])
     args = parser.parse_args(argv)
     if not args.json:
         print(f"triton {triton.__version__}")
@@ -209,7 +211,12 @@ def main(argv: list[str] | None = None) -> int:
         )
         print("|---|---|---|---|---|---:|---:|---:|---:|---:|---|---:|")
     for arch in args.arch:
-        for name, tiles, dtype, group_size, used, loop in (*gemv_rows(arch), *gemm_rows(arch), *dequant_rows(arch)):
+        kernels = (
+            *gemv_rows(arch, args.dtypes, args.group_sizes),
+            *gemm_rows(arch, args.dtypes, args.group_sizes),
+            *dequant_rows(arch, args.dtypes),
+        )
+        for name, tiles, dtype, group_size, used, loop in kernels:
             if args.json:
                 row = dict(arch=arch, kernel=name, tiles=tiles, dtype=dtype, group_size=group_size, **used)
                 print(json.dumps(row | (loop or {})), flush=True)

@@ -205,23 +205,25 @@ def test_op_under_torch_compile_and_cuda_graphs():
 
 def test_kernels_compile_for_ampere_and_hopper():
     # The interpreter does not check what the compiler does (layouts, dtypes, register allocation):
-    # every kernel the op launches is compiled to a cubin for sm_80 and sm_90 by Triton's own ptxas,
-    # with the attributes of real calls, and the decode kernel's main loop is read from its SASS.
-    result = subprocess.run(
-        [sys.executable, ROOT / "benchmarks" / "kernel_resources.py", "--arch", "80", "90", "--json"],
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
-    kernels = [json.loads(line) for line in result.stdout.splitlines()]
-    launched = triton_gemm.GEMV_MAX_M + len(triton_gemm.GEMM_CONFIGS) + 1
-    assert len(kernels) == 2 * (2 * 2 * (triton_gemm.GEMV_MAX_M + len(triton_gemm.GEMM_CONFIGS)) + 2)
-    assert len({(k["arch"], k["kernel"]) for k in kernels}) == 2 * launched
-    assert all(k["spill_bytes"] == 0 for k in kernels), [k for k in kernels if k["spill_bytes"]]
+    # every kernel the op launches is compiled to a cubin by Triton's own ptxas, with the attributes of
+    # real calls, for sm_90 at both group sizes and for sm_80 at 128 (bf16: fp16 differs only in the
+    # conversions of x), and the decode kernel's main loop is read from its SASS.
+    found = []
+    for arch, group_sizes in ((90, ["128", "64"]), (80, ["128"])):
+        command = [sys.executable, ROOT / "benchmarks" / "kernel_resources.py", "--arch", str(arch), "--json"]
+        result = subprocess.run(
+            [*command, "--dtypes", "bf16", "--group-sizes", *group_sizes], capture_output=True, text=True, timeout=600
+        )
+        assert result.returncode == 0, result.stderr[-3000:]
+        found += [json.loads(line) for line in result.stdout.splitlines()]
+    # Per arch and group size: the GEMV for each M and every GEMM configuration; per arch: the dequantizer.
+    assert len(found) == 3 * (triton_gemm.GEMV_MAX_M + len(triton_gemm.GEMM_CONFIGS)) + 2
+    assert all(k["spill_bytes"] == 0 for k in found), [k for k in found if k["spill_bytes"]]
     # Decoding (M = 1) on Hopper: what docs/kernels.md's roofline assumes of the GEMV's main loop.
-    for decode in (k for k in kernels if k["arch"] == 90 and k["kernel"] == "gemv, M = 1"):
-        assert decode["instructions_per_weight"] <= GEMV_INSTRUCTIONS_PER_WEIGHT[decode["group_size"]], decode
-        assert decode["shuffles_per_weight"] <= 1 / 32, decode  # one lane-shuffle per weight: the lookup
-        assert decode["barriers"] == decode["shared_stores"] == 0, decode
-        assert decode["widest_global_load_bits"] == 128, decode
+    decode = [k for k in found if k["arch"] == 90 and k["kernel"] == "gemv, M = 1"]
+    assert {k["group_size"] for k in decode} == {128, 64}
+    for kernel in decode:
+        assert kernel["instructions_per_weight"] <= GEMV_INSTRUCTIONS_PER_WEIGHT[kernel["group_size"]], kernel
+        assert kernel["shuffles_per_weight"] <= 1 / 32, kernel  # one lane-shuffle per weight: the lookup
+        assert kernel["barriers"] == kernel["shared_stores"] == 0, kernel
+        assert kernel["widest_global_load_bits"] == 128, kernel
