@@ -88,7 +88,7 @@ def test_gemm_matches_reference(m, dtype):
     _check(triton_gemm.gemm(x, *layout, PARTS), x, dense)
 
 
-@pytest.mark.parametrize("config", [config for _, config in triton_gemm.GEMV_CONFIGS], ids=["m1", "m4"])
+@pytest.mark.parametrize("config", [config for _, config in triton_gemm.GEMV_CONFIGS], ids=["m1-2", "m3-4"])
 @pytest.mark.parametrize("k,group_size", SHAPES)
 def test_every_stored_gemv_config(config, k, group_size):
     # Groups narrower than the K step (32, 192) cut the step to the layout's block.
