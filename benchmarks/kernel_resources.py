@@ -43,6 +43,20 @@ DIVISIBLE = ("x_ptr", "w_ptr", "s_ptr", "cb_ptr", "out_ptr", "part_ptr", "count_
 DIVISIBLE_STRIDES = ("stride_xm", "stride_wn")
 
 
+def _product_signature(dtype: str, sizes: tuple[str, ...]) -> dict:
+    """The argument types of the GEMV and the GEMM (the GEMV takes M as a compile-time constant)."""
+    return {
+        "x_ptr": f"*{dtype}",
+        **LAYER,
+        "out_ptr": f"*{dtype}",
+        **SPLIT,
+        **dict.fromkeys(sizes, "i32"),
+        "stride_xm": "i32",
+        "stride_wn": "i32",
+        "stride_sn": "i32",
+    }
+
+
 def _compile(kernel, signature: dict, constants: dict, num_warps: int, num_stages: int, arch: int):
     attrs = {
         (kernel.arg_names.index(name),): [["tt.divisibility", 16]]
@@ -104,17 +118,7 @@ def gemv_rows(arch: int, dtypes=("bf16", "fp16"), group_sizes=(128, 64)):
         for dtype in dtypes:
             for group_size in group_sizes:
                 config = triton_gemm._narrow_step(triton_gemm.pick_gemv_config(rows), group_size)
-                signature = {
-                    "x_ptr": f"*{dtype}",
-                    **LAYER,
-                    "out_ptr": f"*{dtype}",
-                    **SPLIT,
-                    "N": "i32",
-                    "K": "i32",
-                    "stride_xm": "i32",
-                    "stride_wn": "i32",
-                    "stride_sn": "i32",
-                }
+                signature = _product_signature(dtype, sizes=("N", "K"))
                 constants = dict(
                     ROWS=rows,
                     GROUP_SIZE=group_size,
@@ -141,18 +145,7 @@ def gemm_rows(arch: int, dtypes=("bf16", "fp16"), group_sizes=(128, 64)):
         split_k = config.split_k or 2  # 0 means "chosen per shape": compile the split path
         for dtype in dtypes:
             for group_size in group_sizes:
-                signature = {
-                    "x_ptr": f"*{dtype}",
-                    **LAYER,
-                    "out_ptr": f"*{dtype}",
-                    **SPLIT,
-                    "M": "i32",
-                    "N": "i32",
-                    "K": "i32",
-                    "stride_xm": "i32",
-                    "stride_wn": "i32",
-                    "stride_sn": "i32",
-                }
+                signature = _product_signature(dtype, sizes=("M", "N", "K"))
                 constants = dict(
                     GROUP_SIZE=group_size,
                     BLOCK_WORDS=cuda_block(group_size) // 8,

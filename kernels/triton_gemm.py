@@ -181,6 +181,15 @@ def _load_step(
 
 
 @triton.jit
+def _split_steps(K, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr):
+    """The K steps [first, last) of this program's split: ceil(steps / SPLIT_K) each, the last ones fewer."""
+    k_steps = tl.cdiv(K, BLOCK_K)
+    steps_per_split = tl.cdiv(k_steps, SPLIT_K)
+    first_step = tl.program_id(1) * steps_per_split
+    return first_step, min(first_step + steps_per_split, k_steps)
+
+
+@triton.jit
 def _x_columns(word, BLOCK_WORDS: tl.constexpr):
     """k of nibble 0 of each word (nibble j is k + j * BLOCK_WORDS): the layout's blocks of 8 * BLOCK_WORDS."""
     return (word // BLOCK_WORDS) * (8 * BLOCK_WORDS) + word % BLOCK_WORDS
@@ -234,18 +243,13 @@ def _gemv_kernel(
     SPLIT_K: tl.constexpr,
     EVEN_K: tl.constexpr,
 ):
-    pid_n = tl.program_id(0)
-    pid_k = tl.program_id(1)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_w = tl.arange(0, BLOCK_K // 8)
     mask_n = offs_n < N
     pair_ptrs = cb_ptr + _codebook_offsets(offs_n, PART_STARTS)[:, None]
 
     words_k = K // 8
-    k_steps = tl.cdiv(K, BLOCK_K)
-    steps_per_split = tl.cdiv(k_steps, SPLIT_K)
-    first_step = pid_k * steps_per_split
-    last_step = min(first_step + steps_per_split, k_steps)
+    first_step, last_step = _split_steps(K, BLOCK_K, SPLIT_K)
 
     # Per row of x, fp32 sums per (column, word slot); reduced over the slots once, at the end.
     acc0 = tl.zeros([BLOCK_N, BLOCK_K // 8], dtype=tl.float32)
@@ -376,10 +380,7 @@ def _gemm_kernel(
     pair_ptrs = cb_ptr + _codebook_offsets(offs_n, PART_STARTS)[:, None]
 
     words_k = K // 8
-    k_steps = tl.cdiv(K, BLOCK_K)
-    steps_per_split = tl.cdiv(k_steps, SPLIT_K)
-    first_step = pid_k * steps_per_split
-    last_step = min(first_step + steps_per_split, k_steps)
+    first_step, last_step = _split_steps(K, BLOCK_K, SPLIT_K)
 
     acc = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)  # out[m, n] transposed: M is the dot's N
     for step in range(first_step, last_step):
