@@ -136,7 +136,7 @@ def aaac_variants(m: int, sweep: bool) -> dict:
         name = f"gemm {config.block_m}x{config.block_n}x{config.block_k} w{config.num_warps}"
         variants[name] = lambda x, *layer, config=config: triton_gemm.gemm(x, *layer, config)
     if m >= 64:
-        for slab_mib in (16, 64, 256):  # the last: one slab, the whole dense weight
+        for slab_mib in (16, 64, 256):  # 256 MiB: one slab for every 8B layer
             name = f"deq+mm {slab_mib} MiB"
             variants[name] = lambda x, *layer, slab=slab_mib << 20: _with_slab(slab, x, *layer)
     return variants

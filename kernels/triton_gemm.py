@@ -51,8 +51,9 @@ GEMM_CONFIGS: tuple[tuple[float, TileConfig], ...] = (
     (float("inf"), TileConfig(block_m=64, block_n=128, block_k=128, split_k=0, group_m=8, num_warps=8, num_stages=3)),
 )
 # Beyond 64 rows the weight is dequantized slab by slab and each slab multiplied by cuBLAS (0.41x of
-# bf16 at M = 128 against the GEMM's 0.30x; 0.84x at M = 2048). Slabs of 64 MiB ran as fast as one
-# dense weight and 1.2-1.4x faster than 16 MiB ones (fewer, larger cuBLAS calls) while bounding the buffer.
+# bf16 at M = 128 against the GEMM's 0.30x; 0.84x at M = 2048). Slabs of 64 MiB ran within 5% of one
+# whole dense weight from M = 512 (0.49x against 0.55x at 256) and 1.2-1.4x faster than 16 MiB ones,
+# with a buffer that does not grow with the layer (a 70B gate_up weight is 940 MB in bf16).
 DEQUANT_MATMUL_MIN_M = 65
 DEQUANT_SLAB_BYTES = 64 << 20
 DEQUANT_BLOCK_N, DEQUANT_BLOCK_K, DEQUANT_WARPS = 32, 256, 8
