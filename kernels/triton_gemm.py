@@ -52,7 +52,7 @@ GEMM_CONFIGS: tuple[tuple[float, TileConfig], ...] = (
 )
 # Beyond 64 rows the weight is dequantized slab by slab and each slab multiplied by cuBLAS (0.41x of
 # bf16 at M = 128 against the GEMM's 0.30x; 0.84x at M = 2048). Slabs of 64 MiB ran within 5% of one
-# whole dense weight from M = 512 (0.49x against 0.55x at 256) and 1.2-1.4x faster than 16 MiB ones,
+# whole dense weight from M = 512 (0.49x against 0.55x at 256) and 1.05-1.35x faster than 16 MiB ones,
 # with a buffer that does not grow with the layer (a 70B gate_up weight is 940 MB in bf16).
 DEQUANT_MATMUL_MIN_M = 65
 DEQUANT_SLAB_BYTES = 64 << 20
