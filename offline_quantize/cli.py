@@ -273,12 +273,6 @@ def compare_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="reuse checkpoints already in WORKDIR (their quantization reports give time and memory)",
     )
-    p.add_argument(
-        "--jobs",
-        type=_positive,
-        default=1,
-        help="quantizations run at once (default 1: with more, their times and memory overlap and compare badly)",
-    )
     return p
 
 
@@ -313,7 +307,6 @@ def _compare(argv) -> None:
         args.max_tokens,
         args.device,
         args.reuse,
-        args.jobs,
     )
     print((args.workdir / "results.md").read_text())
     print(f"results: {args.workdir / 'results.json'}, {args.workdir / 'results.md'}, {args.workdir / 'results.png'}")

@@ -13,7 +13,6 @@ import platform
 import subprocess
 import sys
 import time
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import torch
@@ -56,10 +55,8 @@ def run(
     max_tokens: int | None,
     device: str,
     reuse: bool,
-    jobs: int = 1,
 ) -> dict:
-    """Quantize and evaluate every variant in ``labels`` (``jobs`` quantizations at once); returns the
-    results and writes the three files."""
+    """Quantize and evaluate every variant in ``labels``; returns the results and writes the three files."""
     from transformers import AutoTokenizer
 
     from .hf_loader import load_causal_lm
@@ -72,25 +69,18 @@ def run(
     contents = {name: file.read_text(encoding="utf-8") for name, file in texts.items()}
     eval_device, dtype = evaluation_device(device)
 
-    # All quantization first, then all evaluation: with one job, each method's timing is taken with
-    # nothing else running.
+    # All quantization first, then all evaluation: each method's timing is taken with nothing else running.
     methods: dict[str, dict] = {}
+    folders: dict[str, Path] = {}
     options_of = variants()
-    folders = {label: source if options_of[label] is None else workdir / label for label in labels}
-    quantized = [label for label in labels if options_of[label] is not None]
-    with ThreadPoolExecutor(max_workers=jobs) as pool:
-        reports = pool.map(
-            lambda label: quantize_variant(
-                label, source, folders[label], [*options_of[label], *quantize_options], reuse
-            ),
-            quantized,
-        )
-        reports = dict(zip(quantized, reports, strict=True))
     for label in labels:
-        if label not in reports:
+        options = options_of[label]
+        if options is None:
+            folders[label] = source
             methods[label] = {"format": "unquantized", "quantize_seconds": 0.0}
             continue
-        report = reports[label]
+        folders[label] = workdir / label
+        report = quantize_variant(label, source, folders[label], [*options, *quantize_options], reuse)
         summary = report["summary"]
         methods[label] = {
             "format": report["format"],

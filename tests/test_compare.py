@@ -44,8 +44,6 @@ def comparison(tmp_path_factory, smollm2_two_blocks, small_calib, bbc_text, pydo
         512,
         "--max-tokens",
         1024,
-        "--jobs",  # two quantizations at once on the 2-core CI machine: most of each is its imports
-        2,
     )
     return workdir, json.loads((workdir / "results.json").read_text()), result.stdout
 
