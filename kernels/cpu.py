@@ -15,7 +15,7 @@ from types import ModuleType
 import torch
 import torch.nn.functional as F
 
-from .format.serving import chunk_size
+from .format.serving import cpu_nibble_order
 
 ISA_VARIABLE = "AAAC_CPU_ISA"
 TORCH_PATH = "torch"
@@ -27,9 +27,8 @@ def dequantize_torch(
     """The dense [N, K] weight in ``dtype`` from the CPU layout, in plain torch: equal to the reference."""
     n, k = qbytes.shape[0], 2 * qbytes.shape[1]
     group = k // scales.shape[1]
-    chunk = chunk_size(group)
-    pieces = qbytes.view(n, k // chunk, chunk // 2)
-    indices = torch.cat([pieces & 0xF, pieces >> 4], dim=2).view(n, k).long()
+    indices = torch.empty(n, k, dtype=torch.long)
+    indices[:, cpu_nibble_order(k)] = torch.stack([qbytes & 0xF, qbytes >> 4], dim=2).view(n, k).long()
     bits = scales.view(torch.int16)
     part = torch.repeat_interleave(torch.arange(len(part_sizes)), torch.tensor(part_sizes))
     table = (2 * part[:, None] + (bits < 0)).repeat_interleave(group, dim=1)  # row of codebooks.view(-1, 16)

@@ -1,14 +1,15 @@
 """torch.ops.aaac.linear on CPU: the C++ kernels of every instruction-set path this CPU runs, the
 load-time layout, the plain-torch fallback, and the op under torch.compile.
 
-What is exact and what is not: every path computes with the reference dequantizer's weight in the
-activations' dtype (bf16 for bf16 activations; fp32 for fp32 and fp16 ones), bit for bit (checked
-directly on the dequantizers), and accumulates in fp32 in its own order. So against a float64 product
-with the same weight, an output may differ by (a) the fp32 summation, at most K * 2^-24 times the sum
-of |w x| (the classic bound for recursive summation, which covers any order and the products
-themselves), and (b) one rounding to the output dtype, at most one unit in its last place relative to
-the result (2^-8 for bf16, 2^-11 for fp16, 2^-24 for fp32). A wrong index, scale, codebook or part is
-off by the size of a weight and fails by orders of magnitude.
+What is exact and what is not: the decode kernels (M <= 4; on AMX only M = 1, as bf16 batches from 2
+rows run on the tiles) compute with the exact weight, entry x |scale| in fp32; the other kernels with
+the reference dequantizer's weight in the activations' dtype (bf16 for bf16 activations; fp32 for fp32
+and fp16 ones), bit for bit (checked directly on the dequantizers). All accumulate in fp32 in their own
+order. So against a float64 product with the weight the kernel takes, an output may differ by (a) the
+fp32 summation, at most K * 2^-24 times the sum of |w x| (the classic bound for recursive summation,
+which covers any order and the products themselves), and (b) one rounding to the output dtype, at most
+one unit in its last place relative to the result (2^-8 for bf16, 2^-11 for fp16, 2^-24 for fp32). A
+wrong index, scale, codebook or part is off by the size of a weight and fails by orders of magnitude.
 """
 
 import importlib
@@ -22,7 +23,7 @@ import torch.nn.functional as F
 from aaac_kernels import cpu
 from aaac_kernels import linear as aaac_linear
 from aaac_kernels.format.layout import unpack_indices
-from aaac_kernels.format.serving import chunk_size, cpu_layout
+from aaac_kernels.format.serving import cpu_layout, cpu_nibble_order
 
 from .conftest import ROOT, random_layer
 
@@ -35,9 +36,11 @@ PARTS = [64, 32, 43]
 # Decode rows (1-5), one AMX sweep (16, 33), panels with an even (128) and an odd (80 = 5 x 16, padded)
 # number of row blocks.
 M_VALUES = [1, 2, 3, 4, 5, 16, 33, 80, 128]
-# (K, group size): chunks of 64; chunks of 32 (group 32, and 96 = 3 x 32); a group size that is not
-# a multiple of 32 (the scalar kernel serves it on every path); K past the AMX panel depth (2048).
-SHAPES = [(256, 64), (192, 32), (384, 96), (144, 48), (4224, 128)]
+# (K, group size): blocks of 128 and a rest of 64 (SmolLM2's K = 576 is 4 x 128 + 64); groups of 32 with a
+# rest of 96 (64 + 32); groups of 96 (3 planes of 32: blocks straddle groups); a group size that is not a
+# multiple of 32 (the scalar kernel serves it on every path) with a rest of 32 + 8; K past the AMX panel
+# depth (2048).
+SHAPES = [(320, 64), (224, 32), (384, 96), (168, 24), (4224, 128)]
 OUTPUT_UNIT = {torch.bfloat16: 2.0**-8, torch.float16: 2.0**-11, torch.float32: 2.0**-24}
 
 
@@ -86,11 +89,20 @@ def test_layer_exercises_both_codebooks_and_negative_zero():
 def test_layout_and_torch_path_are_exact(k, group_size):
     qweight, scales, codebooks, dense = random_layer(PARTS, k, group_size)
     layout = cpu_layout(qweight, scales, codebooks)
-    qbytes, chunk = layout[0], chunk_size(group_size)
+    qbytes = layout[0]
     assert qbytes.shape == (sum(PARTS), k // 2) and qbytes.dtype == torch.uint8
-    # The first byte of a chunk holds its first index (low nibble) and its middle one (high nibble).
+    # A block of 128: word w (bytes 2w, 2w + 1) holds k = w, 32 + w, 64 + w, 96 + w in nibbles 0..3.
     indices = unpack_indices(qweight).t()
-    assert torch.equal(qbytes[:, 0] & 0xF, indices[:, 0]) and torch.equal(qbytes[:, 0] >> 4, indices[:, chunk // 2])
+    word = qbytes[:, 2:4].long()
+    word = word[:, 0] | (word[:, 1] << 8)  # word 1
+    for j in range(4):
+        assert torch.equal((word >> (4 * j)) & 0xF, indices[:, 1 + 32 * j])
+    # The rest of K: a block of B holds k = w and w + B / 2 in byte w.
+    full, tail = k // 128 * 128, k % 128
+    size = 64 if tail & 64 else 32 if tail & 32 else 16 if tail & 16 else 8
+    if tail:
+        assert torch.equal(qbytes[:, full // 2] >> 4, indices[:, full + size // 2])
+    assert sorted(cpu_nibble_order(k).tolist()) == list(range(k))
     for dtype in (torch.float32, torch.bfloat16, torch.float16):
         assert torch.equal(cpu.dequantize_torch(*layout, PARTS, dtype), dense.to(dtype))
 
@@ -107,11 +119,13 @@ def test_dequantizer_is_exact(isa, k, group_size, dtype):
 @pytest.mark.parametrize("k,group_size", SHAPES)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_op_matches_reference(isa, k, group_size, dtype):
-    layout, dense = _layer(k, group_size, seed=k)
-    weight = dense.to(dtype) if dtype == torch.bfloat16 else dense
+    layout, dense = _layer(k, group_size, seed=k)  # dense: the exact weight, fp32
     for m in M_VALUES:
         x = torch.randn(m, k).to(dtype)
         bias = torch.randn(sum(PARTS)).to(dtype) if m % 2 else None
+        on_tiles = isa == "amx_bf16" and group_size % 32 == 0 and dtype == torch.bfloat16  # else scalar
+        decodes = m == 1 or (m <= 4 and not on_tiles)
+        weight = dense if decodes else dense.to(dtype)
         _check(torch.ops.aaac.linear(x, *layout, PARTS, bias), x, weight, bias)
 
 

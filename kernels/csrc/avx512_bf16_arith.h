@@ -1,8 +1,9 @@
-// bf16 arithmetic for the AVX-512 kernels (kernel_avx512_bf16.cpp, kernel_amx.cpp): the per-group
-// table is the codebook times the scale rounded to bf16 (the reference's bf16 weight bit for bit),
-// held twice in one register of 32 words: vpermw reads index bits 4..0, so a widened byte (high
-// nibble above bit 3) picks the same entry and its low nibble needs no mask. Include after the
-// file's `#pragma GCC target`, like avx512_gemv.h.
+// bf16 weights for the AVX-512 BF16 dequantizer and the AMX kernel (kernel_avx512_bf16.cpp, kernel_amx.cpp): the
+// per-group table is the codebook times the scale rounded to bf16 (the reference's bf16 weight bit for
+// bit), held twice in one register of 32 words. vpermw reads index bits 4..0, so whatever sits in bit 4
+// (the next nibble of a word, or a byte's high nibble) picks the same entry: a 128-block's plane j is
+// one shift and one vpermw, 32 weights in k order. Include after the file's `#pragma GCC target`, like
+// avx512_gemv.h.
 #pragma once
 
 #include "avx512_gemv.h"
@@ -16,36 +17,30 @@ struct Bf16 {
 
   static Table table(__m512 scaled) { return (__m512i)_mm512_cvtne2ps_pbh(scaled, scaled); }
 
-  template <int kChunk>
+  template <int kSize>
   struct Weights {
-    __m512i w[kChunk / 32];  // k order, 32 per register
-    Weights(const uint8_t* b, Table table) {
-      if constexpr (kChunk == 64) {
-        const __m512i idx = _mm512_cvtepu8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(b)));
-        w[0] = _mm512_permutexvar_epi16(idx, table);
-        w[1] = _mm512_permutexvar_epi16(_mm512_srli_epi16(idx, 4), table);
-      } else {
-        // 16 bytes: low nibbles k = 0..15, high k = 16..31; the 256-bit vpermw reads bits 3..0.
-        const __m256i idx = _mm256_cvtepu8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(b)));
-        const __m256i half_table = _mm512_castsi512_si256(table);
-        const __m256i lo = _mm256_permutexvar_epi16(idx, half_table);
-        const __m256i hi = _mm256_permutexvar_epi16(_mm256_srli_epi16(idx, 4), half_table);
+    __m512i w[kSize / kPlane];  // plane j: 32 weights in k order
+    Weights(const uint8_t* q, const Table* tables) {
+      if constexpr (kSize == 128) {  // word w holds k = w + 32 j in nibble j
+        const __m512i v = _mm512_loadu_si512(q);
+        for (int j = 0; j < 4; ++j) w[j] = _mm512_permutexvar_epi16(j ? _mm512_srli_epi16(v, 4 * j) : v, tables[j]);
+      } else if constexpr (kSize == 64) {  // byte w holds k = w and 32 + w
+        const __m512i idx = _mm512_cvtepu8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(q)));
+        w[0] = _mm512_permutexvar_epi16(idx, tables[0]);
+        w[1] = _mm512_permutexvar_epi16(_mm512_srli_epi16(idx, 4), tables[1]);
+      } else {  // 32: byte w holds k = w and 16 + w; the 256-bit vpermw reads index bits 3..0
+        const __m256i idx = _mm256_cvtepu8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(q)));
+        const __m256i table = _mm512_castsi512_si256(tables[0]);
+        const __m256i lo = _mm256_permutexvar_epi16(idx, table);
+        const __m256i hi = _mm256_permutexvar_epi16(_mm256_srli_epi16(idx, 4), table);
         w[0] = _mm512_inserti64x4(_mm512_castsi256_si512(lo), hi, 1);
       }
     }
   };
 
-  template <int kChunk>
-  static void dot(__m512* acc, int slot, const Weights<kChunk>& w, const uint16_t* x) {
-    for (int i = 0; i < kChunk / 32; ++i) {
-      const int s = kChunk == 64 ? i : slot;
-      acc[s] = _mm512_dpbf16_ps(acc[s], (__m512bh)w.w[i], (__m512bh)_mm512_loadu_si512(x + 32 * i));
-    }
-  }
-
-  template <int kChunk>
-  static void store(const Weights<kChunk>& w, uint16_t* out) {
-    for (int i = 0; i < kChunk / 32; ++i) _mm512_storeu_si512(out + 32 * i, w.w[i]);
+  template <int kSize>
+  static void store(const Weights<kSize>& w, uint16_t* out) {
+    for (int j = 0; j < kSize / kPlane; ++j) _mm512_storeu_si512(out + kPlane * j, w.w[j]);
   }
 };
 

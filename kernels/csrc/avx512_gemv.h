@@ -1,9 +1,13 @@
-// The AVX-512 decode kernel, shared by the fp32 (kernel_avx512.cpp) and bf16 (kernel_avx512_bf16.cpp)
-// paths. Include it after the file's `#pragma GCC target`: everything here has internal linkage, so
-// each file compiles its own copy for its own instruction set.
+// What the AVX-512 kernels share: a column's per-group tables, the walk over the layout's blocks that
+// hands each block its planes' tables, and the decode kernel (M <= 4). Include it after the file's
+// `#pragma GCC target`: everything here has internal linkage, so each file compiles its own copy for
+// its own instruction set.
 //
-// An `Arith` type supplies what differs: the per-group table (the codebook times the group's scale,
-// the reference's weight in the compute dtype), the chunk's weights in k order, and the dot step.
+// An `Arith` type supplies what differs: the table (the codebook times the group's scale, in a
+// register), a block's weights, the dot step of the decode kernel, and the dequantizer's store.
+//
+// The vector paths take group sizes that are multiples of 32 (others run the scalar kernel), so each
+// plane (32 consecutive k) lies in one group, and the rest of K (K mod 128) is a block of 64 and/or 32.
 #pragma once
 
 #include <immintrin.h>
@@ -16,6 +20,13 @@ namespace {
 // Groups whose scales are decoded together: 16 fp16 scales widen in one instruction, and their
 // codebook choices come out of the sign bits as one mask.
 constexpr int kScaleBatch = 16;
+constexpr int kPlane = 32;  // k per plane: nibble j of a 128-block's words, or half of a smaller block
+
+// A block's size as a type, so that each size gets its own unrolled code.
+template <int kSize>
+struct BlockSize {
+  static constexpr int value = kSize;
+};
 
 struct ColumnStream {
   alignas(64) float codebook[2][16];
@@ -45,89 +56,130 @@ struct ColumnStream {
   }
 };
 
-// kM rows of x against kN columns from n; two accumulators per (row, column) hide the dot latency.
-template <class Arith, int kM, int kN, int kChunk>
+// Groups g_begin .. g_end of the columns (g_begin * G on a 128-block boundary), block by block in k
+// order: visit(k0, BlockSize<size>(), tables) with tables[c][j] the table of plane j for column c.
+// kGroups is the number of groups per 128-block: 4 (G = 32), 2 (G = 64), 1 (G a multiple of 128, whose
+// table serves G / 128 blocks), or 0 for the other multiples of 32 (96, 160, ...: blocks straddle
+// groups, each plane gets its group's table). A batch of 16 groups is whole blocks, so only the last
+// one can end in a block of 64 and/or 32.
+template <class Arith, int kColumns, int kGroups, class Visit>
+void walk_columns(const GemmProblem& p, ColumnStream* col, int columns, int64_t g_begin, int64_t g_end,
+                  Visit visit) {
+  using Table = typename Arith::Table;
+  Table tables[kColumns][4];
+  const int64_t g = p.group_size;
+  for (int64_t g0 = g_begin; g0 < g_end; g0 += kScaleBatch) {
+    const int64_t count = g_end - g0 < kScaleBatch ? g_end - g0 : kScaleBatch;
+    for (int c = 0; c < columns; ++c) col[c].load_scales(g0, count);
+    int64_t j = 0;
+    if constexpr (kGroups == 0) {  // any other multiple of 32: a table per plane, from its group
+      for (int64_t k0 = g0 * g; k0 < (g0 + count) * g;) {
+        const int64_t size = block_size(p.k, k0);
+        for (int plane = 0; plane < size / kPlane; ++plane)
+          for (int c = 0; c < columns; ++c) tables[c][plane] = Arith::table(col[c].scaled((k0 + kPlane * plane) / g - g0));
+        if (size == 128) {
+          visit(k0, BlockSize<128>(), tables);
+        } else if (size == 64) {
+          visit(k0, BlockSize<64>(), tables);
+        } else {
+          visit(k0, BlockSize<32>(), tables);
+        }
+        k0 += size;
+      }
+    } else if constexpr (kGroups == 1) {
+      for (; j < count; ++j) {
+        for (int c = 0; c < columns; ++c) tables[c][0] = tables[c][1] = tables[c][2] = tables[c][3] = Arith::table(col[c].scaled(j));
+        for (int64_t k0 = (g0 + j) * g; k0 < (g0 + j + 1) * g; k0 += 128) visit(k0, BlockSize<128>(), tables);
+      }
+    } else {
+      for (; j + kGroups <= count; j += kGroups) {
+        for (int c = 0; c < columns; ++c)
+          for (int i = 0; i < kGroups; ++i) {
+            const Table t = Arith::table(col[c].scaled(j + i));
+            for (int plane = i * 4 / kGroups; plane < (i + 1) * 4 / kGroups; ++plane) tables[c][plane] = t;
+          }
+        visit((g0 + j) * g, BlockSize<128>(), tables);
+      }
+      // The rest of K: a block of 64 (1 group of 64, or 2 of 32), then one of 32.
+      if (j < count && (count - j) * g >= 64) {
+        for (int c = 0; c < columns; ++c) {
+          tables[c][0] = Arith::table(col[c].scaled(j));
+          tables[c][1] = kGroups == 2 ? tables[c][0] : Arith::table(col[c].scaled(j + 1));
+        }
+        visit((g0 + j) * g, BlockSize<64>(), tables);
+        j += 64 / g;
+      }
+      if (j < count) {
+        for (int c = 0; c < columns; ++c) tables[c][0] = Arith::table(col[c].scaled(j));
+        visit((g0 + j) * g, BlockSize<32>(), tables);
+      }
+    }
+  }
+}
+
+// walk_columns for the group size of p, columns <= kColumns.
+template <class Arith, int kColumns, class Visit>
+void walk(const GemmProblem& p, ColumnStream* col, int columns, int64_t g_begin, int64_t g_end, Visit visit) {
+  if (p.group_size == 32) return walk_columns<Arith, kColumns, 4>(p, col, columns, g_begin, g_end, visit);
+  if (p.group_size == 64) return walk_columns<Arith, kColumns, 2>(p, col, columns, g_begin, g_end, visit);
+  if (p.group_size % 128 == 0) return walk_columns<Arith, kColumns, 1>(p, col, columns, g_begin, g_end, visit);
+  walk_columns<Arith, kColumns, 0>(p, col, columns, g_begin, g_end, visit);
+}
+
+// kM rows of x (fp32, in Arith's k order) against kN columns from n; two accumulators per (row,
+// column) hide the FMA latency.
+template <class Arith, int kM, int kN>
 void gemv_block(const GemmProblem& p, int64_t n) {
-  using Elem = typename Arith::Elem;
-  const Elem* x = static_cast<const Elem*>(p.x);
-  const int64_t groups = p.k / p.group_size, row_bytes = p.k / 2;
+  const float* x = static_cast<const float*>(p.x);
+  const int64_t row_bytes = p.k / 2;
   ColumnStream col[kN];
   for (int c = 0; c < kN; ++c) col[c].open(p, n + c);
   __m512 acc[kM][kN][2];
   for (int m = 0; m < kM; ++m)
     for (int c = 0; c < kN; ++c) acc[m][c][0] = acc[m][c][1] = _mm512_setzero_ps();
-
-  int slot = 0;
-  for (int64_t g0 = 0; g0 < groups; g0 += kScaleBatch) {
-    const int64_t batch = groups - g0 < kScaleBatch ? groups - g0 : kScaleBatch;
-    for (int c = 0; c < kN; ++c) col[c].load_scales(g0, batch);
-    for (int j = 0; j < batch; ++j) {
-      typename Arith::Table table[kN];
-      for (int c = 0; c < kN; ++c) table[c] = Arith::table(col[c].scaled(j));
-      const int64_t k_end = (g0 + j + 1) * p.group_size;
-      for (int64_t k = (g0 + j) * p.group_size; k < k_end; k += kChunk, slot ^= 1) {
-        for (int c = 0; c < kN; ++c) {
-          // The next block of columns streams right behind this one: fetch it a block ahead.
-          _mm_prefetch(reinterpret_cast<const char*>(col[c].qbytes + kN * row_bytes + k / 2), _MM_HINT_T0);
-          const typename Arith::template Weights<kChunk> w(col[c].qbytes + k / 2, table[c]);
-          for (int m = 0; m < kM; ++m) Arith::dot(acc[m][c], slot, w, x + m * p.x_stride + k);
-        }
-      }
+  walk<Arith, kN>(p, col, kN, 0, p.k / p.group_size, [&](int64_t k0, auto size, const auto& tables) {
+    constexpr int kSize = decltype(size)::value;
+    for (int c = 0; c < kN; ++c) {
+      // The next block of columns streams right behind this one: fetch it a block ahead.
+      _mm_prefetch(reinterpret_cast<const char*>(col[c].qbytes + kN * row_bytes + k0 / 2), _MM_HINT_T0);
+      const typename Arith::template Weights<kSize> w(col[c].qbytes + k0 / 2, tables[c]);
+      for (int m = 0; m < kM; ++m) Arith::dot(acc[m][c], w, x + m * p.x_stride + k0);
     }
-  }
+  });
   for (int m = 0; m < kM; ++m)
     for (int c = 0; c < kN; ++c) store_output(p, m, n + c, _mm512_reduce_add_ps(_mm512_add_ps(acc[m][c][0], acc[m][c][1])));
 }
 
-template <class Arith, int kM, int kChunk>
+template <class Arith, int kM>
 void gemv_rows(const GemmProblem& p, int64_t n_begin, int64_t n_end) {
   constexpr int kN = kM <= 2 ? 4 : 2;
   int64_t n = n_begin;
-  for (; n + kN <= n_end; n += kN) gemv_block<Arith, kM, kN, kChunk>(p, n);
-  for (; n < n_end; ++n) gemv_block<Arith, kM, 1, kChunk>(p, n);
-}
-
-template <class Arith, int kChunk>
-void gemv_chunked(const GemmProblem& p, int64_t n_begin, int64_t n_end) {
-  switch (p.m) {
-    case 1: return gemv_rows<Arith, 1, kChunk>(p, n_begin, n_end);
-    case 2: return gemv_rows<Arith, 2, kChunk>(p, n_begin, n_end);
-    case 3: return gemv_rows<Arith, 3, kChunk>(p, n_begin, n_end);
-    default: return gemv_rows<Arith, 4, kChunk>(p, n_begin, n_end);
-  }
+  for (; n + kN <= n_end; n += kN) gemv_block<Arith, kM, kN>(p, n);
+  for (; n < n_end; ++n) gemv_block<Arith, kM, 1>(p, n);
 }
 
 template <class Arith>
 void gemv(const GemmProblem& p, int64_t n_begin, int64_t n_end) {
-  if (p.chunk == 64) return gemv_chunked<Arith, 64>(p, n_begin, n_end);
-  gemv_chunked<Arith, 32>(p, n_begin, n_end);
-}
-
-// W[n_begin:n_end] into out, in Arith's element type: the same tables and weights as the kernel.
-template <class Arith, int kChunk>
-void dequant_chunked(const GemmProblem& p, int64_t n_begin, int64_t n_end, typename Arith::Elem* out) {
-  const int64_t groups = p.k / p.group_size;
-  for (int64_t n = n_begin; n < n_end; ++n) {
-    ColumnStream col;
-    col.open(p, n);
-    typename Arith::Elem* row = out + (n - n_begin) * p.k;
-    for (int64_t g0 = 0; g0 < groups; g0 += kScaleBatch) {
-      const int64_t batch = groups - g0 < kScaleBatch ? groups - g0 : kScaleBatch;
-      col.load_scales(g0, batch);
-      for (int j = 0; j < batch; ++j) {
-        const typename Arith::Table table = Arith::table(col.scaled(j));
-        for (int64_t k = (g0 + j) * p.group_size; k < (g0 + j + 1) * p.group_size; k += kChunk)
-          Arith::store(typename Arith::template Weights<kChunk>(col.qbytes + k / 2, table), row + k);
-      }
-    }
+  switch (p.m) {
+    case 1: return gemv_rows<Arith, 1>(p, n_begin, n_end);
+    case 2: return gemv_rows<Arith, 2>(p, n_begin, n_end);
+    case 3: return gemv_rows<Arith, 3>(p, n_begin, n_end);
+    default: return gemv_rows<Arith, 4>(p, n_begin, n_end);
   }
 }
 
+// W[n_begin:n_end] into out ([n, K] row-major, Arith's element type): the kernel's weights in k order.
 template <class Arith>
 void dequant(const GemmProblem& p, int64_t n_begin, int64_t n_end, void* out) {
-  auto* typed = static_cast<typename Arith::Elem*>(out);
-  if (p.chunk == 64) return dequant_chunked<Arith, 64>(p, n_begin, n_end, typed);
-  dequant_chunked<Arith, 32>(p, n_begin, n_end, typed);
+  for (int64_t n = n_begin; n < n_end; ++n) {
+    ColumnStream col;
+    col.open(p, n);
+    typename Arith::Elem* row = static_cast<typename Arith::Elem*>(out) + (n - n_begin) * p.k;
+    walk<Arith, 1>(p, &col, 1, 0, p.k / p.group_size, [&](int64_t k0, auto size, const auto& tables) {
+      constexpr int kSize = decltype(size)::value;
+      Arith::store(typename Arith::template Weights<kSize>(col.qbytes + k0 / 2, tables[0]), row + k0);
+    });
+  }
 }
 
 }  // namespace

@@ -6,12 +6,14 @@
 // standard library. An inline function compiled for AVX-512 in one file could otherwise be
 // the copy the linker keeps for the whole library and crash an AVX2-only machine.
 //
-// The layout (made at load time by aaac_kernels.cpu_layout, docs/kernels.md):
-//   qbytes    uint8  [N, K / 2]: per column, per chunk of C consecutive k (C = 64 when the group
-//                    size is a multiple of 64, else 32 when it is a multiple of 32, else the group
-//                    size), C / 2 bytes whose low nibbles hold k = 0 .. C/2-1 of the chunk and whose
-//                    high nibbles hold k = C/2 .. C-1: a 32-byte load, a widening and one shift give
-//                    the indices of 64 consecutive k, with no interleaving to undo.
+// The layout (made at load time by aaac_kernels.format.serving.cpu_layout, docs/kernels.md):
+//   qbytes    uint8  [N, K / 2]: per column, blocks of 128 k, 64 bytes each read as 32 little-endian
+//                    16-bit words, word w holding k = w + 32 j in nibble j; then the rest of K
+//                    (K mod 128, a multiple of 8) in blocks of 64, 32, 16 and 8, its binary digits,
+//                    byte w of a block of B holding k = w in its low nibble and w + B / 2 in its high.
+//                    A plane is 32 consecutive k: nibble j of a 128-block, or the low or high half of
+//                    a smaller block; with group sizes that are multiples of 32 (the vector paths)
+//                    each plane lies in one group.
 //   scales    fp16   [N, K / G]: |scale| with the codebook choice in the sign bit, as in the checkpoint.
 //   codebooks fp16   [parts, 2, 16]: one pair per part of a merged layer (q, k, v or gate, up);
 //                    part_ends[i] is the first column after part i.
@@ -24,9 +26,8 @@ namespace aaac {
 enum class ActDtype : int { kFloat32 = 0, kBFloat16 = 1 };
 
 struct GemmProblem {
-  const void* x;              // [M, K] activations, row stride x_stride (elements)
-  int64_t x_stride;
-  ActDtype x_dtype;           // the gemv kernels of fp32-only ISAs take fp32 x
+  const void* x;              // [M, K] activations, row stride x_stride (elements): fp32 in the path's
+  int64_t x_stride;           // decode order for the gemv kernels, packed tiles for the AMX kernel
   ActDtype y_dtype;           // of y, and of the dequantized tile
   const uint8_t* qbytes;      // [N, K / 2]
   const uint16_t* scales;     // [N, K / G]
@@ -35,12 +36,16 @@ struct GemmProblem {
   const float* bias;          // [N] or nullptr
   void* y;                    // [M, N] in y_dtype, row stride y_stride
   int64_t y_stride;
-  int64_t m, n, k, group_size, chunk;
+  int64_t m, n, k, group_size;
 };
 
 // y[0:M, n_begin:n_end] = x @ W[n_begin:n_end]^T (+ bias): the weights streamed once, M rows at a time
-// (M <= kMaxDecodeRows), fp32 accumulation.
+// (M <= kMaxDecodeRows), with the exact fp32 weights (entry x |scale|) and fp32 accumulation; p.x is
+// the DecodeOrderFn's output.
 using GemvFn = void (*)(const GemmProblem&, int64_t n_begin, int64_t n_end);
+// x ([p.m, K], row stride x_stride, fp32 or bf16) -> out ([p.m, K] fp32) in the k order the path's gemv
+// kernel reads: k order itself (scalar, AVX2), or the even and odd k of each plane (AVX-512).
+using DecodeOrderFn = void (*)(const GemmProblem&, const void* x, int64_t x_stride, ActDtype dtype, float* out);
 // W[n_begin:n_end] dequantized into out ([n_end - n_begin, K] row-major, y_dtype), bit for bit the
 // reference dequantizer's weight in that dtype.
 using DequantFn = void (*)(const GemmProblem&, int64_t n_begin, int64_t n_end, void* out);
@@ -62,13 +67,14 @@ void pack_amx_activations(const uint16_t* x, int64_t m, int64_t k, int64_t strid
 // The codebook pair (C0, C1) of column n: 32 fp16 values.
 const uint16_t* codebook_pair(const GemmProblem& p, int64_t n);
 
+void natural_order(const GemmProblem&, const void*, int64_t, ActDtype, float*);
 void gemv_scalar(const GemmProblem&, int64_t, int64_t);
 void dequant_scalar(const GemmProblem&, int64_t, int64_t, void*);
 void gemv_avx2(const GemmProblem&, int64_t, int64_t);
 void dequant_avx2(const GemmProblem&, int64_t, int64_t, void*);
+void decode_order_avx512(const GemmProblem&, const void*, int64_t, ActDtype, float*);
 void gemv_avx512(const GemmProblem&, int64_t, int64_t);
 void dequant_avx512(const GemmProblem&, int64_t, int64_t, void*);
-void gemv_avx512_bf16(const GemmProblem&, int64_t, int64_t);
 void dequant_avx512_bf16(const GemmProblem&, int64_t, int64_t, void*);
 
 }  // namespace aaac

@@ -1,8 +1,8 @@
-// AMX-BF16 path for batches above the decode kernels' few rows (bf16 activations). The weights are
-// decoded with the AVX-512 bf16 tables (avx512_bf16_arith.h) into 1 KiB tiles of 16 columns x 32 k
+// AMX-BF16 path for bf16 batches of 2 rows or more. The weights are decoded with the AVX-512 bf16
+// tables (avx512_bf16_arith.h), a plane of 32 k per tile row, into 1 KiB tiles of 16 columns x 32 k
 // and multiplied with tdpbf16ps: C[16 n x 16 m] += W[16 n x 32 k] . x^T[32 k x 16 m], x packed once
 // per call into the pair-interleaved (VNNI) tiles tdpbf16ps reads. Up to 64 rows, one sweep streams
-// the weights chunk by chunk; beyond, a panel of 128 columns x ~2048 k is decoded once into L2 and
+// the weights block by block; beyond, a panel of 128 columns x ~2048 k is decoded once into L2 and
 // swept in blocks of 2 column tiles x 2 row blocks (4 tiles loaded per 4 products), its fp32 sums
 // waiting in a small buffer between k segments. Either way each weight is decoded once per call.
 #include <immintrin.h>
@@ -56,8 +56,11 @@ int64_t packed_row_blocks(int64_t m) {
 
 int64_t row_blocks(const GemmProblem& p) { return packed_row_blocks(p.m); }
 
+// k per panel: whole groups and whole 128-blocks (a panel starts where a block does).
 int64_t panel_depth(const GemmProblem& p) {
-  return max64(p.group_size, kPanelDepth / p.group_size * p.group_size);
+  int64_t unit = p.group_size;
+  while (unit % 128) unit += p.group_size;
+  return max64(unit, kPanelDepth / unit * unit);
 }
 
 // The packed tile of x^T for k block kb and row block mb: 16 rows of k pairs x 16 rows of x.
@@ -89,7 +92,6 @@ int64_t panel_column_tiles(int64_t columns) { return (columns + 2 * kTile - 1) /
 
 // Columns n0 .. n0 + columns, k0 .. k1 -> panel[column tile][k block][16][32]; columns past the end
 // of the last (even) tile are zero.
-template <int kChunk>
 void decode_panel(const GemmProblem& p, int64_t n0, int64_t columns, int64_t k0, int64_t k1, uint16_t* panel) {
   const int64_t k_blocks = (k1 - k0) / kTileK;
   const int64_t padded = panel_column_tiles(columns) * kTile;
@@ -100,19 +102,12 @@ void decode_panel(const GemmProblem& p, int64_t n0, int64_t columns, int64_t k0,
     ColumnStream col;
     col.open(p, n0 + c);
     uint16_t* tiles = panel + (c / kTile) * k_blocks * kTileElems + (c % kTile) * kTileK;
-    for (int64_t g0 = k0 / p.group_size; g0 < k1 / p.group_size; g0 += kScaleBatch) {
-      const int64_t batch = min64(k1 / p.group_size - g0, kScaleBatch);
-      col.load_scales(g0, batch);
-      for (int j = 0; j < batch; ++j) {
-        const __m512i table = Bf16::table(col.scaled(j));
-        for (int64_t k = (g0 + j) * p.group_size; k < (g0 + j + 1) * p.group_size; k += kChunk) {
-          _mm_prefetch(reinterpret_cast<const char*>(col.qbytes + p.k / 2 + k / 2), _MM_HINT_T0);
-          const Bf16::Weights<kChunk> w(col.qbytes + k / 2, table);
-          for (int t = 0; t < kChunk / kTileK; ++t)
-            _mm512_store_si512(tiles + ((k - k0) / kTileK + t) * kTileElems, w.w[t]);
-        }
-      }
-    }
+    walk<Bf16, 1>(p, &col, 1, k0 / p.group_size, k1 / p.group_size, [&](int64_t kk, auto size, const auto& tables) {
+      constexpr int kSize = decltype(size)::value;
+      _mm_prefetch(reinterpret_cast<const char*>(col.qbytes + p.k / 2 + kk / 2), _MM_HINT_T0);
+      const Bf16::Weights<kSize> w(col.qbytes + kk / 2, tables[0]);
+      for (int j = 0; j < kSize / kTileK; ++j) _mm512_store_si512(tiles + ((kk - k0) / kTileK + j) * kTileElems, w.w[j]);
+    });
   }
 }
 
@@ -148,41 +143,33 @@ void multiply_block(const GemmProblem& p, const uint16_t* panel, int64_t column_
   _tile_stored(3, c11, 64);
 }
 
-// Up to 64 rows (one sweep): 16 columns at a time, each chunk decoded into one or two weight tiles
-// that the AMX unit consumes while the next chunk decodes; the sums stay in tiles 0..3.
-template <int kBlocks, int kChunk>
+// Up to 64 rows (one sweep): 16 columns at a time, each block decoded into up to four weight tiles
+// that the AMX unit consumes while the next block decodes; the sums stay in tiles 0..3.
+template <int kBlocks>
 void stream_columns(const GemmProblem& p, int64_t n0, int64_t columns) {
   ColumnStream col[kTile];
   for (int c = 0; c < columns; ++c) col[c].open(p, n0 + c);
-  alignas(64) uint16_t weights[kChunk / kTileK][kTile][kTileK] = {};
+  alignas(64) uint16_t weights[4][kTile][kTileK] = {};
   if constexpr (kBlocks > 0) _tile_zero(0);
   if constexpr (kBlocks > 1) _tile_zero(1);
   if constexpr (kBlocks > 2) _tile_zero(2);
   if constexpr (kBlocks > 3) _tile_zero(3);
-  const int64_t groups = p.k / p.group_size;
-  for (int64_t g0 = 0; g0 < groups; g0 += kScaleBatch) {
-    const int64_t batch = min64(groups - g0, kScaleBatch);
-    for (int c = 0; c < columns; ++c) col[c].load_scales(g0, batch);
-    for (int j = 0; j < batch; ++j) {
-      __m512i table[kTile];
-      for (int c = 0; c < columns; ++c) table[c] = Bf16::table(col[c].scaled(j));
-      for (int64_t k = (g0 + j) * p.group_size; k < (g0 + j + 1) * p.group_size; k += kChunk) {
-        for (int c = 0; c < columns; ++c) {
-          _mm_prefetch(reinterpret_cast<const char*>(col[c].qbytes + kTile * p.k / 2 + k / 2), _MM_HINT_T0);
-          const Bf16::Weights<kChunk> w(col[c].qbytes + k / 2, table[c]);
-          for (int t = 0; t < kChunk / kTileK; ++t) _mm512_store_si512(weights[t][c], w.w[t]);
-        }
-        for (int t = 0; t < kChunk / kTileK; ++t) {
-          const int64_t kb = k / kTileK + t;
-          _tile_loadd(4, &weights[t][0][0], 64);
-          if constexpr (kBlocks > 0) { _tile_loadd(5, act_tile(p, kb, 0), 64); _tile_dpbf16ps(0, 4, 5); }
-          if constexpr (kBlocks > 1) { _tile_loadd(5, act_tile(p, kb, 1), 64); _tile_dpbf16ps(1, 4, 5); }
-          if constexpr (kBlocks > 2) { _tile_loadd(5, act_tile(p, kb, 2), 64); _tile_dpbf16ps(2, 4, 5); }
-          if constexpr (kBlocks > 3) { _tile_loadd(5, act_tile(p, kb, 3), 64); _tile_dpbf16ps(3, 4, 5); }
-        }
+  walk<Bf16, kTile>(p, col, columns, 0, p.k / p.group_size, [&](int64_t k0, auto size, const auto& tables) {
+      constexpr int kSize = decltype(size)::value;
+      for (int c = 0; c < columns; ++c) {
+        _mm_prefetch(reinterpret_cast<const char*>(col[c].qbytes + kTile * p.k / 2 + k0 / 2), _MM_HINT_T0);
+        const Bf16::Weights<kSize> w(col[c].qbytes + k0 / 2, tables[c]);
+        for (int j = 0; j < kSize / kTileK; ++j) _mm512_store_si512(weights[j][c], w.w[j]);
       }
-    }
-  }
+      for (int j = 0; j < kSize / kTileK; ++j) {
+        const int64_t kb = k0 / kTileK + j;
+        _tile_loadd(4, &weights[j][0][0], 64);
+        if constexpr (kBlocks > 0) { _tile_loadd(5, act_tile(p, kb, 0), 64); _tile_dpbf16ps(0, 4, 5); }
+        if constexpr (kBlocks > 1) { _tile_loadd(5, act_tile(p, kb, 1), 64); _tile_dpbf16ps(1, 4, 5); }
+        if constexpr (kBlocks > 2) { _tile_loadd(5, act_tile(p, kb, 2), 64); _tile_dpbf16ps(2, 4, 5); }
+        if constexpr (kBlocks > 3) { _tile_loadd(5, act_tile(p, kb, 3), 64); _tile_dpbf16ps(3, 4, 5); }
+      }
+  });
   alignas(64) float sums[kRowBlocks][kTile][kTile];  // [row block][n][m]
   if constexpr (kBlocks > 0) _tile_stored(0, sums[0], 64);
   if constexpr (kBlocks > 1) _tile_stored(1, sums[1], 64);
@@ -192,29 +179,27 @@ void stream_columns(const GemmProblem& p, int64_t n0, int64_t columns) {
     store_tile(p, &sums[mb][0][0], mb * kTile, min64(kTile, p.m - mb * kTile), n0, columns);
 }
 
-template <int kChunk>
-void stream_chunked(const GemmProblem& p, int64_t n_begin, int64_t n_end) {
+void stream(const GemmProblem& p, int64_t n_begin, int64_t n_end) {
   for (int64_t n0 = n_begin; n0 < n_end; n0 += kTile) {
     const int64_t columns = min64(kTile, n_end - n0);
     switch (row_blocks(p)) {
-      case 1: stream_columns<1, kChunk>(p, n0, columns); break;
-      case 2: stream_columns<2, kChunk>(p, n0, columns); break;
-      case 3: stream_columns<3, kChunk>(p, n0, columns); break;
-      default: stream_columns<4, kChunk>(p, n0, columns); break;
+      case 1: stream_columns<1>(p, n0, columns); break;
+      case 2: stream_columns<2>(p, n0, columns); break;
+      case 3: stream_columns<3>(p, n0, columns); break;
+      default: stream_columns<4>(p, n0, columns); break;
     }
   }
 }
 
 // More rows: panels decoded once into L2, swept by every pair of row blocks of x.
-template <int kChunk>
-void gemm_chunked(const GemmProblem& p, int64_t n_begin, int64_t n_end, uint16_t* panel, float* sums) {
+void gemm_panels(const GemmProblem& p, int64_t n_begin, int64_t n_end, uint16_t* panel, float* sums) {
   const int64_t m_blocks = row_blocks(p), depth = panel_depth(p);
   for (int64_t n0 = n_begin; n0 < n_end; n0 += kPanelColumns) {
     const int64_t columns = min64(kPanelColumns, n_end - n0), column_tiles = panel_column_tiles(columns);
     std::memset(sums, 0, m_blocks * column_tiles * kTile * kTile * sizeof(float));
     for (int64_t k0 = 0; k0 < p.k; k0 += depth) {
       const int64_t k1 = min64(p.k, k0 + depth), k_blocks = (k1 - k0) / kTileK;
-      decode_panel<kChunk>(p, n0, columns, k0, k1, panel);
+      decode_panel(p, n0, columns, k0, k1, panel);
       for (int64_t mb = 0; mb < m_blocks; mb += 2)
         for (int64_t ct = 0; ct < column_tiles; ct += 2)
           multiply_block(p, panel, column_tiles, k_blocks, k0 / kTileK, mb, ct, sums);
@@ -260,11 +245,7 @@ void gemm_amx(const GemmProblem& p, int64_t n_begin, int64_t n_end, void* worksp
   float* sums = reinterpret_cast<float*>(panel + kPanelColumns * panel_depth(p));
   configure_tiles();
   const bool one_sweep = row_blocks(p) <= kRowBlocks;
-  if (p.chunk == 64) {
-    one_sweep ? stream_chunked<64>(p, n_begin, n_end) : gemm_chunked<64>(p, n_begin, n_end, panel, sums);
-  } else {
-    one_sweep ? stream_chunked<32>(p, n_begin, n_end) : gemm_chunked<32>(p, n_begin, n_end, panel, sums);
-  }
+  one_sweep ? stream(p, n_begin, n_end) : gemm_panels(p, n_begin, n_end, panel, sums);
   _tile_release();
 }
 

@@ -1,11 +1,11 @@
 // AVX2 + FMA + F16C path (activations widened to fp32 once per call). A 16-entry table is held as two
 // 16-byte tables, the low and the high bytes of its 16-bit values: two vpshufb and an unpack give 16
 // 16-bit weights, widened exactly to fp32.
-//   fp32 activations: the table is the codebook itself (fp16, widened by vcvtph2ps), and the group's
-//     scale multiplies the group's partial sums once (C x scale is exact in fp32, so this is the
-//     reference's weight up to the summation order).
-//   bf16 activations: the table is the reference's bf16 weight of each index, C x |scale| rounded to
-//     bf16, made once per group; bf16 widens to fp32 with a shift.
+//   The decode kernel: the table is the codebook itself (fp16, widened by vcvtph2ps), and the group's
+//     |scale| multiplies the group's partial sums once (C x |scale| is exact in fp32: the exact weight,
+//     up to the summation order), for every activation dtype.
+//   The bf16 dequantizer: the table is the reference's bf16 weight of each index, C x |scale| rounded
+//     to bf16, made once per group.
 #include <immintrin.h>
 
 #include "scalar_convert.h"
@@ -88,15 +88,55 @@ void lookup16(__m128i idx, const GroupTables& t, __m256* w) {
   }
 }
 
-// The chunk's 64 (or 32) table values in k order.
-template <bool kBf16, int kChunk>
-void chunk_values(const uint8_t* b, const GroupTables& t, __m256* w) {
+// The 32 indices of plane j of the block at q (32 consecutive k, in order) as two sets of 16 bytes. A
+// 128-block's word w holds k = w + 32 j in nibble j: a shift and a mask per 16 words, then one pack
+// (which interleaves the 128-bit lanes) and one qword permute to undo it. A smaller block's byte w
+// holds k = w and w + size / 2.
+void plane_indices(const uint8_t* q, int64_t size, int j, __m128i* idx) {
   const __m128i mask = _mm_set1_epi8(0x0F);
-  constexpr int kHalf = kChunk / 2;  // k distance between a byte's low and high nibble
-  for (int h = 0; h < kChunk / 32; ++h) {
-    const __m128i v = _mm_loadu_si128(reinterpret_cast<const __m128i*>(b + 16 * h));
-    lookup16<kBf16>(_mm_and_si128(v, mask), t, w + 2 * h);
-    lookup16<kBf16>(_mm_and_si128(_mm_srli_epi16(v, 4), mask), t, w + (kHalf + 16 * h) / 8);
+  if (size == 128) {
+    const __m256i nibble = _mm256_set1_epi16(0x0F);
+    const __m256i a = _mm256_and_si256(_mm256_srl_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(q)), _mm_cvtsi32_si128(4 * j)), nibble);
+    const __m256i b = _mm256_and_si256(_mm256_srl_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(q + 32)), _mm_cvtsi32_si128(4 * j)), nibble);
+    const __m256i bytes = _mm256_permute4x64_epi64(_mm256_packus_epi16(a, b), 0xD8);
+    idx[0] = _mm256_castsi256_si128(bytes);
+    idx[1] = _mm256_extracti128_si256(bytes, 1);
+  } else if (size == 64) {
+    for (int h = 0; h < 2; ++h) {
+      const __m128i v = _mm_loadu_si128(reinterpret_cast<const __m128i*>(q + 16 * h));
+      idx[h] = _mm_and_si128(j ? _mm_srli_epi16(v, 4) : v, mask);
+    }
+  } else {
+    const __m128i v = _mm_loadu_si128(reinterpret_cast<const __m128i*>(q));
+    idx[0] = _mm_and_si128(v, mask);
+    idx[1] = _mm_and_si128(_mm_srli_epi16(v, 4), mask);
+  }
+}
+
+// Calls visit(k, tables, w) for each plane of a column in k order: w its 32 table values (4 x 8 fp32),
+// tables those of its group (loaded when a plane enters a new group).
+template <bool kBf16, class Visit>
+void for_each_plane(const GemmProblem& p, const Column& col, Visit visit) {
+  const int64_t planes_per_group = p.group_size / 32;
+  int64_t group = 0, planes_left = planes_per_group;
+  GroupTables tables = group_tables<kBf16>(col, col.scales[0]);
+  for (int64_t k0 = 0; k0 < p.k;) {
+    const int64_t size = block_size(p.k, k0);
+    // The next column streams right behind this one: fetch it a column ahead.
+    _mm_prefetch(reinterpret_cast<const char*>(col.qbytes + p.k / 2 + k0 / 2), _MM_HINT_T0);
+    for (int j = 0; j < size / 32; ++j) {
+      __m128i idx[2];
+      plane_indices(col.qbytes + k0 / 2, size, j, idx);
+      __m256 w[4];
+      lookup16<kBf16>(idx[0], tables, w);
+      lookup16<kBf16>(idx[1], tables, w + 2);
+      visit(k0 + 32 * j, tables, w);
+      if (--planes_left == 0 && k0 + 32 * (j + 1) < p.k) {
+        planes_left = planes_per_group;
+        tables = group_tables<kBf16>(col, col.scales[++group]);
+      }
+    }
+    k0 += size;
   }
 }
 
@@ -107,92 +147,69 @@ float hsum(__m256 v) {
 }
 
 // kM rows against column n. Per row, kSlots partial sums of the group (enough chains to hide the
-// FMA latency at M = 1) and one running total that takes each group's factor.
-template <bool kBf16, int kM, int kChunk>
+// FMA latency at M = 1) and one running total that takes each group's factor when the group ends.
+template <int kM>
 void gemv_column(const GemmProblem& p, int64_t n) {
   constexpr int kSlots = kM <= 2 ? 4 : 2;
   const float* x = static_cast<const float*>(p.x);
   const Column col = open_column(p, n);
-  __m256 total[kM];
-  for (int m = 0; m < kM; ++m) total[m] = _mm256_setzero_ps();
-  for (int64_t g = 0; g < p.k / p.group_size; ++g) {
-    const GroupTables tables = group_tables<kBf16>(col, col.scales[g]);
-    __m256 part[kM][kSlots];
+  __m256 total[kM], part[kM][kSlots];
+  for (int m = 0; m < kM; ++m) {
+    total[m] = _mm256_setzero_ps();
+    for (int s = 0; s < kSlots; ++s) part[m][s] = _mm256_setzero_ps();
+  }
+  const int64_t planes_per_group = p.group_size / 32;
+  int64_t planes = 0;
+  for_each_plane<false>(p, col, [&](int64_t k, const GroupTables& tables, const __m256* w) {
     for (int m = 0; m < kM; ++m)
-      for (int s = 0; s < kSlots; ++s) part[m][s] = _mm256_setzero_ps();
-    for (int64_t k = g * p.group_size; k < (g + 1) * p.group_size; k += kChunk) {
-      __m256 w[kChunk / 8];
-      // The next column streams right behind this one: fetch it a column ahead.
-      _mm_prefetch(reinterpret_cast<const char*>(col.qbytes + p.k / 2 + k / 2), _MM_HINT_T0);
-      chunk_values<kBf16, kChunk>(col.qbytes + k / 2, tables, w);
-      for (int m = 0; m < kM; ++m)
-        for (int i = 0; i < kChunk / 8; ++i)
-          part[m][i % kSlots] = _mm256_fmadd_ps(w[i], _mm256_loadu_ps(x + m * p.x_stride + k + 8 * i), part[m][i % kSlots]);
-    }
+      for (int i = 0; i < 4; ++i)
+        part[m][i % kSlots] = _mm256_fmadd_ps(w[i], _mm256_loadu_ps(x + m * p.x_stride + k + 8 * i), part[m][i % kSlots]);
+    if (++planes % planes_per_group) return;
     const __m256 factor = _mm256_set1_ps(tables.magnitude);
     for (int m = 0; m < kM; ++m) {
       __m256 sum = part[m][0];
       for (int s = 1; s < kSlots; ++s) sum = _mm256_add_ps(sum, part[m][s]);
       total[m] = _mm256_fmadd_ps(sum, factor, total[m]);
+      for (int s = 0; s < kSlots; ++s) part[m][s] = _mm256_setzero_ps();
     }
-  }
+  });
   for (int m = 0; m < kM; ++m) store_output(p, m, n, hsum(total[m]));
 }
 
-template <bool kBf16, int kChunk>
-void gemv_chunked(const GemmProblem& p, int64_t n_begin, int64_t n_end) {
+void gemv_columns(const GemmProblem& p, int64_t n_begin, int64_t n_end) {
   for (int64_t n = n_begin; n < n_end; ++n) {
     switch (p.m) {
-      case 1: gemv_column<kBf16, 1, kChunk>(p, n); break;
-      case 2: gemv_column<kBf16, 2, kChunk>(p, n); break;
-      case 3: gemv_column<kBf16, 3, kChunk>(p, n); break;
-      default: gemv_column<kBf16, 4, kChunk>(p, n); break;
+      case 1: gemv_column<1>(p, n); break;
+      case 2: gemv_column<2>(p, n); break;
+      case 3: gemv_column<3>(p, n); break;
+      default: gemv_column<4>(p, n); break;
     }
   }
 }
 
-template <bool kBf16, int kChunk>
-void dequant_chunked(const GemmProblem& p, int64_t n_begin, int64_t n_end, void* out) {
+template <bool kBf16>
+void dequant_typed(const GemmProblem& p, int64_t n_begin, int64_t n_end, void* out) {
   for (int64_t n = n_begin; n < n_end; ++n) {
     const Column col = open_column(p, n);
     const int64_t row = (n - n_begin) * p.k;
-    for (int64_t k = 0; k < p.k; k += kChunk) {
-      const GroupTables tables = group_tables<kBf16>(col, col.scales[k / p.group_size]);
-      __m256 w[kChunk / 8];
-      chunk_values<kBf16, kChunk>(col.qbytes + k / 2, tables, w);
-      for (int i = 0; i < kChunk / 8; ++i) {
+    for_each_plane<kBf16>(p, col, [&](int64_t k, const GroupTables& tables, const __m256* w) {
+      for (int i = 0; i < 4; ++i) {
         if constexpr (kBf16) {
           const __m256i bits = _mm256_srli_epi32(_mm256_castps_si256(w[i]), 16);
           _mm_storeu_si128(reinterpret_cast<__m128i*>(static_cast<uint16_t*>(out) + row + k + 8 * i),
                            _mm_packus_epi32(_mm256_castsi256_si128(bits), _mm256_extracti128_si256(bits, 1)));
         } else {
           // fp16 x fp16 is exact in fp32: the product is the reference's fp32 weight.
-          _mm256_storeu_ps(static_cast<float*>(out) + row + k + 8 * i,
-                           _mm256_mul_ps(w[i], _mm256_set1_ps(tables.magnitude)));
+          _mm256_storeu_ps(static_cast<float*>(out) + row + k + 8 * i, _mm256_mul_ps(w[i], _mm256_set1_ps(tables.magnitude)));
         }
       }
-    }
+    });
   }
-}
-
-template <bool kBf16>
-void gemv_typed(const GemmProblem& p, int64_t n_begin, int64_t n_end) {
-  if (p.chunk == 64) return gemv_chunked<kBf16, 64>(p, n_begin, n_end);
-  gemv_chunked<kBf16, 32>(p, n_begin, n_end);
-}
-
-template <bool kBf16>
-void dequant_typed(const GemmProblem& p, int64_t n_begin, int64_t n_end, void* out) {
-  if (p.chunk == 64) return dequant_chunked<kBf16, 64>(p, n_begin, n_end, out);
-  dequant_chunked<kBf16, 32>(p, n_begin, n_end, out);
 }
 
 }  // namespace
 
-void gemv_avx2(const GemmProblem& p, int64_t n_begin, int64_t n_end) {
-  if (p.y_dtype == ActDtype::kBFloat16) return gemv_typed<true>(p, n_begin, n_end);
-  gemv_typed<false>(p, n_begin, n_end);
-}
+void gemv_avx2(const GemmProblem& p, int64_t n_begin, int64_t n_end) { gemv_columns(p, n_begin, n_end); }
 
 void dequant_avx2(const GemmProblem& p, int64_t n_begin, int64_t n_end, void* out) {
   if (p.y_dtype == ActDtype::kBFloat16) return dequant_typed<true>(p, n_begin, n_end, out);

@@ -1,5 +1,5 @@
-// AVX-512 with BF16 (vdpbf16ps): bf16 activations, the weights of avx512_bf16_arith.h. fp32
-// activations take the AVX-512 fp32 path.
+// AVX-512 with BF16: the bf16 dequantizer of the large-M path where there is no AMX (vpermw on the bf16
+// tables of avx512_bf16_arith.h); fp32 output takes the AVX-512 one. Decoding runs the AVX-512 kernel.
 #include <immintrin.h>
 
 #include "scalar_convert.h"
@@ -10,11 +10,6 @@
 #include "avx512_bf16_arith.h"
 
 namespace aaac {
-
-void gemv_avx512_bf16(const GemmProblem& p, int64_t n_begin, int64_t n_end) {
-  if (p.x_dtype == ActDtype::kFloat32) return gemv_avx512(p, n_begin, n_end);
-  gemv<Bf16>(p, n_begin, n_end);
-}
 
 void dequant_avx512_bf16(const GemmProblem& p, int64_t n_begin, int64_t n_end, void* out) {
   if (p.y_dtype == ActDtype::kFloat32) return dequant_avx512(p, n_begin, n_end, out);

@@ -1,14 +1,11 @@
 // Portable C++ path: any group size, any CPU. The vector paths are tested against it and against
 // the reference dequantizer; it is also what runs for group sizes that are not a multiple of 32.
+#include <vector>
+
 #include "scalar_convert.h"
 
 namespace aaac {
 namespace {
-
-float load_x(const GemmProblem& p, int64_t m, int64_t k) {
-  if (p.x_dtype == ActDtype::kFloat32) return static_cast<const float*>(p.x)[m * p.x_stride + k];
-  return bits_to_float(static_cast<uint32_t>(static_cast<const uint16_t*>(p.x)[m * p.x_stride + k]) << 16);
-}
 
 struct Column {
   float codebook[2][16];
@@ -26,36 +23,47 @@ Column column(const GemmProblem& p, int64_t n) {
 }
 
 // The 16 weights of group g: C[choice] * |scale| (exact in fp32: fp16 x fp16), rounded to bf16 when
-// the activations are bf16, so the weight is the reference's in the activations' dtype.
-void group_table(const GemmProblem& p, const Column& col, int64_t g, float* table) {
+// asked (the reference's bf16 weight).
+void group_table(const Column& col, int64_t g, bool to_bf16, float* table) {
   const uint16_t scale = col.scales[g];
   const float magnitude = half_to_float(scale & 0x7FFF);
   for (int i = 0; i < 16; ++i) {
     const float weight = col.codebook[scale >> 15][i] * magnitude;
-    table[i] = p.y_dtype == ActDtype::kBFloat16 ? bits_to_float(static_cast<uint32_t>(float_to_bf16(weight)) << 16) : weight;
+    table[i] = to_bf16 ? bits_to_float(static_cast<uint32_t>(float_to_bf16(weight)) << 16) : weight;
   }
 }
 
-// The index of weight j of a chunk whose bytes start at `bytes`.
-int index_at(const uint8_t* bytes, int64_t j, int64_t half) {
-  return j < half ? bytes[j] & 0xF : bytes[j - half] >> 4;
+// A column's K indices in k order, from its bytes in the layout of cpu_kernels.h.
+void column_indices(const uint8_t* bytes, int64_t k, uint8_t* out) {
+  const int64_t full = k / 128 * 128;
+  for (int64_t k0 = 0; k0 < full; k0 += 128, bytes += 64)
+    for (int64_t w = 0; w < 32; ++w)
+      for (int j = 0; j < 4; ++j) out[k0 + 32 * j + w] = (bytes[2 * w + j / 2] >> (4 * (j % 2))) & 0xF;
+  for (int64_t size = 64, k0 = full; size >= 8; size /= 2) {
+    if (!((k - full) & size)) continue;
+    for (int64_t w = 0; w < size / 2; ++w) {
+      out[k0 + w] = bytes[w] & 0xF;
+      out[k0 + size / 2 + w] = bytes[w] >> 4;
+    }
+    k0 += size;
+    bytes += size / 2;
+  }
 }
 
 }  // namespace
 
 void gemv_scalar(const GemmProblem& p, int64_t n_begin, int64_t n_end) {
-  const int64_t groups = p.k / p.group_size, half = p.chunk / 2;
+  const float* x = static_cast<const float*>(p.x);
+  std::vector<uint8_t> indices(p.k);
   for (int64_t n = n_begin; n < n_end; ++n) {
     const Column col = column(p, n);
+    column_indices(col.qbytes, p.k, indices.data());
     for (int64_t m = 0; m < p.m; ++m) {
       float acc = 0.0f;
-      for (int64_t g = 0; g < groups; ++g) {
+      for (int64_t g = 0; g < p.k / p.group_size; ++g) {
         float table[16];
-        group_table(p, col, g, table);
-        for (int64_t k = g * p.group_size; k < (g + 1) * p.group_size; k += p.chunk) {
-          const uint8_t* bytes = col.qbytes + k / 2;
-          for (int64_t j = 0; j < p.chunk; ++j) acc += table[index_at(bytes, j, half)] * load_x(p, m, k + j);
-        }
+        group_table(col, g, false, table);  // the decode kernels take the exact weights
+        for (int64_t k = g * p.group_size; k < (g + 1) * p.group_size; ++k) acc += table[indices[k]] * x[m * p.x_stride + k];
       }
       store_output(p, m, n, acc);
     }
@@ -63,19 +71,26 @@ void gemv_scalar(const GemmProblem& p, int64_t n_begin, int64_t n_end) {
 }
 
 void dequant_scalar(const GemmProblem& p, int64_t n_begin, int64_t n_end, void* out) {
-  const int64_t half = p.chunk / 2;
+  std::vector<uint8_t> indices(p.k);
   for (int64_t n = n_begin; n < n_end; ++n) {
     const Column col = column(p, n);
+    column_indices(col.qbytes, p.k, indices.data());
     const int64_t row = (n - n_begin) * p.k;
     for (int64_t g = 0; g < p.k / p.group_size; ++g) {
       float table[16];
-      group_table(p, col, g, table);
-      for (int64_t k = g * p.group_size; k < (g + 1) * p.group_size; k += p.chunk) {
-        const uint8_t* bytes = col.qbytes + k / 2;
-        for (int64_t j = 0; j < p.chunk; ++j) store_value(p.y_dtype, out, row + k + j, table[index_at(bytes, j, half)]);
-      }
+      group_table(col, g, p.y_dtype == ActDtype::kBFloat16, table);
+      for (int64_t k = g * p.group_size; k < (g + 1) * p.group_size; ++k) store_value(p.y_dtype, out, row + k, table[indices[k]]);
     }
   }
+}
+
+// x in k order, widened to fp32: the scalar and AVX2 decode kernels read it as it is.
+void natural_order(const GemmProblem& p, const void* x, int64_t x_stride, ActDtype dtype, float* out) {
+  for (int64_t m = 0; m < p.m; ++m)
+    for (int64_t k = 0; k < p.k; ++k)
+      out[m * p.k + k] = dtype == ActDtype::kFloat32
+                             ? static_cast<const float*>(x)[m * x_stride + k]
+                             : bits_to_float(static_cast<uint32_t>(static_cast<const uint16_t*>(x)[m * x_stride + k]) << 16);
 }
 
 }  // namespace aaac

@@ -35,21 +35,21 @@ namespace {
 
 struct IsaKernels {
   const char* name;
+  DecodeOrderFn decode_order;  // x for gemv
   GemvFn gemv;           // M <= kMaxDecodeRows
   DequantFn dequant;     // larger M without gemm_bf16: dequantized tiles and at::mm
   GemmFn gemm_bf16;      // bf16 activations from gemm_min_rows rows on, or nullptr
   int64_t gemm_min_rows;
-  bool gemv_takes_bf16;  // else bf16 activations are widened to fp32 once per call
 };
 
-// Ordered from the most portable to the fastest. With AMX, the decode kernel still serves M = 1;
-// from 2 rows on the AMX tiles were as fast or faster (benchmarks/cpu_kernels.py).
+// Ordered from the most portable to the fastest. With AMX, the decode kernel still serves M = 1; from 2 rows on the AMX tiles were
+// as fast or faster (benchmarks/cpu_kernels.py).
 constexpr IsaKernels kIsas[] = {
-    {"scalar", gemv_scalar, dequant_scalar, nullptr, 0, true},
-    {"avx2", gemv_avx2, dequant_avx2, nullptr, 0, false},
-    {"avx512", gemv_avx512, dequant_avx512, nullptr, 0, false},
-    {"avx512_bf16", gemv_avx512_bf16, dequant_avx512_bf16, nullptr, 0, true},
-    {"amx_bf16", gemv_avx512_bf16, dequant_avx512_bf16, gemm_amx, 2, true},
+    {"scalar", natural_order, gemv_scalar, dequant_scalar, nullptr, 0},
+    {"avx2", natural_order, gemv_avx2, dequant_avx2, nullptr, 0},
+    {"avx512", decode_order_avx512, gemv_avx512, dequant_avx512, nullptr, 0},
+    {"avx512_bf16", decode_order_avx512, gemv_avx512, dequant_avx512_bf16, nullptr, 0},
+    {"amx_bf16", decode_order_avx512, gemv_avx512, dequant_avx512_bf16, gemm_amx, 2},
 };
 
 enum class Path { kDecode, kAmx, kTiled };
@@ -93,13 +93,6 @@ int isa_index(const std::string& name) {
   return -1;
 }
 
-// Group size -> the chunk of the layout (cpu_kernels.h); must match aaac_kernels.cpu.chunk_size.
-int64_t chunk_size(int64_t group_size) {
-  if (group_size % 64 == 0) return 64;
-  if (group_size % 32 == 0) return 32;
-  return group_size;
-}
-
 ActDtype act_dtype(at::ScalarType t) {
   return t == at::kBFloat16 ? ActDtype::kBFloat16 : ActDtype::kFloat32;
 }
@@ -128,13 +121,13 @@ GemmProblem layer_problem(const at::Tensor& qbytes, const at::Tensor& scales, co
   p.n = n;
   p.k = k;
   p.group_size = k / scales.size(1);
-  p.chunk = chunk_size(p.group_size);
   return p;
 }
 
-// The vector kernels read chunks of 32 or 64; other group sizes (multiples of 8) take the scalar path.
+// The vector kernels read planes of 32 k, each in one group; other group sizes (multiples of 8) take
+// the scalar path.
 const IsaKernels& kernels_for(const GemmProblem& p) {
-  return p.chunk == 32 || p.chunk == 64 ? kIsas[g_isa.load(std::memory_order_relaxed)] : kIsas[0];
+  return p.group_size % 32 == 0 ? kIsas[g_isa.load(std::memory_order_relaxed)] : kIsas[0];
 }
 
 std::vector<int64_t> part_ends_of(c10::IntArrayRef part_sizes) {
@@ -149,14 +142,21 @@ constexpr int64_t kColumnGrain = 16;
 // Bytes of one dequantized weight tile of the large-M path: it stays in L2 while the GEMM reads it.
 constexpr int64_t kTileBytes = 1024 * 1024;
 
-// M <= a few: stream the weights once, kMaxDecodeRows rows of x at a time.
+// M <= a few: x widened once to fp32 in the kernel's k order, then the weights streamed once per
+// kMaxDecodeRows rows.
 void decode(const IsaKernels& isa, GemmProblem p, const at::Tensor& x, at::Tensor& y) {
-  const int64_t elt = x.element_size();
+  // The caller's buffer (the worker threads see only the pointer), 64-byte aligned: the kernels' x
+  // loads must not straddle cache lines.
+  thread_local std::vector<float> buffer;
+  buffer.resize(p.m * p.k + 16);
+  float* ordered = reinterpret_cast<float*>((reinterpret_cast<uintptr_t>(buffer.data()) + 63) & ~uintptr_t{63});
+  isa.decode_order(p, x.data_ptr(), p.k, act_dtype(x.scalar_type()), ordered);
   at::parallel_for(0, p.n, kColumnGrain, [&](int64_t n_begin, int64_t n_end) {
     GemmProblem rows = p;
+    rows.x_stride = p.k;
     for (int64_t m0 = 0; m0 < p.m; m0 += kMaxDecodeRows) {
       rows.m = std::min(kMaxDecodeRows, p.m - m0);
-      rows.x = static_cast<const char*>(x.data_ptr()) + m0 * p.x_stride * elt;
+      rows.x = ordered + m0 * p.k;
       rows.y = static_cast<char*>(y.data_ptr()) + m0 * p.y_stride * y.element_size();
       isa.gemv(rows, n_begin, n_end);
     }
@@ -208,10 +208,9 @@ at::Tensor linear_cpu(const at::Tensor& x_in, const at::Tensor& qbytes, const at
   const Path path = isa.gemm_bf16 && bf16 && p.m >= isa.gemm_min_rows ? Path::kAmx
                     : p.m <= kMaxDecodeRows                            ? Path::kDecode
                                                                        : Path::kTiled;
-  // Activations the path does not read in their own dtype (fp16 always; bf16 where a decode kernel
-  // computes in fp32) are widened once per call; the output keeps the activations' dtype.
-  const bool bf16_compute = bf16 && (path != Path::kDecode || isa.gemv_takes_bf16);
-  x = x.to(bf16_compute ? at::kBFloat16 : at::kFloat).contiguous();
+  // fp16 activations are widened to fp32 once per call (bf16 and fp32 ones are read as they are); the
+  // output keeps the activations' dtype.
+  x = x.to(bf16 ? at::kBFloat16 : at::kFloat).contiguous();
   at::Tensor y = at::empty({p.m, p.n}, x.options().dtype(bf16 ? at::kBFloat16 : at::kFloat));
   at::Tensor bias_f32;
   if (bias.has_value() && path != Path::kTiled) {
@@ -220,7 +219,6 @@ at::Tensor linear_cpu(const at::Tensor& x_in, const at::Tensor& qbytes, const at
   }
   p.x = x.data_ptr();
   p.x_stride = p.k;
-  p.x_dtype = act_dtype(x.scalar_type());
   p.y = y.data_ptr();
   p.y_stride = p.n;
   p.y_dtype = act_dtype(y.scalar_type());

@@ -1,4 +1,4 @@
-// Scalar conversions shared by the kernel files. They have internal linkage on purpose: each
+// Scalar conversions and layout arithmetic shared by the kernel files. They have internal linkage on purpose: each
 // translation unit, whatever ISA it targets, gets its own copy, so no copy compiled for AVX-512
 // can be the one an AVX2 machine runs (see cpu_kernels.h). Include before any `#pragma GCC target`.
 #pragma once
@@ -59,6 +59,10 @@ inline void store_output(const GemmProblem& p, int64_t m, int64_t n, float value
   if (p.bias) value += p.bias[n];
   store_value(p.y_dtype, p.y, m * p.y_stride + n, value);
 }
+
+// Size of the block of the layout (cpu_kernels.h) at k0 for the vector kernels (K a multiple of 32):
+// 128 up to the last K mod 128, which is a block of 64 and/or one of 32.
+inline int64_t block_size(int64_t k, int64_t k0) { return k0 < k / 128 * 128 ? 128 : k - k0 >= 64 ? 64 : 32; }
 
 }  // namespace
 }  // namespace aaac

@@ -2,11 +2,13 @@
 tensors (``qweight`` [K / 8, N], ``scales`` [K / G, N], ``codebooks`` [parts, 2, 16]); docs/kernels.md
 describes both.
 
-* CPU (``cpu_layout``): ``qbytes`` uint8 [N, K / 2]: per column, per chunk of C consecutive k (C = 64
-  when the group size is a multiple of 64, else 32 when it is a multiple of 32, else the group size),
-  C / 2 bytes whose low nibbles hold the first half of the chunk and whose high nibbles the second half:
-  one load, a widening and one shift give the indices of C consecutive k. ``scales`` fp16 [N, K / G]
-  (signed, transposed so a column's groups are contiguous); ``codebooks`` fp16 [parts, 2, 16] as stored.
+* CPU (``cpu_layout``): ``qbytes`` uint8 [N, K / 2]: per column, blocks of 128 k, each 64 bytes read as
+  32 little-endian 16-bit words, word w holding k = w + 32 j in nibble j; then the rest of K (K mod 128)
+  in blocks of 64, 32, 16 and 8 (its binary digits), byte w of a block of B holding k = w in its low
+  nibble and k = w + B / 2 in its high one (``cpu_nibble_order``). One 64-byte load and a shift give the
+  indices of 32 consecutive k in 16-bit lanes, or of 16 even and 16 odd k in 32-bit lanes. ``scales``
+  fp16 [N, K / G] (signed, transposed so a column's groups are contiguous); ``codebooks`` fp16
+  [parts, 2, 16] as stored.
 * CUDA (``cuda_layout``): ``qbytes`` uint8 [N, K / 2], which the kernels read as int32 [N, K / 8], in
   blocks of B consecutive k (B = ``cuda_block(G)``: the largest power of two that divides G, at most
   256): word ``v`` of a block holds k = j * B / 8 + v in nibble j (little-endian bytes, low nibble
@@ -29,20 +31,28 @@ def prepare(
     return layout(qweight, scales, codebooks)
 
 
-def chunk_size(group_size: int) -> int:
-    """The chunk of the CPU layout for a group size (the C++ side's ``chunk_size`` too)."""
-    return 64 if group_size % 64 == 0 else 32 if group_size % 32 == 0 else group_size
+def cpu_nibble_order(k: int) -> torch.Tensor:
+    """The k held by each nibble of a column in the CPU layout, in memory order (nibble i is byte i // 2,
+    low nibble first); K a multiple of 8."""
+    full = k // 128 * 128
+    i = torch.arange(128)
+    block = 32 * (i % 4) + i // 4  # nibble i of a block: word i // 4, nibble i % 4 of that word
+    pieces = [(torch.arange(0, full, 128)[:, None] + block).reshape(-1)]
+    start = full
+    for size in (64, 32, 16, 8):
+        if (k - full) & size:
+            i = torch.arange(size)
+            pieces.append(start + i // 2 + (i % 2) * (size // 2))
+            start += size
+    return torch.cat(pieces)
 
 
 def cpu_layout(
     qweight: torch.Tensor, scales: torch.Tensor, codebooks: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Checkpoint tensors -> (qbytes, scales, codebooks) for the C++ kernels and the CPU torch path."""
-    indices = unpack_indices(qweight).t()  # [N, K]
-    n, k = indices.shape
-    chunk = chunk_size(k // scales.shape[0])
-    halves = indices.reshape(n, k // chunk, 2, chunk // 2)
-    qbytes = (halves[:, :, 0] | (halves[:, :, 1] << 4)).reshape(n, k // 2).contiguous()
+    nibbles = unpack_indices(qweight).t()[:, cpu_nibble_order(qweight.shape[0] * 8)]  # [N, K], memory order
+    qbytes = (nibbles[:, 0::2] | (nibbles[:, 1::2] << 4)).contiguous()
     return qbytes, scales.t().contiguous(), codebooks.to(torch.float16).contiguous()
 
 
