@@ -37,8 +37,10 @@ struct ColumnStream {
 
   void open(const GemmProblem& p, int64_t n) {
     const uint16_t* pair = codebook_pair(p, n);
-    for (int c = 0; c < 2; ++c)
-      _mm512_store_ps(codebook[c], _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(pair + 16 * c))));
+    for (int c = 0; c < 2; ++c) {
+      const __m256i entries = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(pair + 16 * c));
+      _mm512_store_ps(codebook[c], _mm512_cvtph_ps(entries));
+    }
     qbytes = p.qbytes + n * (p.k / 2);
     scales = p.scales + n * (p.k / p.group_size);
   }
@@ -71,12 +73,13 @@ void walk_columns(const GemmProblem& p, ColumnStream* col, int columns, int64_t 
   for (int64_t g0 = g_begin; g0 < g_end; g0 += kScaleBatch) {
     const int64_t count = g_end - g0 < kScaleBatch ? g_end - g0 : kScaleBatch;
     for (int c = 0; c < columns; ++c) col[c].load_scales(g0, count);
-    int64_t j = 0;
     if constexpr (kGroups == 0) {  // any other multiple of 32: a table per plane, from its group
       for (int64_t k0 = g0 * g; k0 < (g0 + count) * g;) {
         const int64_t size = block_size(p.k, k0);
-        for (int plane = 0; plane < size / kPlane; ++plane)
-          for (int c = 0; c < columns; ++c) tables[c][plane] = Arith::table(col[c].scaled((k0 + kPlane * plane) / g - g0));
+        for (int plane = 0; plane < size / kPlane; ++plane) {
+          const int group = static_cast<int>((k0 + kPlane * plane) / g - g0);
+          for (int c = 0; c < columns; ++c) tables[c][plane] = Arith::table(col[c].scaled(group));
+        }
         if (size == 128) {
           visit(k0, BlockSize<128>(), tables);
         } else if (size == 64) {
@@ -87,11 +90,13 @@ void walk_columns(const GemmProblem& p, ColumnStream* col, int columns, int64_t 
         k0 += size;
       }
     } else if constexpr (kGroups == 1) {
-      for (; j < count; ++j) {
-        for (int c = 0; c < columns; ++c) tables[c][0] = tables[c][1] = tables[c][2] = tables[c][3] = Arith::table(col[c].scaled(j));
+      for (int64_t j = 0; j < count; ++j) {
+        for (int c = 0; c < columns; ++c)
+          tables[c][0] = tables[c][1] = tables[c][2] = tables[c][3] = Arith::table(col[c].scaled(j));
         for (int64_t k0 = (g0 + j) * g; k0 < (g0 + j + 1) * g; k0 += 128) visit(k0, BlockSize<128>(), tables);
       }
     } else {
+      int64_t j = 0;
       for (; j + kGroups <= count; j += kGroups) {
         for (int c = 0; c < columns; ++c)
           for (int i = 0; i < kGroups; ++i) {
@@ -147,7 +152,8 @@ void gemv_block(const GemmProblem& p, int64_t n) {
     }
   });
   for (int m = 0; m < kM; ++m)
-    for (int c = 0; c < kN; ++c) store_output(p, m, n + c, _mm512_reduce_add_ps(_mm512_add_ps(acc[m][c][0], acc[m][c][1])));
+    for (int c = 0; c < kN; ++c)
+      store_output(p, m, n + c, _mm512_reduce_add_ps(_mm512_add_ps(acc[m][c][0], acc[m][c][1])));
 }
 
 template <class Arith, int kM>

@@ -106,7 +106,8 @@ void decode_panel(const GemmProblem& p, int64_t n0, int64_t columns, int64_t k0,
       constexpr int kSize = decltype(size)::value;
       _mm_prefetch(reinterpret_cast<const char*>(col.qbytes + p.k / 2 + kk / 2), _MM_HINT_T0);
       const Bf16::Weights<kSize> w(col.qbytes + kk / 2, tables[0]);
-      for (int j = 0; j < kSize / kTileK; ++j) _mm512_store_si512(tiles + ((kk - k0) / kTileK + j) * kTileElems, w.w[j]);
+      for (int j = 0; j < kSize / kTileK; ++j)
+        _mm512_store_si512(tiles + ((kk - k0) / kTileK + j) * kTileElems, w.w[j]);
     });
   }
 }

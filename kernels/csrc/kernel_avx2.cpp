@@ -96,8 +96,10 @@ void plane_indices(const uint8_t* q, int64_t size, int j, __m128i* idx) {
   const __m128i mask = _mm_set1_epi8(0x0F);
   if (size == 128) {
     const __m256i nibble = _mm256_set1_epi16(0x0F);
-    const __m256i a = _mm256_and_si256(_mm256_srl_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(q)), _mm_cvtsi32_si128(4 * j)), nibble);
-    const __m256i b = _mm256_and_si256(_mm256_srl_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(q + 32)), _mm_cvtsi32_si128(4 * j)), nibble);
+    const __m128i shift = _mm_cvtsi32_si128(4 * j);
+    const __m256i* words = reinterpret_cast<const __m256i*>(q);
+    const __m256i a = _mm256_and_si256(_mm256_srl_epi16(_mm256_loadu_si256(words), shift), nibble);
+    const __m256i b = _mm256_and_si256(_mm256_srl_epi16(_mm256_loadu_si256(words + 1), shift), nibble);
     const __m256i bytes = _mm256_permute4x64_epi64(_mm256_packus_epi16(a, b), 0xD8);
     idx[0] = _mm256_castsi256_si128(bytes);
     idx[1] = _mm256_extracti128_si256(bytes, 1);
@@ -163,7 +165,8 @@ void gemv_column(const GemmProblem& p, int64_t n) {
   for_each_plane<false>(p, col, [&](int64_t k, const GroupTables& tables, const __m256* w) {
     for (int m = 0; m < kM; ++m)
       for (int i = 0; i < 4; ++i)
-        part[m][i % kSlots] = _mm256_fmadd_ps(w[i], _mm256_loadu_ps(x + m * p.x_stride + k + 8 * i), part[m][i % kSlots]);
+        part[m][i % kSlots] =
+            _mm256_fmadd_ps(w[i], _mm256_loadu_ps(x + m * p.x_stride + k + 8 * i), part[m][i % kSlots]);
     if (++planes % planes_per_group) return;
     const __m256 factor = _mm256_set1_ps(tables.magnitude);
     for (int m = 0; m < kM; ++m) {
@@ -200,7 +203,8 @@ void dequant_typed(const GemmProblem& p, int64_t n_begin, int64_t n_end, void* o
                            _mm_packus_epi32(_mm256_castsi256_si128(bits), _mm256_extracti128_si256(bits, 1)));
         } else {
           // fp16 x fp16 is exact in fp32: the product is the reference's fp32 weight.
-          _mm256_storeu_ps(static_cast<float*>(out) + row + k + 8 * i, _mm256_mul_ps(w[i], _mm256_set1_ps(tables.magnitude)));
+          _mm256_storeu_ps(static_cast<float*>(out) + row + k + 8 * i,
+                           _mm256_mul_ps(w[i], _mm256_set1_ps(tables.magnitude)));
         }
       }
     });

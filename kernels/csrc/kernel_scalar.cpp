@@ -63,7 +63,8 @@ void gemv_scalar(const GemmProblem& p, int64_t n_begin, int64_t n_end) {
       for (int64_t g = 0; g < p.k / p.group_size; ++g) {
         float table[16];
         group_table(col, g, false, table);  // the decode kernels take the exact weights
-        for (int64_t k = g * p.group_size; k < (g + 1) * p.group_size; ++k) acc += table[indices[k]] * x[m * p.x_stride + k];
+        for (int64_t k = g * p.group_size; k < (g + 1) * p.group_size; ++k)
+          acc += table[indices[k]] * x[m * p.x_stride + k];
       }
       store_output(p, m, n, acc);
     }
@@ -79,18 +80,23 @@ void dequant_scalar(const GemmProblem& p, int64_t n_begin, int64_t n_end, void* 
     for (int64_t g = 0; g < p.k / p.group_size; ++g) {
       float table[16];
       group_table(col, g, p.y_dtype == ActDtype::kBFloat16, table);
-      for (int64_t k = g * p.group_size; k < (g + 1) * p.group_size; ++k) store_value(p.y_dtype, out, row + k, table[indices[k]]);
+      for (int64_t k = g * p.group_size; k < (g + 1) * p.group_size; ++k)
+        store_value(p.y_dtype, out, row + k, table[indices[k]]);
     }
   }
 }
 
 // x in k order, widened to fp32: the scalar and AVX2 decode kernels read it as it is.
 void natural_order(const GemmProblem& p, const void* x, int64_t x_stride, ActDtype dtype, float* out) {
-  for (int64_t m = 0; m < p.m; ++m)
-    for (int64_t k = 0; k < p.k; ++k)
-      out[m * p.k + k] = dtype == ActDtype::kFloat32
-                             ? static_cast<const float*>(x)[m * x_stride + k]
-                             : bits_to_float(static_cast<uint32_t>(static_cast<const uint16_t*>(x)[m * x_stride + k]) << 16);
+  for (int64_t m = 0; m < p.m; ++m) {
+    float* row = out + m * p.k;
+    if (dtype == ActDtype::kFloat32) {
+      std::memcpy(row, static_cast<const float*>(x) + m * x_stride, p.k * sizeof(float));
+      continue;
+    }
+    const uint16_t* src = static_cast<const uint16_t*>(x) + m * x_stride;
+    for (int64_t k = 0; k < p.k; ++k) row[k] = bits_to_float(static_cast<uint32_t>(src[k]) << 16);
+  }
 }
 
 }  // namespace aaac

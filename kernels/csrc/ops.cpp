@@ -36,14 +36,14 @@ namespace {
 struct IsaKernels {
   const char* name;
   DecodeOrderFn decode_order;  // x for gemv
-  GemvFn gemv;           // M <= kMaxDecodeRows
+  GemvFn gemv;                 // M <= kMaxDecodeRows
   DequantFn dequant;     // larger M without gemm_bf16: dequantized tiles and at::mm
   GemmFn gemm_bf16;      // bf16 activations from gemm_min_rows rows on, or nullptr
   int64_t gemm_min_rows;
 };
 
-// Ordered from the most portable to the fastest. With AMX, the decode kernel still serves M = 1; from 2 rows on the AMX tiles were
-// as fast or faster (benchmarks/cpu_kernels.py).
+// Ordered from the most portable to the fastest. With AMX, the decode kernel still serves M = 1; from 2
+// rows on the AMX tiles were as fast or faster (benchmarks/cpu_kernels.py, docs/benchmarks.md).
 constexpr IsaKernels kIsas[] = {
     {"scalar", natural_order, gemv_scalar, dequant_scalar, nullptr, 0},
     {"avx2", natural_order, gemv_avx2, dequant_avx2, nullptr, 0},
