@@ -32,7 +32,9 @@ run different code paths of each kernel.
 How it is timed, so that the figures mean what decoding sees:
   * weights stream from memory: each variant holds enough copies of the layer's prepared weights to
     exceed twice the last-level cache (read from sysfs) and calls them in rotation, continuing the
-    rotation across M and thread counts, so every call reads weights last touched a full cycle ago;
+    rotation across M and thread counts, so every call reads weights last touched a full cycle ago
+    (``--in-cache`` instead rotates two copies, which stay in the cache where they fit: what a model
+    small enough for the cache, like SmolLM2 on a large-L3 server, sees when it decodes);
   * each (variant, M, threads) is warmed up, then timed as the median over repetitions of a
     time.perf_counter loop of calls (fewer repetitions where one call is long, at large M);
   * the machine's read bandwidth (max over a 1 GiB int32 tensor) is measured in the same run, and at
@@ -618,8 +620,8 @@ def header(args: argparse.Namespace, llc: int, bandwidth: dict[int, float], load
         ),
         (
             "- times: median per call over repetitions of a loop that rotates through copies of the weights "
-            "totalling more than twice the last-level cache; 'AAAC vs X' columns are X's time / AAAC's time "
-            "(above 1: AAAC is faster)"
+            + ("(two copies: --in-cache)" if args.in_cache else "totalling more than twice the last-level cache")
+            + "; 'AAAC vs X' columns are X's time / AAAC's time (above 1: AAAC is faster)"
         ),
     ]
 
@@ -646,6 +648,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         choices=AWQ_PATHS,
         default=list(AWQ_PATHS),
         help="vLLM AWQ kernel paths (w4a8 is vLLM's default where the CPU has AMX)",
+    )
+    parser.add_argument(
+        "--in-cache",
+        action="store_true",
+        help="two copies of each layer's weights instead of more than twice the last-level cache",
     )
     parser.add_argument(
         "--quick",
@@ -686,6 +693,7 @@ def main(argv: list[str] | None = None) -> int:
     args.isa_paths = resolve_isas(args.isa)
     timing = QUICK_TIMING if args.quick else FULL_TIMING
     llc = llc_bytes()
+    copies_llc = 0 if args.in_cache else llc  # copies_for: two copies where the cache size is 0
     rows: list[Row] = []
     paths: list[str] = []
     nbytes: dict[str, dict[str, int]] = {}
@@ -701,7 +709,7 @@ def main(argv: list[str] | None = None) -> int:
         log("read bandwidth " + ", ".join(f"{t} threads {bw / 1e9:.1f} GB/s" for t, bw in bandwidth.items()))
         for model, name in args.layers:
             begun = time.perf_counter()
-            shape_rows, nbytes[shape_label(model, name)], lines = measure_shape(model, name, args, llc, timing)
+            shape_rows, nbytes[shape_label(model, name)], lines = measure_shape(model, name, args, copies_llc, timing)
             rows += shape_rows
             paths += lines
             log(f"{shape_label(model, name)} done in {time.perf_counter() - begun:.0f} s")
