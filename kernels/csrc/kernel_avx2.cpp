@@ -115,8 +115,9 @@ void plane_indices(const uint8_t* q, int64_t size, int j, __m128i* idx) {
   }
 }
 
-// Calls visit(k, tables, w) for each plane of a column in k order: w its 32 table values (4 x 8 fp32),
-// tables those of its group (loaded when a plane enters a new group).
+// Calls visit(k, tables, w, group_ends) for each plane of a column in k order: w its 32 table values
+// (4 x 8 fp32), tables those of its group (loaded when a plane enters a new group), group_ends whether
+// it is its group's last plane.
 template <bool kBf16, class Visit>
 void for_each_plane(const GemmProblem& p, const Column& col, Visit visit) {
   const int64_t planes_per_group = p.group_size / 32;
@@ -132,8 +133,9 @@ void for_each_plane(const GemmProblem& p, const Column& col, Visit visit) {
       __m256 w[4];
       lookup16<kBf16>(idx[0], tables, w);
       lookup16<kBf16>(idx[1], tables, w + 2);
-      visit(k0 + 32 * j, tables, w);
-      if (--planes_left == 0 && k0 + 32 * (j + 1) < p.k) {
+      const bool group_ends = --planes_left == 0;
+      visit(k0 + 32 * j, tables, w, group_ends);
+      if (group_ends && k0 + 32 * (j + 1) < p.k) {
         planes_left = planes_per_group;
         tables = group_tables<kBf16>(col, col.scales[++group]);
       }
@@ -160,14 +162,12 @@ void gemv_column(const GemmProblem& p, int64_t n) {
     total[m] = _mm256_setzero_ps();
     for (int s = 0; s < kSlots; ++s) part[m][s] = _mm256_setzero_ps();
   }
-  const int64_t planes_per_group = p.group_size / 32;
-  int64_t planes = 0;
-  for_each_plane<false>(p, col, [&](int64_t k, const GroupTables& tables, const __m256* w) {
+  for_each_plane<false>(p, col, [&](int64_t k, const GroupTables& tables, const __m256* w, bool group_ends) {
     for (int m = 0; m < kM; ++m)
       for (int i = 0; i < 4; ++i)
         part[m][i % kSlots] =
             _mm256_fmadd_ps(w[i], _mm256_loadu_ps(x + m * p.x_stride + k + 8 * i), part[m][i % kSlots]);
-    if (++planes % planes_per_group) return;
+    if (!group_ends) return;
     const __m256 factor = _mm256_set1_ps(tables.magnitude);
     for (int m = 0; m < kM; ++m) {
       __m256 sum = part[m][0];
@@ -195,7 +195,7 @@ void dequant_typed(const GemmProblem& p, int64_t n_begin, int64_t n_end, void* o
   for (int64_t n = n_begin; n < n_end; ++n) {
     const Column col = open_column(p, n);
     const int64_t row = (n - n_begin) * p.k;
-    for_each_plane<kBf16>(p, col, [&](int64_t k, const GroupTables& tables, const __m256* w) {
+    for_each_plane<kBf16>(p, col, [&](int64_t k, const GroupTables& tables, const __m256* w, bool) {
       for (int i = 0; i < 4; ++i) {
         if constexpr (kBf16) {
           const __m256i bits = _mm256_srli_epi32(_mm256_castps_si256(w[i]), 16);
