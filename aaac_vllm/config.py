@@ -4,6 +4,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from vllm.model_executor.layers.fused_moe import RoutedExperts
 from vllm.model_executor.layers.linear import LinearBase, UnquantizedLinearMethod
 from vllm.model_executor.layers.quantization import register_quantization_config
 from vllm.model_executor.layers.quantization.base_config import QuantizationConfig, QuantizeMethodBase
@@ -13,11 +14,13 @@ from aaac_kernels.format.config import check_quant_config
 from aaac_kernels.format.verify import verify_checkpoint
 
 from .linear_method import AAACLinearMethod
+from .moe_method import AAACMoEMethod
 
 
 @register_quantization_config("aaac")
 class AAACConfig(QuantizationConfig):
-    """Reads ``quantization_config`` of an AAAC checkpoint (docs/format.md) and hands out the linear method."""
+    """Reads ``quantization_config`` of an AAAC checkpoint (docs/format.md) and hands out the linear method
+    and, for mixture-of-experts layers, the experts' method."""
 
     def __init__(self, group_size: int, modules_to_not_convert: list[str]) -> None:
         super().__init__()
@@ -50,11 +53,13 @@ class AAACConfig(QuantizationConfig):
         return cls(config["group_size"], list(config.get("modules_to_not_convert", [])))
 
     def get_quant_method(self, layer: torch.nn.Module, prefix: str) -> QuantizeMethodBase | None:
+        skip = self.modules_to_not_convert
+        skipped = is_layer_skipped(prefix, skip, self.packed_modules_mapping, match_mode="suffix")
+        if isinstance(layer, RoutedExperts):  # a mixture-of-experts layer's experts
+            return None if skipped else AAACMoEMethod(self.group_size, layer.moe_config)
         if not isinstance(layer, LinearBase):
             return None  # embeddings and lm_head stay in the model dtype
-        if is_layer_skipped(prefix, self.modules_to_not_convert, self.packed_modules_mapping, match_mode="suffix"):
-            return UnquantizedLinearMethod()
-        return AAACLinearMethod(self.group_size)
+        return UnquantizedLinearMethod() if skipped else AAACLinearMethod(self.group_size)
 
     def apply_vllm_mapper(self, hf_to_vllm_mapper) -> None:
         self.modules_to_not_convert = hf_to_vllm_mapper.apply_list(self.modules_to_not_convert)

@@ -2,11 +2,12 @@
 
 ``import aaac_kernels.hf`` registers the ``aaac`` quantization method with transformers (its public
 ``register_quantization_config`` / ``register_quantizer``). After that,
-``AutoModelForCausalLM.from_pretrained(aaac_checkpoint)`` loads every quantized linear as an
-``AAACLinear`` that keeps the checkpoint's 4-bit tensors, turns them into the layout of its device's
-kernels once the weights are loaded, and computes through ``torch.ops.aaac.linear``: the same op and
-kernels as in vLLM, with no dense copy of the weight kept. The layout is made for the device the model is
-loaded on (``device_map``); moving the model afterwards is not supported. Such a model runs inference;
+``AutoModelForCausalLM.from_pretrained(aaac_checkpoint)`` loads every quantized linear (each expert's
+too, as ``aaac_kernels.experts`` unfuses them) as an ``AAACLinear`` that keeps the checkpoint's 4-bit
+tensors, turns them into the layout of its device's kernels once the weights are loaded, and computes
+through ``torch.ops.aaac.linear``: the same op and kernels as in vLLM, with no dense copy of the weight kept.
+The layout is made for the device the model is loaded on (``device_map``); moving the model afterwards is
+not supported. Such a model runs inference;
 it cannot be trained or saved again.
 """
 
@@ -16,7 +17,9 @@ from transformers.quantizers import HfQuantizer, register_quantization_config, r
 from transformers.utils.quantization_config import QuantizationConfigMixin
 
 from . import linear  # noqa: F401  registers torch.ops.aaac.linear
+from .experts import has_fused_experts, unfuse_experts
 from .format.config import QUANT_METHOD, check_quant_config
+from .format.experts import naming_for
 from .format.layout import BITS, CODEBOOK_SIZE, FORMAT_VERSION, NUM_CODEBOOKS, PACK_FACTOR
 from .format.serving import prepare
 
@@ -94,6 +97,12 @@ class AAACHfQuantizer(HfQuantizer):
 
     def _process_model_before_weight_loading(self, model: nn.Module, **kwargs) -> None:
         config = self.quantization_config
+
+        def aaac_linear(in_features: int, out_features: int, device, dtype) -> AAACLinear:
+            return AAACLinear(in_features, out_features, False, config.group_size, device, dtype)
+
+        # Fused experts become one AAACLinear per expert and part, as the checkpoint stores them.
+        unfuse_experts(model, naming_for(model.config.model_type, has_fused_experts(model)), aaac_linear)
         linears = [
             (name, module)
             for name, module in model.named_modules()
@@ -115,6 +124,12 @@ class AAACHfQuantizer(HfQuantizer):
         for module in model.modules():
             if isinstance(module, AAACLinear):
                 module.prepare()
+        # transformers loads a pre-quantized checkpoint's renamed tensors (Mixtral's block_sparse_moe.* ->
+        # mlp.*) in their stored dtype; the unquantized ones among them (the router) take the model's.
+        dtype = model.config.dtype
+        for param in model.parameters():
+            if param.is_floating_point() and param.dtype != dtype:
+                param.data = param.data.to(dtype)
 
     def is_serializable(self) -> bool:
         return False

@@ -13,9 +13,11 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from aaac_kernels.experts import has_fused_experts, unfuse_experts
 from aaac_kernels.format import awq as awq_format
 from aaac_kernels.format.config import read_quant_config
 from aaac_kernels.format.errors import AAACError
+from aaac_kernels.format.experts import naming_for
 from aaac_kernels.format.files import read_tensors
 from aaac_kernels.format.manifest import verify_manifest
 from aaac_kernels.format.reference import dequantize
@@ -65,7 +67,11 @@ def load_reference(
     # rotary tables stay real.
     with init_empty_weights():
         model = AutoModelForCausalLM.from_config(config, dtype=dtype, trust_remote_code=trust_remote_code)
-    state = dense_state_dict(path, None if awq else quant["group_size"], dtype)
+    # Experts as the checkpoint stores them: one dense linear per expert and part.
+    naming = naming_for(config.model_type, has_fused_experts(model))
+    unfuse_experts(model, naming)
+    stored = dense_state_dict(path, None if awq else quant["group_size"], dtype)
+    state = {naming.model_name(name): tensor for name, tensor in stored.items()}
     result = model.load_state_dict(state, strict=False, assign=True)
     if result.unexpected_keys:
         raise AAACError(f"{path}: tensors the model does not have: {', '.join(result.unexpected_keys[:3])}")

@@ -21,6 +21,7 @@ from tqdm.auto import tqdm
 from aaac_kernels.format import awq as awq_format
 from aaac_kernels.format.config import quantization_config, write_config
 from aaac_kernels.format.errors import AAACError
+from aaac_kernels.format.experts import expert_of
 from aaac_kernels.format.files import ShardWriter, copy_side_files
 from aaac_kernels.format.manifest import write_manifest
 
@@ -34,7 +35,7 @@ from .objectives import layer_errors, rtn_reference_error
 from .progress import Progress
 from .report import StepClock, write_report
 from .staging import staging_folder
-from .statistics import LinearStatistics, collect
+from .statistics import LinearStatistics, collect, expert_statistics
 from .streaming import StreamedModel
 
 
@@ -123,10 +124,12 @@ def quantize_model(
                     result = quantize_block(block, f"{prefix}.{i}", i, inputs, settings, device, compute_dtype, clock)
                 finally:
                     model.release(block)
-                progress.commit(i, result.tensors, result.layers, clock.seconds, inputs.hidden)
+                tensors = {model.stored_name(name): t for name, t in result.tensors.items()}
+                layers = {model.stored_name(name): entry for name, entry in result.layers.items()}
+                progress.commit(i, tensors, layers, clock.seconds, inputs.hidden)
                 bar.update()
                 bar.set_postfix(error_vs_rtn=f"{_error_ratio(result.layers):.2f}")
-        shards = write_checkpoint(source_dir, staging, config, model.module, linears, progress, settings)
+        shards = write_checkpoint(source_dir, staging, config, model, linears, progress, settings)
         report = write_report(staging, source_dir, settings, device, progress, shards, start, windows)
         progress.remove()
     return report
@@ -158,7 +161,7 @@ def quantize_block(
     block.to(device=device, dtype=compute_dtype)
     with clock.step("statistics"), collect(linears, full=settings.method.needs_second_moment) as accumulators:
         inputs.feed(block)
-    stats = {name: acc.result() for name, acc in accumulators.items()}
+    stats, pooled = expert_statistics(accumulators)
     result = BlockResult()
     with clock.step("quantization"):
         rtn_errors = {  # on the unscaled weights, before AWQ scaling changes them
@@ -170,6 +173,10 @@ def quantize_block(
         quantize_linears(index, prefix, linears, stats, settings, model_dtype, result)
     for name, error in rtn_errors.items():
         result.layers[f"{prefix}.{name}"]["rtn_weighted_error"] = error
+    for name, acc in accumulators.items():
+        if expert_of(name) is not None:
+            tokens = {"calibration_tokens": acc.tokens, "pooled_statistics": name in pooled}
+            result.layers[f"{prefix}.{name}"].update(tokens)
     with clock.step("next inputs"):
         inputs.advance(block)
     return result
@@ -225,7 +232,7 @@ def write_checkpoint(
     source_dir: Path,
     staging: Path,
     config: dict,
-    model: nn.Module,
+    model: StreamedModel,
     linears: dict[str, nn.Linear],
     progress: Progress,
     settings: Settings,
@@ -233,7 +240,7 @@ def write_checkpoint(
     """Shards (every block's tensors, then every source tensor not replaced, bit for bit), manifest, config
     and side files into ``staging``; returns the shard names."""
     writer = ShardWriter(staging, settings.max_shard_bytes)
-    written = {f"{name}.weight" for name in linears}
+    written = {model.stored_name(f"{name}.weight") for name in linears}
     for i in range(progress.blocks_done):
         for name, tensor in progress.block_tensors(i).items():
             writer.add(name, tensor)
@@ -245,7 +252,7 @@ def write_checkpoint(
                     writer.add(key, f.get_tensor(key))
     shards = writer.finish()
     write_manifest(staging)
-    unconverted = sorted(n for n, m in model.named_modules() if isinstance(m, nn.Linear) and n not in linears)
+    unconverted = [model.stored_name(name) for name in source.unquantized_modules(model.module, linears)]
     make_config = awq_format.quantization_config if settings.method.format == "awq" else quantization_config
     write_config(config, staging, make_config(settings.group_size, unconverted))
     copy_side_files(source_dir, staging)
@@ -282,8 +289,9 @@ def _check_model(model: StreamedModel, group_size: int) -> dict[str, nn.Linear]:
     """The quantizable linears by full name, each checked to be stored under its own name in the source."""
     linears = source.check_linears(model.module, group_size)
     for name in linears:
-        if f"{name}.weight" not in model.files:
-            raise AAACError(f"layer {name}: no tensor {name}.weight in the safetensors files of {model.path}")
+        stored = model.stored_name(f"{name}.weight")
+        if stored not in model.files:
+            raise AAACError(f"layer {name}: no tensor {stored} in the safetensors files of {model.path}")
     return linears
 
 

@@ -50,6 +50,7 @@ def write_report(
     errors = [v["weighted_error"] for v in linear_layers]
     rtn = [v["rtn_weighted_error"] for v in linear_layers]
     shares = [v["codebook1_share"] for v in linear_layers if "codebook1_share" in v]
+    experts = [v for v in linear_layers if "calibration_tokens" in v]
     report = {
         "source": str(source_dir),
         "method": settings.method.label,
@@ -66,6 +67,10 @@ def write_report(
             "mean_weighted_error": sum(errors) / len(errors),
             "mean_rtn_weighted_error": sum(rtn) / len(rtn),
             "mean_codebook1_share": sum(shares) / len(shares) if shares else None,
+            # expert parts (one per expert and gate/up/down) and those quantized with their layer's pooled
+            # statistics for want of calibration tokens (statistics.MIN_EXPERT_TOKENS)
+            "expert_parts": len(experts),
+            "expert_parts_with_pooled_statistics": sum(1 for v in experts if v["pooled_statistics"]),
         },
         "files": shards,
         "layers": progress.layers,

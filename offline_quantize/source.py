@@ -7,6 +7,7 @@ from torch import nn
 
 from aaac_kernels.format.config import read_config
 from aaac_kernels.format.errors import AAACError
+from aaac_kernels.format.experts import ROUTER_NAMES
 
 
 def check_source(path: Path, trust_remote_code: bool = False) -> dict:
@@ -63,8 +64,30 @@ def decoder_blocks(model: nn.Module) -> nn.ModuleList:
 
 
 def block_linears(block: nn.Module) -> dict[str, nn.Linear]:
-    """Every nn.Linear inside one decoder block, by its name relative to the block."""
-    return {name: module for name, module in block.named_modules() if isinstance(module, nn.Linear)}
+    """Every nn.Linear inside one decoder block but the routers of its experts, by its name relative to the block."""
+    modules = dict(block.named_modules())
+    return {
+        name: module
+        for name, module in modules.items()
+        if isinstance(module, nn.Linear) and not _is_router(name, modules)
+    }
+
+
+def unquantized_modules(model: nn.Module, linears: dict[str, nn.Linear]) -> list[str]:
+    """The full names of the model's linears left out of ``linears`` and of its experts' routers (which
+    transformers may hold as modules of their own): the checkpoint's ``modules_to_not_convert``."""
+    modules = dict(model.named_modules())
+    return sorted(
+        name
+        for name, module in modules.items()
+        if (isinstance(module, nn.Linear) and name not in linears) or _is_router(name, modules)
+    )
+
+
+def _is_router(name: str, modules: dict[str, nn.Module]) -> bool:
+    """A linear named as a router (format.experts.ROUTER_NAMES) beside an experts module."""
+    parent, _, child = name.rpartition(".")
+    return child in ROUTER_NAMES and f"{parent}.experts" in modules
 
 
 def blocks_prefix(model: nn.Module, blocks: nn.ModuleList) -> str:

@@ -11,6 +11,12 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from aaac_kernels.format.experts import expert_of
+
+# An expert part fed fewer calibration tokens than this is quantized with the statistics of its layer's
+# experts pooled: a few tokens say little about which input channels matter.
+MIN_EXPERT_TOKENS = 64
+
 
 @dataclass(frozen=True)
 class LinearStatistics:
@@ -41,6 +47,16 @@ class ChannelStatistics:
         if self.gram is not None:
             self.gram += sums.gram
         self.tokens += sums.tokens
+
+    @staticmethod
+    def pooled(parts: list["ChannelStatistics"]) -> "ChannelStatistics":
+        """The sums of several linears fed inputs of the same width, as if one linear had seen them all."""
+        total = ChannelStatistics.__new__(ChannelStatistics)
+        total.square_sum = sum(p.square_sum for p in parts)
+        total.abs_sum = sum(p.abs_sum for p in parts)
+        total.gram = None if parts[0].gram is None else sum(p.gram for p in parts)
+        total.tokens = sum(p.tokens for p in parts)
+        return total
 
     def result(self) -> LinearStatistics:
         """The means so far, in fp32."""
@@ -91,3 +107,21 @@ def collect(linears: dict[str, nn.Linear], full: bool = False):
         last.clear()
         for handle in handles:
             handle.remove()
+
+
+def expert_statistics(accumulators: dict[str, ChannelStatistics]) -> tuple[dict[str, LinearStatistics], list[str]]:
+    """Every linear's statistics, where each expert part fed fewer than MIN_EXPERT_TOKENS tokens takes its
+    layer's pooled statistics (the same part of every expert of the layer); also the names of those parts."""
+    layers: dict[tuple[str, str], list[ChannelStatistics]] = {}
+    for name, acc in accumulators.items():
+        expert = expert_of(name)
+        if expert is not None:
+            layers.setdefault((expert[0], expert[2]), []).append(acc)
+    stats, pooled = {}, []
+    for name, acc in accumulators.items():
+        expert = expert_of(name)
+        if expert is not None and acc.tokens < MIN_EXPERT_TOKENS:
+            acc = ChannelStatistics.pooled(layers[expert[0], expert[2]])
+            pooled.append(name)
+        stats[name] = acc.result()
+    return stats, pooled

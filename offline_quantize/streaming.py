@@ -6,6 +6,11 @@ one module's tensors from the shards (memory-mapped reads of just those tensors)
 back on the meta device, so the pipeline holds one decoder block at a time, plus the input embedding while
 it captures the first block's inputs: peak memory does not grow with the number of blocks.
 
+A mixture-of-experts layer, which transformers holds as fused 3-D parameters, is replaced in the skeleton by
+one linear per expert and part (``aaac_kernels.experts``), named as the shards store them, so the pipeline
+quantizes experts as it does every other linear; ``stored_name`` maps a module's name to the name its
+tensors have in the shards.
+
 Weights are cast to the dtype ``from_pretrained(dtype="auto")`` would give them (config.json's ``dtype``,
 else the checkpoint's first floating tensor), so each block holds the same values a fully loaded model
 holds, and the quantizer writes the same bytes.
@@ -19,7 +24,9 @@ import torch
 from safetensors import safe_open
 from torch import nn
 
+from aaac_kernels.experts import has_fused_experts, unfuse_experts
 from aaac_kernels.format.errors import AAACError
+from aaac_kernels.format.experts import naming_for
 
 from . import source
 
@@ -40,6 +47,8 @@ class StreamedModel:
             self.module = AutoModelForCausalLM.from_config(config, dtype=dtype, trust_remote_code=trust_remote_code)
         self.module.eval()
         self.module.config.use_cache = False
+        self.naming = naming_for(config.model_type, has_fused_experts(self.module))
+        unfuse_experts(self.module, self.naming)
         self._skeleton: dict[tuple[int, str], torch.Tensor] = {}  # what load replaced, by (owner, attribute)
 
     def load(self, module: nn.Module) -> None:
@@ -47,7 +56,7 @@ class StreamedModel:
         prefix = self._name_of(module)
         by_file: dict[Path, list[tuple[nn.Module, str, str, torch.Tensor]]] = {}
         for owner, attribute, local, tensor in _tensors(module):
-            name = f"{prefix}{local}"
+            name = self.stored_name(f"{prefix}{local}")
             if name in self.files:
                 by_file.setdefault(self.files[name], []).append((owner, attribute, name, tensor))
             elif attribute in owner._parameters:  # a buffer the shards lack keeps what __init__ computed
@@ -62,6 +71,10 @@ class StreamedModel:
                         raise AAACError(f"{file}: tensor {name} has shape {shapes}")
                     self._skeleton[(id(owner), attribute)] = skeleton
                     _set(owner, attribute, stored.to(skeleton.dtype))
+
+    def stored_name(self, name: str) -> str:
+        """A module's or tensor's name in the skeleton -> its name in the shards."""
+        return self.naming.stored_name(name)
 
     def release(self, module: nn.Module) -> None:
         """Put back what ``load`` replaced under ``module`` (whatever was done to it since), freeing the memory."""

@@ -158,6 +158,34 @@ def tiny_llama(folder: Path, hidden: int = 64, layers: int = 2, poison: str | No
     return folder
 
 
+def tiny_moe(folder: Path, model_type: str, hidden: int = 128, experts: int = 4, layers: int = 2) -> Path:
+    """A small random mixture-of-experts model (``mixtral`` or ``qwen3_moe``: 2 of ``experts`` per token) with
+    SmolLM2's tokenizer."""
+    from transformers import AutoModelForCausalLM, MixtralConfig, Qwen3MoeConfig
+
+    torch.manual_seed(0)
+    shared = dict(
+        vocab_size=49152,
+        hidden_size=hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=1024,
+        tie_word_embeddings=True,
+        num_experts_per_tok=2,
+    )
+    if model_type == "mixtral":
+        config = MixtralConfig(**shared, intermediate_size=hidden, num_local_experts=experts)
+    else:
+        config = Qwen3MoeConfig(
+            **shared, intermediate_size=2 * hidden, moe_intermediate_size=hidden, num_experts=experts, head_dim=32
+        )
+    AutoModelForCausalLM.from_config(config).to(torch.bfloat16).save_pretrained(folder)
+    for name in TOKENIZER_FILES:
+        shutil.copy(MODEL / name, folder / name)
+    return folder
+
+
 # vLLM's CPU build reserves this many GiB of RAM for the KV cache per engine; the default fraction of
 # RAM fails at start-up on the 2-core test machines.
 os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")

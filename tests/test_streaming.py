@@ -12,6 +12,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from aaac_kernels.format.errors import AAACError
+from aaac_kernels.format.experts import PLAIN
 from offline_quantize import pipeline, streaming
 from offline_quantize.methods import MethodOptions
 from offline_quantize.pipeline import Settings, quantize_model
@@ -82,7 +83,7 @@ class FullyLoaded(streaming.StreamedModel):
     def __init__(self, path: Path, trust_remote_code: bool = False):
         from transformers import AutoModelForCausalLM
 
-        self.path, self.files = path, streaming._tensor_files(path)
+        self.path, self.files, self.naming = path, streaming._tensor_files(path), PLAIN
         self.module = AutoModelForCausalLM.from_pretrained(path, dtype="auto", device_map="cpu")
         self.module.eval()
         self.module.config.use_cache = False

@@ -8,6 +8,7 @@ Data flows through its modules in this order:
 * ``files``      safetensors shards, their index and side files: reading and writing;
 * ``manifest``   sizes and SHA-256 sums of the tensor files;
 * ``verify``     every check a loader makes before it allocates anything;
+* ``experts``    how mixture-of-experts layers are stored: one linear per expert and part;
 * ``serving``    the layouts the kernels read, made at load time from a checkpoint's tensors;
 * ``awq``        the AutoAWQ format the uniform-grid baselines are written in;
 * ``errors``     ``AAACError``, the one error type for bad input.

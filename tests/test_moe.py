@@ -1,0 +1,115 @@
+"""Mixture-of-experts models (Mixtral, Qwen3-MoE): quantized expert by expert, loaded packed in transformers,
+served by vLLM's CPU build with tensor and expert parallel, all against the reference dequantizer."""
+
+import json
+
+import pytest
+import torch
+from safetensors import safe_open
+
+from aaac_kernels.format.experts import NAMINGS
+from aaac_kernels.hf import AAACLinear
+from offline_quantize.hf_loader import load_causal_lm, load_reference
+from offline_quantize.pipeline import Settings, quantize_model
+from offline_quantize.statistics import MIN_EXPERT_TOKENS, BatchSums, ChannelStatistics, expert_statistics
+
+from .conftest import tiny_moe, vllm_engine
+from .test_vllm import _check_close, _hf_greedy, _vllm_greedy
+
+MODEL_TYPES = ("mixtral", "qwen3_moe")
+EXPERTS, LAYERS = 4, 2
+MOE_BLOCK = {"mixtral": "block_sparse_moe", "qwen3_moe": "mlp"}  # where each stores its experts
+PROMPTS_IDS = [[1, 2, 3, 4, 5], [100, 2000, 30000, 17], [4000, 4001, 4002, 4003, 4004, 4005, 4006]]
+
+
+@pytest.fixture(scope="module")
+def moe_checkpoints(tmp_path_factory, small_calib) -> dict[str, tuple]:
+    """Each model type as a tiny random model, quantized by the pipeline at group size 32: (folder, report)."""
+    checkpoints = {}
+    for model_type in MODEL_TYPES:
+        root = tmp_path_factory.mktemp(model_type)
+        source = tiny_moe(root / "source", model_type, experts=EXPERTS, layers=LAYERS)
+        settings = Settings(group_size=32, nsamples=8, seqlen=128, calib=[small_calib], device="cpu")
+        checkpoints[model_type] = root / "aaac", quantize_model(source, root / "aaac", settings)
+    return checkpoints
+
+
+@pytest.mark.parametrize("model_type", MODEL_TYPES)
+def test_each_expert_part_is_stored_as_a_linear_of_its_own(moe_checkpoints, model_type):
+    path, report = moe_checkpoints[model_type]
+    naming, block = NAMINGS[model_type], f"model.layers.1.{MOE_BLOCK[model_type]}"
+    with safe_open(str(path / "model.safetensors"), framework="pt") as f:
+        keys = set(f.keys())
+        router = f.get_tensor(f"{block}.gate.weight")
+    for e in range(EXPERTS):
+        for part in naming.parts:
+            assert {f"{block}.experts.{e}.{part}.{t}" for t in ("qweight", "scales", "codebooks")} <= keys
+            assert f"{block}.experts.{e}.{part}.weight" not in keys
+    assert not any("gate_up_proj" in key for key in keys)
+    # The router keeps its precision and is named as unquantized, for every loader.
+    assert router.dtype == torch.bfloat16 and router.shape == (EXPERTS, 128)
+    config = json.loads((path / "config.json").read_text())["quantization_config"]
+    assert f"{block}.gate" in config["modules_to_not_convert"]
+    summary = report["summary"]
+    assert summary["expert_parts"] == LAYERS * EXPERTS * 3
+    # 8 windows of 128 tokens, 2 of 4 experts per token: about 512 tokens per expert, none pooled.
+    assert summary["expert_parts_with_pooled_statistics"] == 0
+    tokens = [entry["calibration_tokens"] for name, entry in report["layers"].items() if ".experts." in name]
+    assert min(tokens) >= MIN_EXPERT_TOKENS and sum(tokens) == LAYERS * 3 * 2 * 8 * 128
+
+
+def test_rarely_routed_experts_take_their_layers_pooled_statistics():
+    def stats(scale: float, tokens: int) -> ChannelStatistics:
+        acc = ChannelStatistics(4, torch.device("cpu"))
+        if tokens:
+            acc.add(BatchSums.of(torch.full((tokens, 4), scale), full=False))
+        return acc
+
+    accumulators = {
+        "mlp.experts.0.gate_proj": stats(1.0, 3 * MIN_EXPERT_TOKENS),
+        "mlp.experts.1.gate_proj": stats(2.0, MIN_EXPERT_TOKENS - 1),  # too few: pooled
+        "mlp.experts.2.gate_proj": stats(0.0, 0),  # never routed: pooled
+        "mlp.experts.0.down_proj": stats(3.0, MIN_EXPERT_TOKENS),  # enough: its own
+        "self_attn.q_proj": stats(5.0, 1),  # not an expert: always its own
+    }
+    result, pooled = expert_statistics(accumulators)
+    assert pooled == ["mlp.experts.1.gate_proj", "mlp.experts.2.gate_proj"]
+    tokens = 4 * MIN_EXPERT_TOKENS - 1
+    expected = (3 * MIN_EXPERT_TOKENS * 1.0 + (MIN_EXPERT_TOKENS - 1) * 4.0) / tokens  # mean of x^2 over all
+    for name in pooled:
+        torch.testing.assert_close(result[name].mean_square, torch.full((4,), expected))
+    torch.testing.assert_close(result["mlp.experts.0.gate_proj"].mean_square, torch.ones(4))
+    torch.testing.assert_close(result["mlp.experts.0.down_proj"].mean_square, torch.full((4,), 9.0))
+    torch.testing.assert_close(result["self_attn.q_proj"].mean_square, torch.full((4,), 25.0))
+
+
+@pytest.mark.parametrize("model_type", MODEL_TYPES)
+def test_transformers_runs_the_experts_packed_as_the_reference_computes(moe_checkpoints, model_type):
+    path, _ = moe_checkpoints[model_type]
+    ids = torch.tensor(PROMPTS_IDS[2:])
+    with torch.no_grad():
+        packed = load_causal_lm(path, dtype=torch.float32)
+        logits = packed(ids).logits
+        reference = load_reference(path, dtype=torch.float32)(ids).logits
+    experts = [m for name, m in packed.named_modules() if isinstance(m, AAACLinear) and ".experts." in name]
+    assert len(experts) == LAYERS * EXPERTS * 3
+    # fp32: the kernels use the reference's exact weights and differ only in the order of sums.
+    assert (logits - reference).abs().max().item() < 1e-4
+
+
+@pytest.mark.parametrize(
+    "model_type, parallel",
+    [
+        ("qwen3_moe", {"tensor_parallel_size": 2}),  # each expert's intermediate size split over 2 ranks
+        ("mixtral", {"tensor_parallel_size": 2, "enable_expert_parallel": True}),  # 2 whole experts per rank
+    ],
+)
+def test_vllm_serves_the_experts_as_the_reference_computes(moe_checkpoints, model_type, parallel, monkeypatch):
+    monkeypatch.setenv("VLLM_CPU_OMP_THREADS_BIND", "0|1")  # one NUMA node here: one core per rank
+    path, _ = moe_checkpoints[model_type]
+    reference = _hf_greedy(load_reference(path, dtype=torch.float32), PROMPTS_IDS)
+    with vllm_engine(path, dtype="float32", **parallel) as llm:
+        got = _vllm_greedy(llm, PROMPTS_IDS)
+    # fp32 on both sides: only the order of sums differs (attention kernels, the ranks' all-reduce).
+    identical = _check_close(reference, got, [str(p) for p in PROMPTS_IDS], logprob_tol=1e-3)
+    assert identical == len(PROMPTS_IDS)
