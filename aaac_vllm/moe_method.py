@@ -7,23 +7,22 @@ gate_up layer does), and its down [H, I]. Tensor parallel splits I: gate and up 
 by input rows (whole groups: I / tp must be a multiple of the group size), and the MoE runner sums the
 ranks' outputs. Expert parallel gives each rank its own experts (the loader skips the others).
 
-The forward is a loop over the experts that received tokens: each runs ``torch.ops.aaac.linear`` (the
-C++ kernels on CPU, the Triton kernels on CUDA) on its tokens, gate_up, the gated activation, down,
-weighted by the routing weights and summed into the output. Its cost is one pair of linear calls per
-active expert per step, each on that expert's tokens only: every expert's weights are read once per
-step, as a fused kernel reads them; what the loop adds is the per-expert dispatch (docs/vllm.md). The
-loop decides its work from the routing on the host, so on CUDA it cannot be captured in a CUDA graph:
-serve MoE checkpoints on CUDA with ``--enforce-eager``.
+The forward is ``torch.ops.aaac.routed_experts`` (``aaac_kernels.routed_experts``): a loop over the
+experts that received tokens, each running ``torch.ops.aaac.linear`` (the C++ kernels on CPU, the Triton
+kernels on CUDA) on its tokens: gate_up, the gated activation, down, weighted by the routing weights and
+summed into the output. Every active expert's weights are read once per step, as a fused kernel reads
+them; the loop adds two op calls per active expert (docs/vllm.md gives the measured cost). The loop reads
+the routing on the host, so on CUDA it cannot be captured in a CUDA graph: serve MoE checkpoints on CUDA
+with ``--enforce-eager``.
 """
 
 import torch
-import torch.nn.functional as F
 from vllm.model_executor.layers.fused_moe import FusedMoEMethodBase
 from vllm.model_executor.layers.fused_moe.activation import MoEActivation
 from vllm.model_executor.layers.fused_moe.config import FusedMoEConfig, FusedMoEQuantConfig
 from vllm.model_executor.utils import set_weight_attrs
 
-from aaac_kernels import linear as aaac_linear  # noqa: F401  registers torch.ops.aaac.linear
+from aaac_kernels import routed_experts  # noqa: F401  registers torch.ops.aaac.routed_experts
 from aaac_kernels.format.errors import AAACError
 from aaac_kernels.format.layout import CODEBOOK_SIZE, NUM_CODEBOOKS, PACK_FACTOR
 from aaac_kernels.format.serving import prepare
@@ -133,19 +132,13 @@ class AAACMoEMethod(FusedMoEMethodBase):
         shared_experts=None,
         shared_experts_input: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        intermediate, hidden = layer.aaac_intermediate, x.shape[-1]
-        local = topk_ids.long() if layer.expert_map is None else layer.expert_map[topk_ids.long()]
-        out = torch.zeros_like(x)
-        for e in torch.unique(local).tolist():
-            if e < 0:  # routed to another expert-parallel rank
-                continue
-            tokens, slot = torch.where(local == e)
-            weights = topk_weights[tokens, slot, None].to(x.dtype)
-            inputs = x[tokens] * weights if layer.apply_router_weight_on_input else x[tokens]
-            gate_up = torch.ops.aaac.linear(
-                inputs, layer.w13_qweight[e], layer.w13_scales[e], layer.w13_codebooks[e], [intermediate] * 2, None
-            )
-            h = F.silu(gate_up[:, :intermediate]) * gate_up[:, intermediate:]
-            y = torch.ops.aaac.linear(h, layer.w2_qweight[e], layer.w2_scales[e], layer.w2_codebooks[e], [hidden], None)
-            out.index_add_(0, tokens, y if layer.apply_router_weight_on_input else y * weights)
-        return out
+        return torch.ops.aaac.routed_experts(
+            x,
+            topk_weights,
+            topk_ids,
+            *(getattr(layer, f"w13_{t}") for t in TENSORS),
+            *(getattr(layer, f"w2_{t}") for t in TENSORS),
+            layer.aaac_intermediate,
+            layer.expert_map,
+            layer.apply_router_weight_on_input,
+        )

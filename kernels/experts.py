@@ -1,5 +1,8 @@
 """A mixture-of-experts layer as one linear per expert and part, run as a loop over the routed experts.
 
+The same loop over stacked expert layouts is the op ``torch.ops.aaac.routed_experts`` (``routed_experts``),
+which vLLM's ``AAACMoEMethod`` runs.
+
 transformers 5 holds a layer's experts as fused 3-D parameters; the quantizer, the reference loader and
 the AAAC loader in transformers replace that module with ``ExpertLinears``, whose children are the
 experts as checkpoints store them (``experts.<e>.<gate|up|down>``, format.experts), so each is an

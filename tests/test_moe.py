@@ -1,6 +1,7 @@
 """Mixture-of-experts models (Mixtral, Qwen3-MoE): quantized expert by expert, loaded packed in transformers,
 served by vLLM's CPU build with tensor and expert parallel, all against the reference dequantizer."""
 
+import itertools
 import json
 
 import pytest
@@ -8,12 +9,14 @@ import torch
 from safetensors import safe_open
 
 from aaac_kernels.format.experts import NAMINGS
+from aaac_kernels.format.serving import prepare
 from aaac_kernels.hf import AAACLinear
+import aaac_kernels.routed_experts  # noqa: F401  registers torch.ops.aaac.routed_experts
 from offline_quantize.hf_loader import load_causal_lm, load_reference
 from offline_quantize.pipeline import Settings, quantize_model
 from offline_quantize.statistics import MIN_EXPERT_TOKENS, BatchSums, ChannelStatistics, expert_statistics
 
-from .conftest import tiny_moe, vllm_engine
+from .conftest import random_layer, tiny_moe, vllm_engine
 from .test_vllm import _check_close, _hf_greedy, _vllm_greedy
 
 MODEL_TYPES = ("mixtral", "qwen3_moe")
@@ -83,6 +86,37 @@ def test_rarely_routed_experts_take_their_layers_pooled_statistics():
     torch.testing.assert_close(result["self_attn.q_proj"].mean_square, torch.full((4,), 25.0))
 
 
+@pytest.mark.parametrize("weights_on_input", [False, True])
+def test_routed_experts_op_skips_other_ranks_experts(weights_on_input):
+    # Global experts 0..3, of which this rank holds 2 and 0 (expert parallel); tokens routed to 1 and 3 are
+    # another rank's. fp32 activations: the decode kernels' exact weights, so only the order of sums differs.
+    hidden, intermediate, group = 128, 64, 32
+    experts = {
+        e: (
+            random_layer([intermediate] * 2, hidden, group, seed=e),
+            random_layer([hidden], intermediate, group, seed=10 + e),
+        )
+        for e in (2, 0)
+    }
+    layouts = [[prepare(*layer[:3]) for layer in experts[e]] for e in (2, 0)]
+    w13, w2 = ([torch.stack(t) for t in zip(*(layout[i] for layout in layouts))] for i in (0, 1))
+    expert_map = torch.tensor([1, -1, 0, -1], dtype=torch.int32)
+    x = torch.randn(5, hidden)
+    ids = torch.tensor([[0, 1], [2, 3], [1, 3], [2, 0], [0, 2]], dtype=torch.int32)
+    weights = torch.rand(5, 2)
+    got = torch.ops.aaac.routed_experts(x, weights, ids, *w13, *w2, intermediate, expert_map, weights_on_input)
+    want = torch.zeros_like(x, dtype=torch.float64)
+    for (t, k), e in zip(itertools.product(range(5), range(2)), ids.flatten().tolist()):
+        if e in experts:
+            (*_, gate_up), (*_, down) = experts[e]
+            w = weights[t, k].double()
+            inputs = x[t].double() * (w if weights_on_input else 1)
+            g, u = (gate_up.double() @ inputs).split(intermediate)
+            want[t] += (down.double() @ (torch.nn.functional.silu(g) * u)) * (1 if weights_on_input else w)
+    torch.testing.assert_close(got.double(), want, rtol=1e-4, atol=1e-4)
+    assert got[2].abs().max() == 0  # both of its experts live on another rank
+
+
 @pytest.mark.parametrize("model_type", MODEL_TYPES)
 def test_transformers_runs_the_experts_packed_as_the_reference_computes(moe_checkpoints, model_type):
     path, _ = moe_checkpoints[model_type]
@@ -100,7 +134,8 @@ def test_transformers_runs_the_experts_packed_as_the_reference_computes(moe_chec
 @pytest.mark.parametrize(
     "model_type, parallel",
     [
-        ("qwen3_moe", {"tensor_parallel_size": 2}),  # each expert's intermediate size split over 2 ranks
+        # each expert's intermediate size split over 2 ranks; compiled mode, where the experts are one op
+        ("qwen3_moe", {"tensor_parallel_size": 2, "enforce_eager": False}),
         ("mixtral", {"tensor_parallel_size": 2, "enable_expert_parallel": True}),  # 2 whole experts per rank
     ],
 )
