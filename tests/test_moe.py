@@ -8,10 +8,10 @@ import pytest
 import torch
 from safetensors import safe_open
 
+import aaac_kernels.routed_experts  # noqa: F401  registers torch.ops.aaac.routed_experts
 from aaac_kernels.format.experts import NAMINGS
 from aaac_kernels.format.serving import prepare
 from aaac_kernels.hf import AAACLinear
-import aaac_kernels.routed_experts  # noqa: F401  registers torch.ops.aaac.routed_experts
 from offline_quantize.hf_loader import load_causal_lm, load_reference
 from offline_quantize.pipeline import Settings, quantize_model
 from offline_quantize.statistics import MIN_EXPERT_TOKENS, BatchSums, ChannelStatistics, expert_statistics
