@@ -1,4 +1,4 @@
-"""Mixture-of-experts models (Mixtral, Qwen3-MoE): quantized expert by expert, loaded packed in transformers,
+"""Mixture-of-experts models (Mixtral, Qwen2-MoE, Qwen3-MoE): quantized expert by expert, loaded packed in transformers,
 served by vLLM's CPU build with tensor and expert parallel, all against the reference dequantizer."""
 
 import itertools
@@ -19,9 +19,9 @@ from offline_quantize.statistics import MIN_EXPERT_TOKENS, BatchSums, ChannelSta
 from .conftest import random_layer, tiny_moe, vllm_engine
 from .test_vllm import _check_close, _hf_greedy, _vllm_greedy
 
-MODEL_TYPES = ("mixtral", "qwen3_moe")
+MODEL_TYPES = ("mixtral", "qwen2_moe", "qwen3_moe")
 EXPERTS, LAYERS = 4, 2
-MOE_BLOCK = {"mixtral": "block_sparse_moe", "qwen3_moe": "mlp"}  # where each stores its experts
+MOE_BLOCK = {"mixtral": "block_sparse_moe", "qwen2_moe": "mlp", "qwen3_moe": "mlp"}  # where each stores its experts
 PROMPTS_IDS = [[1, 2, 3, 4, 5], [100, 2000, 30000, 17], [4000, 4001, 4002, 4003, 4004, 4005, 4006]]
 
 
@@ -53,6 +53,9 @@ def test_each_expert_part_is_stored_as_a_linear_of_its_own(moe_checkpoints, mode
     assert router.dtype == torch.bfloat16 and router.shape == (EXPERTS, 128)
     config = json.loads((path / "config.json").read_text())["quantization_config"]
     assert f"{block}.gate" in config["modules_to_not_convert"]
+    if model_type == "qwen2_moe":  # the shared expert is an ordinary MLP; its gate is a router
+        assert f"{block}.shared_expert_gate" in config["modules_to_not_convert"]
+        assert {f"{block}.shared_expert.{p}.qweight" for p in naming.parts} <= keys
     summary = report["summary"]
     assert summary["expert_parts"] == LAYERS * EXPERTS * 3
     # 8 windows of 128 tokens, 2 of 4 experts per token: about 512 tokens per expert, none pooled.
@@ -137,10 +140,12 @@ def test_transformers_runs_the_experts_packed_as_the_reference_computes(moe_chec
         # each expert's intermediate size split over 2 ranks; compiled mode, where the experts are one op
         ("qwen3_moe", {"tensor_parallel_size": 2, "enforce_eager": False}),
         ("mixtral", {"tensor_parallel_size": 2, "enable_expert_parallel": True}),  # 2 whole experts per rank
+        ("qwen2_moe", {}),  # one rank, with a shared expert beside the routed ones
     ],
 )
 def test_vllm_serves_the_experts_as_the_reference_computes(moe_checkpoints, model_type, parallel, monkeypatch):
-    monkeypatch.setenv("VLLM_CPU_OMP_THREADS_BIND", "0|1")  # one NUMA node here: one core per rank
+    if parallel.get("tensor_parallel_size", 1) > 1:
+        monkeypatch.setenv("VLLM_CPU_OMP_THREADS_BIND", "0|1")  # one NUMA node here: one core per rank
     path, _ = moe_checkpoints[model_type]
     reference = _hf_greedy(load_reference(path, dtype=torch.float32), PROMPTS_IDS)
     with vllm_engine(path, dtype="float32", **parallel) as llm:
