@@ -110,6 +110,7 @@ def _quantize(argv) -> None:
     from .pipeline import Settings, quantize_model
     from .progress import PROGRESS_DIR
     from .staging import staging_path
+    from .statistics import MIN_EXPERT_TOKENS
 
     flags = {f.name for m in METHODS.values() for f in m.flags if getattr(args, f.name.replace("-", "_"))}
     method = MethodOptions(args.method, flags)
@@ -139,12 +140,19 @@ def _quantize(argv) -> None:
         if s["mean_codebook1_share"] is None
         else f"; {100 * s['mean_codebook1_share']:.0f}% of groups use codebook 1"
     )
+    experts = (
+        f"  {s['expert_parts']} of them expert parts, {s['expert_parts_with_pooled_statistics']} quantized with their "
+        f"layer's pooled statistics (fewer than {MIN_EXPERT_TOKENS} calibration tokens routed to them)\n"
+        if s["expert_parts"]
+        else ""
+    )
     print(
         f"{method.label} checkpoint ({report['format']} format) written to {args.output}\n"
         f"  {s['layers']} linear layers, group size {args.group_size}, "
         f"{report['seconds']:.1f} s on {report['device']}\n"
         f"  weighted error {s['mean_weighted_error']:.5f} (round-to-nearest INT4: {s['mean_rtn_weighted_error']:.5f}, "
         f"ratio {s['mean_weighted_error'] / s['mean_rtn_weighted_error']:.2f}){share}\n"
+        f"{experts}"
         f"  weights {src_mb:.1f} MiB -> {out_mb:.1f} MiB; "
         f"peak host memory {report['memory']['host_peak_rss_mib']:.0f} MiB\n"
         f"  report: {args.output / 'quantization_report.json'}"
