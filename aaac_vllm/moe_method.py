@@ -64,10 +64,11 @@ class AAACMoEMethod(FusedMoEMethodBase):
             "w2_scales": ((intermediate // g, hidden_size), torch.float16),
             "w2_codebooks": ((1, NUM_CODEBOOKS, CODEBOOK_SIZE), torch.float16),
         }
+        loader = self._weight_loader(layer)
         for name, (shape, dtype) in shapes.items():
             param = torch.nn.Parameter(torch.empty(num_experts, *shape, dtype=dtype), requires_grad=False)
             layer.register_parameter(name, param)
-            set_weight_attrs(param, {"weight_loader": self._weight_loader(layer), "aaac_tensor": name.split("_")[1]})
+            set_weight_attrs(param, {"weight_loader": loader, "aaac_tensor": name.split("_")[1]})
         layer.aaac_intermediate = intermediate
 
     def _weight_loader(self, layer: torch.nn.Module):

@@ -70,14 +70,13 @@ def is_fused_experts(module: nn.Module) -> bool:
     return isinstance(gate_up, torch.Tensor) and isinstance(down, torch.Tensor) and gate_up.dim() == 3
 
 
-def unfuse_experts(model: nn.Module, naming: ExpertNaming, make: LinearFactory = dense_linear) -> int:
+def unfuse_experts(model: nn.Module, naming: ExpertNaming, make: LinearFactory = dense_linear) -> None:
     """Replace every fused experts module of ``model`` with ``ExpertLinears`` (on the same device, weights
-    uninitialized); returns how many were replaced."""
+    uninitialized)."""
     fused = [(name, module) for name, module in model.named_modules() if is_fused_experts(module)]
     for name, module in fused:
         parent, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent) if parent else model, child, ExpertLinears(module, naming, make))
-    return len(fused)
 
 
 def has_fused_experts(model: nn.Module) -> bool:

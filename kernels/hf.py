@@ -7,8 +7,7 @@ too, as ``aaac_kernels.experts`` unfuses them) as an ``AAACLinear`` that keeps t
 tensors, turns them into the layout of its device's kernels once the weights are loaded, and computes
 through ``torch.ops.aaac.linear``: the same op and kernels as in vLLM, with no dense copy of the weight kept.
 The layout is made for the device the model is loaded on (``device_map``); moving the model afterwards is
-not supported. Such a model runs inference;
-it cannot be trained or saved again.
+not supported. Such a model runs inference; it cannot be trained or saved again.
 """
 
 import torch
