@@ -159,9 +159,9 @@ def tiny_llama(folder: Path, hidden: int = 64, layers: int = 2, poison: str | No
 
 
 def tiny_moe(folder: Path, model_type: str, hidden: int = 128, experts: int = 4, layers: int = 2) -> Path:
-    """A small random mixture-of-experts model (``mixtral``, ``qwen2_moe`` with its shared expert, or
-    ``qwen3_moe``: 2 of ``experts`` per token) with SmolLM2's tokenizer."""
-    from transformers import AutoModelForCausalLM, MixtralConfig, Qwen2MoeConfig, Qwen3MoeConfig
+    """A small random mixture-of-experts model (``mixtral``, ``olmoe``, ``qwen2_moe`` with its shared expert,
+    or ``qwen3_moe``: 2 of ``experts`` per token) with SmolLM2's tokenizer."""
+    from transformers import AutoModelForCausalLM, MixtralConfig, OlmoeConfig, Qwen2MoeConfig, Qwen3MoeConfig
 
     torch.manual_seed(0)
     shared = dict(
@@ -176,6 +176,8 @@ def tiny_moe(folder: Path, model_type: str, hidden: int = 128, experts: int = 4,
     )
     if model_type == "mixtral":
         config = MixtralConfig(**shared, intermediate_size=hidden, num_local_experts=experts)
+    elif model_type == "olmoe":
+        config = OlmoeConfig(**shared, intermediate_size=hidden, num_experts=experts)
     elif model_type == "qwen2_moe":
         config = Qwen2MoeConfig(
             **shared,

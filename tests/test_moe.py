@@ -1,5 +1,6 @@
-"""Mixture-of-experts models (Mixtral, Qwen2-MoE, Qwen3-MoE): quantized expert by expert, loaded packed in transformers,
-served by vLLM's CPU build with tensor and expert parallel, all against the reference dequantizer."""
+"""Mixture-of-experts models (Mixtral, OLMoE, Qwen2-MoE, Qwen3-MoE): quantized expert by expert, loaded
+packed in transformers, served by vLLM's CPU build with tensor and expert parallel, all against the
+reference dequantizer."""
 
 import itertools
 import json
@@ -19,9 +20,10 @@ from offline_quantize.statistics import MIN_EXPERT_TOKENS, BatchSums, ChannelSta
 from .conftest import random_layer, tiny_moe, vllm_engine
 from .test_vllm import _check_close, _hf_greedy, _vllm_greedy
 
-MODEL_TYPES = ("mixtral", "qwen2_moe", "qwen3_moe")
+MODEL_TYPES = ("mixtral", "olmoe", "qwen2_moe", "qwen3_moe")
 EXPERTS, LAYERS = 4, 2
-MOE_BLOCK = {"mixtral": "block_sparse_moe", "qwen2_moe": "mlp", "qwen3_moe": "mlp"}  # where each stores its experts
+# Where each stores its experts.
+MOE_BLOCK = {"mixtral": "block_sparse_moe", "olmoe": "mlp", "qwen2_moe": "mlp", "qwen3_moe": "mlp"}
 PROMPTS_IDS = [[1, 2, 3, 4, 5], [100, 2000, 30000, 17], [4000, 4001, 4002, 4003, 4004, 4005, 4006]]
 
 
