@@ -17,7 +17,8 @@ next starts), on the same prompts:
   (``--calib`` passed on if given) into WORKDIR/NAME/awq and WORKDIR/NAME/aaac, or reused from there;
 * ``BF16:AWQ:AAAC``: three folders (an empty part means "make it in WORKDIR/NAME", as above);
 * ``synthetic``: a Llama-3.2-1B-shaped model with random weights, SmolLM2's tokenizer and its vocabulary
-  of 49152 (``benchmarks/synthetic_model.py``), written into WORKDIR/NAME/{bf16,aaac,awq} or reused.
+  of 49152 (``benchmarks/synthetic_model.py``), written into WORKDIR/NAME/{bf16,aaac,awq} or reused;
+  ``synthetic-moe``: the same for 4 mixture-of-experts blocks of Qwen3-30B-A3B.
   Its AAAC and AWQ checkpoints are random packed tensors, not quantizations: for speed and memory only.
 
 Repeat ``--model`` to measure several models; ``--engines`` picks a subset of the engines.
@@ -58,6 +59,7 @@ import traceback
 from pathlib import Path
 
 os.environ.setdefault("VLLM_ALLOW_INSECURE_SERIALIZATION", "1")  # to send weight_bytes to the worker
+SYNTHETIC = {"synthetic": "llama1b", "synthetic-moe": "qwen3moe"}  # --model NAME=SPEC -> synthetic_model shape
 os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
@@ -94,7 +96,7 @@ def prompts_from(text: Path, count: int) -> list[str]:
 def parse_model(spec: str) -> tuple[str, str]:
     name, sep, value = spec.partition("=")
     if not sep or not name or not value or "/" in name:
-        raise argparse.ArgumentTypeError(f"--model {spec!r}: expected NAME=BF16[:AWQ:AAAC] or NAME=synthetic")
+        raise argparse.ArgumentTypeError(f"--model {spec!r}: expected NAME=BF16[:AWQ:AAAC] or NAME=synthetic[-moe]")
     return name, value
 
 
@@ -142,20 +144,16 @@ def describe(folder: Path) -> str:
 def resolve_model(name: str, spec: str, args) -> tuple[dict[str, Path], list[str]]:
     """({engine: checkpoint folder}, lines that describe the model), making what is missing in WORKDIR/NAME."""
     work = args.workdir / name
-    if spec == "synthetic":
+    if spec in SYNTHETIC:
         import synthetic_model
 
-        folders = synthetic_model.build(work, args.tokenizer, log=lambda line: print(f"[bench] {line}", flush=True))
-        shape = synthetic_model.SHAPE
+        shape = SYNTHETIC[spec]
+        log = lambda line: print(f"[bench] {line}", flush=True)  # noqa: E731
+        folders = synthetic_model.build(work, args.tokenizer, shape, log=log)
         about = [
-            f"synthetic Llama-3.2-1B-shaped model, random weights: hidden {shape['hidden_size']}, intermediate "
-            f"{shape['intermediate_size']}, {shape['num_hidden_layers']} layers, "
-            f"{shape['num_attention_heads']} heads / "
-            f"{shape['num_key_value_heads']} KV heads, head_dim {shape['head_dim']}, tied embeddings, "
-            f"rope_theta {shape['rope_theta']:.0f}",
+            f"synthetic model, random weights: {synthetic_model.describe_shape(shape)}",
             f"tokenizer and vocabulary ({synthetic_model.VOCAB_SIZE}) are SmolLM2's, copied from {args.tokenizer}: "
-            f"prompts tokenize as for SmolLM2 (embedding {synthetic_model.VOCAB_SIZE} x {shape['hidden_size']}, "
-            f"not Llama's 128256)",
+            f"prompts tokenize as for SmolLM2",
             "AWQ and AAAC weights are random packed tensors, not quantizations: the text is garbage, "
             "only speed and memory mean anything",
         ]
