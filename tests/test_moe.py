@@ -139,15 +139,14 @@ def test_transformers_runs_the_experts_packed_as_the_reference_computes(moe_chec
 @pytest.mark.parametrize(
     "model_type, parallel",
     [
-        # each expert's intermediate size split over 2 ranks; compiled mode, where the experts are one op
-        ("qwen3_moe", {"tensor_parallel_size": 2, "enforce_eager": False}),
+        # Each expert's intermediate size split over 2 ranks, a shared expert beside the routed ones, compiled
+        # mode (where the experts are one op).
+        ("qwen2_moe", {"tensor_parallel_size": 2, "enforce_eager": False}),
         ("mixtral", {"tensor_parallel_size": 2, "enable_expert_parallel": True}),  # 2 whole experts per rank
-        ("qwen2_moe", {}),  # one rank, with a shared expert beside the routed ones
     ],
 )
 def test_vllm_serves_the_experts_as_the_reference_computes(moe_checkpoints, model_type, parallel, monkeypatch):
-    if parallel.get("tensor_parallel_size", 1) > 1:
-        monkeypatch.setenv("VLLM_CPU_OMP_THREADS_BIND", "0|1")  # one NUMA node here: one core per rank
+    monkeypatch.setenv("VLLM_CPU_OMP_THREADS_BIND", "0|1")  # one NUMA node here: one core per rank
     path, _ = moe_checkpoints[model_type]
     reference = _hf_greedy(load_reference(path, dtype=torch.float32), PROMPTS_IDS)
     with vllm_engine(path, dtype="float32", **parallel) as llm:
