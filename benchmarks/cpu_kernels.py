@@ -359,21 +359,42 @@ def build_awq(
 # ------------------------------------------------------------------------------------------- AAAC side
 
 
+def random_aaac(parts: list[int], k: int, group_size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Checkpoint tensors (qweight, scales, codebooks) of a random AAAC linear whose parts have their own
+    codebook pairs: uniform indices, both codebooks in use."""
+    from aaac_kernels.format.layout import encode_scales, pack_indices
+
+    n = sum(parts)
+    qweight = pack_indices(torch.randint(0, 16, (n, k), dtype=torch.uint8))
+    magnitude = torch.rand(k // group_size, n) * 0.02 + 1e-3
+    scales = encode_scales(magnitude, torch.rand_like(magnitude) < 0.5)
+    return qweight, scales, torch.randn(len(parts), 2, 16).sort(dim=-1).values.half()
+
+
+def reference_weight(
+    qweight: torch.Tensor, scales: torch.Tensor, codebooks: torch.Tensor, parts: list[int], group_size: int
+) -> torch.Tensor:
+    """The reference dequantizer's fp32 [N, K] weight, one part (codebook pair) at a time."""
+    from aaac_kernels.format import reference
+
+    bounds = [0, *torch.tensor(parts).cumsum(0).tolist()]
+    return torch.cat(
+        [
+            reference.dequantize(qweight[:, a:b], scales[:, a:b], codebooks[i], group_size, torch.float32)
+            for i, (a, b) in enumerate(itertools.pairwise(bounds))
+        ]
+    )
+
+
 def build_aaac(
     parts: list[int], k: int, group_size: int, isas: list[str | None], llc: int | None
 ) -> tuple[list[Variant], torch.Tensor | None]:
     """torch.ops.aaac.linear on random AAAC tensors in ``prepare``'s layout, copied to stream from memory
     (one copy where llc is None), one variant per ISA (sharing the copies); and, where llc is None, the
     dense [N, K] fp32 weight from the reference dequantizer."""
-    from aaac_kernels.format import reference
-    from aaac_kernels.format.layout import encode_scales, pack_indices
     from aaac_kernels.format.serving import prepare
 
-    n = sum(parts)
-    qweight = pack_indices(torch.randint(0, 16, (n, k), dtype=torch.uint8))
-    magnitude = torch.rand(k // group_size, n) * 0.02 + 1e-3
-    scales = encode_scales(magnitude, torch.rand_like(magnitude) < 0.5)
-    codebooks = torch.randn(len(parts), 2, 16).sort(dim=-1).values.half()
+    qweight, scales, codebooks = random_aaac(parts, k, group_size)
     layout = prepare(qweight, scales, codebooks)
     nbytes = sum(t.numel() * t.element_size() for t in layout)
     layouts = list(zip(*(stacked_copies(t, copies_for(nbytes, llc)) for t in layout), strict=True))
@@ -383,15 +404,7 @@ def build_aaac(
         return lambda x: op(x, *tensors, parts, None)
 
     weights = Weights([caller(each) for each in layouts], nbytes)
-    dense = None
-    if llc is None:  # one part (codebook pair) at a time
-        bounds = [0, *torch.tensor(parts).cumsum(0).tolist()]
-        dense = torch.cat(
-            [
-                reference.dequantize(qweight[:, a:b], scales[:, a:b], codebooks[i], group_size, torch.float32)
-                for i, (a, b) in enumerate(itertools.pairwise(bounds))
-            ]
-        )
+    dense = reference_weight(qweight, scales, codebooks, parts, group_size) if llc is None else None
     return [Variant(f"AAAC {aaac_isa_label(isa)}", weights, isa=isa) for isa in isas], dense
 
 

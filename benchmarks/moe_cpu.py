@@ -29,10 +29,8 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from cpu_kernels import copies_for, cpu_description, llc_bytes  # noqa: E402
+from cpu_kernels import copies_for, cpu_description, llc_bytes, random_aaac, reference_weight  # noqa: E402
 
-from aaac_kernels.format.layout import encode_scales, pack_indices  # noqa: E402
-from aaac_kernels.format.reference import dequantize  # noqa: E402
 from aaac_kernels.format.serving import prepare  # noqa: E402
 from aaac_kernels.routed_experts import routed_experts  # noqa: E402
 
@@ -42,27 +40,6 @@ SHAPES = {  # hidden, expert intermediate, experts, experts per token
 }
 GROUP_SIZE = 64
 ROUTINGS = 64  # routings drawn beforehand, cycled through
-
-
-def random_linear(parts: list[int], k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Checkpoint tensors (qweight, scales, codebooks) of a random AAAC linear with these output parts."""
-    n = sum(parts)
-    qweight = pack_indices(torch.randint(0, 16, (n, k), dtype=torch.uint8))
-    magnitude = torch.rand(k // GROUP_SIZE, n) * 0.02 + 1e-3
-    scales = encode_scales(magnitude, torch.rand_like(magnitude) < 0.5)
-    return qweight, scales, torch.randn(len(parts), 2, 16).sort(dim=-1).values.half()
-
-
-def dense(linear: tuple[torch.Tensor, ...], parts: list[int]) -> torch.Tensor:
-    """The reference's fp32 [N, K] weight, one part (codebook pair) at a time."""
-    qweight, scales, codebooks = linear
-    bounds = [0, *torch.tensor(parts).cumsum(0).tolist()]
-    return torch.cat(
-        [
-            dequantize(qweight[:, a:b], scales[:, a:b], codebooks[i], GROUP_SIZE)
-            for i, (a, b) in enumerate(zip(bounds, bounds[1:]))
-        ]
-    )
 
 
 @dataclass
@@ -83,12 +60,12 @@ def build_layer(shape: str, isa: str, llc: int) -> Layer:
     hidden, intermediate, experts, top_k = SHAPES[shape]
     w13_layouts, w2_layouts, w13_dense, w2_dense = [], [], [], []
     for _ in range(experts):
-        w13 = random_linear([intermediate, intermediate], hidden)
-        w2 = random_linear([hidden], intermediate)
+        w13 = random_aaac([intermediate, intermediate], hidden, GROUP_SIZE)
+        w2 = random_aaac([hidden], intermediate, GROUP_SIZE)
         w13_layouts.append(prepare(*w13))
         w2_layouts.append(prepare(*w2))
-        w13_dense.append(dense(w13, [intermediate, intermediate]).bfloat16())
-        w2_dense.append(dense(w2, [hidden]).bfloat16())
+        w13_dense.append(reference_weight(*w13, [intermediate, intermediate], GROUP_SIZE).bfloat16())
+        w2_dense.append(reference_weight(*w2, [hidden], GROUP_SIZE).bfloat16())
     w13, w2 = (tuple(torch.stack(t) for t in zip(*layouts)) for layouts in (w13_layouts, w2_layouts))
     w13_bf16, w2_bf16 = torch.stack(w13_dense), torch.stack(w2_dense)
     aaac_bytes = sum(t.numel() * t.element_size() for t in (*w13, *w2))
