@@ -158,7 +158,7 @@ void gemv_block(const GemmProblem& p, int64_t n) {
 
 template <class Arith, int kM>
 void gemv_rows(const GemmProblem& p, int64_t n_begin, int64_t n_end) {
-  // Columns per block, measured (K = 4096, weights in cache): at M = 3 one column ran 1.15-1.25x faster
+  // Columns per block, measured (K = 4096, weights in cache): at M = 3 one column ran 1.13-1.24x faster
   // than two; at M = 4 one and two were level.
   constexpr int kN = kM <= 2 ? 4 : kM == 3 ? 1 : 2;
   int64_t n = n_begin;
