@@ -22,8 +22,8 @@ class CodebookOptions:
     # Rounds of (scale search, then Lloyd with the new scales).
     refine_rounds: int = 2
     # Then rounds of (least-squares scales for the assignment, then Lloyd), each scale step alternating
-    # assignment and closed-form scale refit_steps times (aaac --refit-scales: 2 rounds).
-    refit_rounds: int = 0
+    # assignment and closed-form scale refit_steps times.
+    refit_rounds: int = 2
     refit_steps: int = 2
     # Elements sampled for the quantile initialisation.
     init_samples: int = 1 << 20

@@ -7,10 +7,11 @@ updates of ``block_size`` columns. The grid is a parameter: the uniform INT4 gri
 gives GPTQ; AAAC's learned codebook pair gives AAAC with error compensation.
 
 Group parameters are fitted when GPTQ reaches a group's first column, on the
-weights as they are then (the reference's rule). With ``act_order`` columns are
-visited by decreasing H[k, k], and each group's parameters are fitted once, up
-front, on the original weights ("static groups", as GPTQModel and vLLM's Marlin
-expect), so groups stay contiguous in the checkpoint.
+weights as they are then (the reference's rule), unless they are given up front
+(``static``: AAAC's learned scales and codebook choices). With ``act_order``
+columns are visited by decreasing H[k, k], and each group's parameters are fixed
+before the sweep: given, or fitted on the original weights ("static groups", as
+GPTQModel and vLLM's Marlin expect), so groups stay contiguous in the checkpoint.
 """
 
 from contextlib import contextmanager
@@ -62,9 +63,11 @@ def gptq(
     group_size: int,
     grid: Grid,
     act_order: bool = False,
+    static: tuple[torch.Tensor, ...] | None = None,
     block_size: int = 128,
 ) -> tuple[torch.Tensor, tuple[torch.Tensor, ...], torch.Tensor]:
-    """Quantize weight [N, K] against the input second moment [K, K] (mean x x^T).
+    """Quantize weight [N, K] against the input second moment [K, K] (mean x x^T); ``static``, the grid's
+    parameters per group [N, K // G, 1] each, fixes them instead of fitting them during the sweep.
 
     Returns (codes uint8 [N, K], the grid's parameters stacked per group [N, K // G, 1] each,
     dequantized weight fp32 [N, K]).
@@ -78,9 +81,9 @@ def gptq(
     w[:, dead] = 0
     mean_square = second_moment.diagonal().clone()
 
-    static = None
-    if act_order:
+    if act_order and static is None:
         static = grid.fit(w.reshape(n, groups, group_size), mean_square.reshape(groups, group_size))
+    if act_order:
         perm = torch.argsort(mean_square, descending=True)
     else:
         perm = torch.arange(k, device=w.device)

@@ -91,6 +91,31 @@ def test_gptq_with_learned_codebooks_reproduces_codebook_weights_and_compensates
     assert _output_error(noisy, compensated, h) < 0.8 * _output_error(noisy, plain, h)
 
 
+@pytest.mark.parametrize("act_order", [False, True])
+def test_gptq_keeps_static_group_parameters(act_order):
+    """Given parameters are the ones used and returned, in either column order; compensation still pays."""
+    weight = torch.randn(N, K, generator=torch.Generator().manual_seed(5))
+    h = _second_moment()
+    grid = UniformGrid()
+    static = grid.fit(weight.reshape(N, K // G, G))
+    _, params, dense = gptq(weight, h, G, grid, act_order=act_order, static=static)
+    assert all(torch.equal(got, given) for got, given in zip(params, static))
+    plain = grid.quantize(weight.reshape(N, K // G, G), static)[1].reshape(N, K)
+    assert _output_error(weight, dense, h) < 0.8 * _output_error(weight, plain, h)
+
+
+def test_aaac_compensation_keeps_the_learned_scales_and_lowers_the_output_error():
+    weight = torch.randn(N, K, generator=torch.Generator().manual_seed(6))
+    h = _second_moment()
+    stats = LinearStatistics(h.diagonal().clone(), h.diagonal().sqrt(), h)
+    plain = METHODS["aaac"].quantize(weight, stats, LayerOptions("x", G, frozenset()))
+    compensated = METHODS["aaac"].quantize(weight, stats, LayerOptions("x", G, frozenset({"compensate"})))
+    for name in ("scales", "codebooks"):
+        assert torch.equal(compensated.tensors[name], plain.tensors[name])
+    assert not torch.equal(compensated.tensors["qweight"], plain.tensors["qweight"])
+    assert _output_error(weight, compensated.dense, h) < 0.8 * _output_error(weight, plain.dense, h)
+
+
 def test_uniform_grid_rules():
     w = torch.tensor([[-1.0, 0.0, 0.5, 2.0]])
     scale, zero = UniformGrid().fit(w)
