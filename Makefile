@@ -55,7 +55,7 @@ $(MODEL)/config.json: $(STAMP)
 	mkdir -p $(ART)
 	$(PY) -m offline_quantize.bundled model $(MODEL)
 
-$(TEXT)/bbc-eval.txt $(TEXT)/pydoc-topics.txt &: $(STAMP)
+$(TEXT)/bbc-eval.txt $(TEXT)/pydoc-topics.txt $(TEXT)/stdlib-code.txt &: $(STAMP)
 	$(PY) -m offline_quantize.bundled text $(TEXT)
 
 # The AAAC SmolLM2 that the demo shows and the tests serve, evaluate and inspect: made once, and again

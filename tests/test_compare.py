@@ -162,3 +162,14 @@ def test_vllm_serves_the_awq_format_checkpoints(comparison, bbc_text):
         output = llm.generate([TokensPrompt(prompt_token_ids=ids)], SamplingParams(max_tokens=1, prompt_logprobs=0))[0]
     nll = -sum(entry[token].logprob for entry, token in zip(output.prompt_logprobs[1:], ids[1:])) / (len(ids) - 1)
     assert nll == pytest.approx(reference, rel=0.02)
+
+
+def test_stdlib_code_is_a_second_calibration_text_apart_from_the_evaluation_topics(tmp_path, pydoc_text):
+    from pydoc_data.topics import topics
+
+    from offline_quantize.bundled import CODE_BYTES, write_stdlib_code
+
+    code = write_stdlib_code(tmp_path).read_text()
+    assert CODE_BYTES < len(code.encode()) < 2 * CODE_BYTES
+    assert "def " in code and "import " in code
+    assert topics["assert"].strip()[:200] not in code and topics["assert"].strip()[:200] in pydoc_text.read_text()
