@@ -269,14 +269,12 @@ def quantize_layer(
 class CodebookGrid:
     """A fixed pair of codebooks as a per-group grid: a fp16 scale and a codebook choice per group.
 
-    ``fit`` picks every group's scale (absmax, or the best of ``scale_grid``
-    multiples of it) and codebook by activation-weighted error; with
-    ``scale_grid`` None the scale is the absmax and only the choice is searched.
-    NF4 is this grid with both codebooks equal to the NF4 table and no scale search.
+    ``fit`` takes every group's absmax as its scale and picks its codebook by activation-weighted error.
+    NF4 is this grid with both codebooks equal to the NF4 table; AAAC's compensation gives GPTQ the
+    learned scales and choices instead (``gptq``'s ``static``).
     """
 
     codebooks: torch.Tensor  # [2, 16], sorted, fp16 values
-    scale_grid: tuple[float, float, int] | None = None
     _float: torch.Tensor = field(init=False, repr=False, compare=False)
 
     def __post_init__(self):
@@ -284,12 +282,7 @@ class CodebookGrid:
 
     def fit(self, w: torch.Tensor, mean_square: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """w [N, Gn, G], mean_square [Gn, G] -> (|scale| fp16-valued [N, Gn, 1], choice of C1 [N, Gn, 1])."""
-        absmax = w.abs().amax(dim=-1, keepdim=True)
-        scale = absmax
-        if self.scale_grid is not None:
-            options = CodebookOptions(scale_grid=self.scale_grid)
-            scale = _search_scales(w, mean_square, absmax, self._float, options)
-        scale = scale.half().float()
+        scale = w.abs().amax(dim=-1, keepdim=True).half().float()
         errors, _ = _group_errors(w, _normalize(w, scale), mean_square, scale, self._float)
         return scale, (errors[1] < errors[0]).unsqueeze(-1)
 
