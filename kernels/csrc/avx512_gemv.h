@@ -58,77 +58,64 @@ struct ColumnStream {
   }
 };
 
+// One block's tables, made for one column at a time where the visitor decodes it (so that a column's
+// tables live in registers next to its weights): block.weights<kSize>(c, q) decodes column c's block
+// at q. kGroups as in walk_columns.
+template <class Arith, int kGroups>
+struct BlockTables {
+  using Table = typename Arith::Table;
+  const ColumnStream* col;
+  int group[4];  // of each plane, within the batch of the columns' scales
+
+  template <int kSize>
+  typename Arith::template Weights<kSize> weights(int c, const uint8_t* q) const {
+    Table t[kSize / kPlane];
+    for (int j = 0; j < kSize / kPlane; ++j) {
+      // A group of 64 or more spans planes: their table is made once.
+      const bool shared = kGroups != 0 && kGroups < 4 && j % (4 / kGroups) != 0;
+      t[j] = shared ? t[j - 1] : Arith::table(col[c].scaled(group[j]));
+    }
+    return typename Arith::template Weights<kSize>(q, t);
+  }
+};
+
 // Groups g_begin .. g_end of the columns (g_begin * G on a 128-block boundary), block by block in k
-// order: visit(k0, BlockSize<size>(), tables) with tables[c][j] the table of plane j for column c.
-// kGroups is the number of groups per 128-block: 4 (G = 32), 2 (G = 64), 1 (G a multiple of 128, whose
-// table serves G / 128 blocks), or 0 for the other multiples of 32 (96, 160, ...: blocks straddle
-// groups, each plane gets its group's table). A batch of 16 groups is whole blocks, so only the last
-// one can end in a block of 64 and/or 32.
-template <class Arith, int kColumns, int kGroups, class Visit>
+// order: visit(k0, BlockSize<size>(), block) with block the block's BlockTables. kGroups is the
+// number of groups per 128-block: 4 (G = 32), 2 (G = 64), 1 (G a multiple of 128, whose table serves
+// G / 128 blocks), or 0 for the other multiples of 32 (96, 160, ...: blocks straddle groups, each
+// plane gets its group's table). A batch of 16 groups is whole blocks, so only the last one can end
+// in a block of 64 and/or 32.
+template <class Arith, int kGroups, class Visit>
 void walk_columns(const GemmProblem& p, ColumnStream* col, int columns, int64_t g_begin, int64_t g_end,
                   Visit visit) {
-  using Table = typename Arith::Table;
-  Table tables[kColumns][4];
+  BlockTables<Arith, kGroups> block{col, {}};
   const int64_t g = p.group_size;
   for (int64_t g0 = g_begin; g0 < g_end; g0 += kScaleBatch) {
     const int64_t count = g_end - g0 < kScaleBatch ? g_end - g0 : kScaleBatch;
     for (int c = 0; c < columns; ++c) col[c].load_scales(g0, count);
-    if constexpr (kGroups == 0) {  // any other multiple of 32: a table per plane, from its group
-      for (int64_t k0 = g0 * g; k0 < (g0 + count) * g;) {
-        const int64_t size = block_size(p.k, k0);
-        for (int plane = 0; plane < size / kPlane; ++plane) {
-          const int group = static_cast<int>((k0 + kPlane * plane) / g - g0);
-          for (int c = 0; c < columns; ++c) tables[c][plane] = Arith::table(col[c].scaled(group));
-        }
-        if (size == 128) {
-          visit(k0, BlockSize<128>(), tables);
-        } else if (size == 64) {
-          visit(k0, BlockSize<64>(), tables);
-        } else {
-          visit(k0, BlockSize<32>(), tables);
-        }
-        k0 += size;
+    for (int64_t k0 = g0 * g; k0 < (g0 + count) * g;) {
+      const int64_t size = block_size(p.k, k0);
+      for (int plane = 0; plane < 4; ++plane)
+        block.group[plane] = static_cast<int>((k0 + kPlane * plane) / g - g0);
+      if (size == 128) {
+        visit(k0, BlockSize<128>(), block);
+      } else if (size == 64) {
+        visit(k0, BlockSize<64>(), block);
+      } else {
+        visit(k0, BlockSize<32>(), block);
       }
-    } else if constexpr (kGroups == 1) {
-      for (int64_t j = 0; j < count; ++j) {
-        for (int c = 0; c < columns; ++c)
-          tables[c][0] = tables[c][1] = tables[c][2] = tables[c][3] = Arith::table(col[c].scaled(j));
-        for (int64_t k0 = (g0 + j) * g; k0 < (g0 + j + 1) * g; k0 += 128) visit(k0, BlockSize<128>(), tables);
-      }
-    } else {
-      int64_t j = 0;
-      for (; j + kGroups <= count; j += kGroups) {
-        for (int c = 0; c < columns; ++c)
-          for (int i = 0; i < kGroups; ++i) {
-            const Table t = Arith::table(col[c].scaled(j + i));
-            for (int plane = i * 4 / kGroups; plane < (i + 1) * 4 / kGroups; ++plane) tables[c][plane] = t;
-          }
-        visit((g0 + j) * g, BlockSize<128>(), tables);
-      }
-      // The rest of K: a block of 64 (1 group of 64, or 2 of 32), then one of 32.
-      if (j < count && (count - j) * g >= 64) {
-        for (int c = 0; c < columns; ++c) {
-          tables[c][0] = Arith::table(col[c].scaled(j));
-          tables[c][1] = kGroups == 2 ? tables[c][0] : Arith::table(col[c].scaled(j + 1));
-        }
-        visit((g0 + j) * g, BlockSize<64>(), tables);
-        j += 64 / g;
-      }
-      if (j < count) {
-        for (int c = 0; c < columns; ++c) tables[c][0] = Arith::table(col[c].scaled(j));
-        visit((g0 + j) * g, BlockSize<32>(), tables);
-      }
+      k0 += size;
     }
   }
 }
 
-// walk_columns for the group size of p, columns <= kColumns.
-template <class Arith, int kColumns, class Visit>
+// walk_columns for the group size of p.
+template <class Arith, class Visit>
 void walk(const GemmProblem& p, ColumnStream* col, int columns, int64_t g_begin, int64_t g_end, Visit visit) {
-  if (p.group_size == 32) return walk_columns<Arith, kColumns, 4>(p, col, columns, g_begin, g_end, visit);
-  if (p.group_size == 64) return walk_columns<Arith, kColumns, 2>(p, col, columns, g_begin, g_end, visit);
-  if (p.group_size % 128 == 0) return walk_columns<Arith, kColumns, 1>(p, col, columns, g_begin, g_end, visit);
-  walk_columns<Arith, kColumns, 0>(p, col, columns, g_begin, g_end, visit);
+  if (p.group_size == 32) return walk_columns<Arith, 4>(p, col, columns, g_begin, g_end, visit);
+  if (p.group_size == 64) return walk_columns<Arith, 2>(p, col, columns, g_begin, g_end, visit);
+  if (p.group_size % 128 == 0) return walk_columns<Arith, 1>(p, col, columns, g_begin, g_end, visit);
+  walk_columns<Arith, 0>(p, col, columns, g_begin, g_end, visit);
 }
 
 // kM rows of x (fp32, in Arith's k order) against kN columns from n; two accumulators per (row,
@@ -142,12 +129,12 @@ void gemv_block(const GemmProblem& p, int64_t n) {
   __m512 acc[kM][kN][2];
   for (int m = 0; m < kM; ++m)
     for (int c = 0; c < kN; ++c) acc[m][c][0] = acc[m][c][1] = _mm512_setzero_ps();
-  walk<Arith, kN>(p, col, kN, 0, p.k / p.group_size, [&](int64_t k0, auto size, const auto& tables) {
+  walk<Arith>(p, col, kN, 0, p.k / p.group_size, [&](int64_t k0, auto size, const auto& block) {
     constexpr int kSize = decltype(size)::value;
     for (int c = 0; c < kN; ++c) {
       // The next block of columns streams right behind this one: fetch it a block ahead.
       _mm_prefetch(reinterpret_cast<const char*>(col[c].qbytes + kN * row_bytes + k0 / 2), _MM_HINT_T0);
-      const typename Arith::template Weights<kSize> w(col[c].qbytes + k0 / 2, tables[c]);
+      const auto w = block.template weights<kSize>(c, col[c].qbytes + k0 / 2);
       for (int m = 0; m < kM; ++m) Arith::dot(acc[m][c], w, x + m * p.x_stride + k0);
     }
   });
@@ -183,9 +170,9 @@ void dequant(const GemmProblem& p, int64_t n_begin, int64_t n_end, void* out) {
     ColumnStream col;
     col.open(p, n);
     typename Arith::Elem* row = static_cast<typename Arith::Elem*>(out) + (n - n_begin) * p.k;
-    walk<Arith, 1>(p, &col, 1, 0, p.k / p.group_size, [&](int64_t k0, auto size, const auto& tables) {
+    walk<Arith>(p, &col, 1, 0, p.k / p.group_size, [&](int64_t k0, auto size, const auto& block) {
       constexpr int kSize = decltype(size)::value;
-      Arith::store(typename Arith::template Weights<kSize>(col.qbytes + k0 / 2, tables[0]), row + k0);
+      Arith::store(block.template weights<kSize>(0, col.qbytes + k0 / 2), row + k0);
     });
   }
 }

@@ -102,10 +102,10 @@ void decode_panel(const GemmProblem& p, int64_t n0, int64_t columns, int64_t k0,
     ColumnStream col;
     col.open(p, n0 + c);
     uint16_t* tiles = panel + (c / kTile) * k_blocks * kTileElems + (c % kTile) * kTileK;
-    walk<Bf16, 1>(p, &col, 1, k0 / p.group_size, k1 / p.group_size, [&](int64_t kk, auto size, const auto& tables) {
+    walk<Bf16>(p, &col, 1, k0 / p.group_size, k1 / p.group_size, [&](int64_t kk, auto size, const auto& block) {
       constexpr int kSize = decltype(size)::value;
       _mm_prefetch(reinterpret_cast<const char*>(col.qbytes + p.k / 2 + kk / 2), _MM_HINT_T0);
-      const Bf16::Weights<kSize> w(col.qbytes + kk / 2, tables[0]);
+      const auto w = block.template weights<kSize>(0, col.qbytes + kk / 2);
       for (int j = 0; j < kSize / kTileK; ++j)
         _mm512_store_si512(tiles + ((kk - k0) / kTileK + j) * kTileElems, w.w[j]);
     });
@@ -155,11 +155,11 @@ void stream_columns(const GemmProblem& p, int64_t n0, int64_t columns) {
   if constexpr (kBlocks > 1) _tile_zero(1);
   if constexpr (kBlocks > 2) _tile_zero(2);
   if constexpr (kBlocks > 3) _tile_zero(3);
-  walk<Bf16, kTile>(p, col, columns, 0, p.k / p.group_size, [&](int64_t k0, auto size, const auto& tables) {
+  walk<Bf16>(p, col, columns, 0, p.k / p.group_size, [&](int64_t k0, auto size, const auto& block) {
       constexpr int kSize = decltype(size)::value;
       for (int c = 0; c < columns; ++c) {
         _mm_prefetch(reinterpret_cast<const char*>(col[c].qbytes + kTile * p.k / 2 + k0 / 2), _MM_HINT_T0);
-        const Bf16::Weights<kSize> w(col[c].qbytes + k0 / 2, tables[c]);
+        const auto w = block.template weights<kSize>(c, col[c].qbytes + k0 / 2);
         for (int j = 0; j < kSize / kTileK; ++j) _mm512_store_si512(weights[j][c], w.w[j]);
       }
       for (int j = 0; j < kSize / kTileK; ++j) {
