@@ -70,29 +70,30 @@ def _read_article(path: Path) -> str:
         return raw.decode("cp1252", errors="replace").strip()
 
 
+def _write_text(path: Path, text: str) -> Path:
+    """``text`` into ``path`` (UTF-8) through a staging file, so that a stopped run leaves no half file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    staging = path.with_suffix(".partial")
+    staging.write_text(text, encoding="utf-8")
+    staging.replace(path)
+    return path
+
+
 def write_bbc_text(out_dir: Path) -> dict[str, Path]:
     """bbc-calib.txt and bbc-eval.txt (UTF-8, articles separated by blank lines) in ``out_dir``."""
-    out_dir.mkdir(parents=True, exist_ok=True)
-    paths = {}
-    for part in ("calib", "eval"):
-        path = out_dir / f"bbc-{part}.txt"
-        staging = path.with_suffix(".partial")
-        staging.write_text(_SEPARATOR.join(map(_read_article, bbc_articles(part))) + "\n", encoding="utf-8")
-        staging.replace(path)
-        paths[part] = path
-    return paths
+    return {
+        part: _write_text(out_dir / f"bbc-{part}.txt", _SEPARATOR.join(map(_read_article, bbc_articles(part))) + "\n")
+        for part in ("calib", "eval")
+    }
 
 
 def write_pydoc_text(out_dir: Path) -> Path:
     """pydoc-topics.txt: the reference topics of this Python, sorted by name, separated by blank lines."""
     from pydoc_data.topics import topics
 
-    out_dir.mkdir(parents=True, exist_ok=True)
-    path = out_dir / "pydoc-topics.txt"
-    staging = path.with_suffix(".partial")
-    staging.write_text(_SEPARATOR.join(topics[name].strip() for name in sorted(topics)) + "\n", encoding="utf-8")
-    staging.replace(path)
-    return path
+    return _write_text(
+        out_dir / "pydoc-topics.txt", _SEPARATOR.join(topics[name].strip() for name in sorted(topics)) + "\n"
+    )
 
 
 def write_stdlib_code(out_dir: Path) -> Path:
@@ -107,12 +108,7 @@ def write_stdlib_code(out_dir: Path) -> Path:
             break
         sources.append(module.read_text(encoding="utf-8", errors="ignore"))
         size += len(sources[-1].encode())
-    out_dir.mkdir(parents=True, exist_ok=True)
-    path = out_dir / "stdlib-code.txt"
-    staging = path.with_suffix(".partial")
-    staging.write_text(_SEPARATOR.join(sources), encoding="utf-8")
-    staging.replace(path)
-    return path
+    return _write_text(out_dir / "stdlib-code.txt", _SEPARATOR.join(sources))
 
 
 def default_calibration() -> Path:
