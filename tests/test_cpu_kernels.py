@@ -157,6 +157,24 @@ def test_leading_dims_and_empty_batch():
     assert torch.ops.aaac.linear(torch.empty(0, 256).bfloat16(), *layout, PARTS, None).shape == (0, sum(PARTS))
 
 
+@pytest.mark.parametrize("isa", ISAS, indirect=True)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_threads_of_a_call_under_inference_mode(isa, dtype):
+    """vLLM calls the op under torch.inference_mode with a thread per core: the tiled path (M > 4; at
+    K = 512 a tile is 512 fp32 columns, so 2048 columns are 4 tiles) writes its output on every thread."""
+    qweight, scales, codebooks, dense = random_layer([2048], 512, 64)
+    layout = cpu_layout(qweight, scales, codebooks)
+    x, bias = torch.randn(16, 512).to(dtype), torch.randn(2048).to(dtype)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(4)
+    try:
+        with torch.inference_mode():
+            got = torch.ops.aaac.linear(x, *layout, [2048], bias)
+    finally:
+        torch.set_num_threads(threads)
+    _check(got, x, dense.to(dtype), bias)
+
+
 def test_torch_path_matches_native():
     layout, dense = _layer(256, 64)
     x, bias = torch.randn(5, 256).bfloat16(), torch.randn(sum(PARTS)).bfloat16()

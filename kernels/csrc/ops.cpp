@@ -5,6 +5,7 @@
 // The op's schema, its fake and its CUDA kernel are defined in aaac_kernels/linear.py; this file only
 // adds the CPU kernel, so the op has one definition whether or not the extension was built.
 #include <ATen/Parallel.h>
+#include <ATen/ThreadLocalState.h>
 #include <cpuid.h>
 #include <sys/syscall.h>
 #include <torch/extension.h>
@@ -169,7 +170,11 @@ void tiled(const IsaKernels& isa, const GemmProblem& p, const at::Tensor& x, con
            at::Tensor& y) {
   const int64_t tile_n = std::max<int64_t>(16, kTileBytes / (p.k * x.element_size()) / 16 * 16);
   const int64_t tiles = (p.n + tile_n - 1) / tile_n;
+  // at::parallel_for's threads do not inherit the caller's thread-local state: without it, a thread
+  // outside the caller's inference mode may not write into y (an inference tensor when vLLM calls).
+  const at::ThreadLocalState caller;
   at::parallel_for(0, tiles, 1, [&](int64_t t_begin, int64_t t_end) {
+    const at::ThreadLocalStateGuard guard(caller);
     at::Tensor tile = at::empty({tile_n, p.k}, x.options());
     for (int64_t t = t_begin; t < t_end; ++t) {
       const int64_t n0 = t * tile_n, width = std::min(tile_n, p.n - n0);
