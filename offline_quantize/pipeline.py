@@ -14,7 +14,6 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
 from torch import nn
 from tqdm.auto import tqdm
 
@@ -22,7 +21,7 @@ from aaac_kernels.format import awq as awq_format
 from aaac_kernels.format.config import quantization_config, write_config
 from aaac_kernels.format.errors import AAACError
 from aaac_kernels.format.experts import expert_of
-from aaac_kernels.format.files import ShardWriter, copy_side_files
+from aaac_kernels.format.files import ShardWriter, copy_side_files, stored_tensors
 from aaac_kernels.format.manifest import write_manifest
 
 from . import source
@@ -239,17 +238,16 @@ def write_checkpoint(
 ) -> list[str]:
     """Shards (every block's tensors, then every source tensor not replaced, bit for bit), manifest, config
     and side files into ``staging``; returns the shard names."""
-    writer = ShardWriter(staging, settings.max_shard_bytes)
+    writer = ShardWriter(staging, settings.max_shard_bytes)  # copies each tensor's bytes, holding none
     written = {model.stored_name(f"{name}.weight") for name in linears}
     for i in range(progress.blocks_done):
-        for name, tensor in progress.block_tensors(i).items():
+        for name, tensor in stored_tensors(progress.block_file(i)).items():
             writer.add(name, tensor)
             written.add(name)
     for file in source.weight_files(source_dir):
-        with safe_open(str(file), framework="pt") as f:
-            for key in f.keys():
-                if key not in written:
-                    writer.add(key, f.get_tensor(key))
+        for name, tensor in stored_tensors(file).items():
+            if name not in written:
+                writer.add(name, tensor)
     shards = writer.finish()
     write_manifest(staging)
     unconverted = [model.stored_name(name) for name in source.unquantized_modules(model.module, linears)]

@@ -99,9 +99,6 @@ class Progress:
     def block_file(self, block: int) -> Path:
         return self.folder / f"block-{block:05d}.safetensors"
 
-    def block_tensors(self, block: int) -> dict[str, torch.Tensor]:
-        return load_file(self.block_file(block))
-
     def remove(self) -> None:
         shutil.rmtree(self.folder, ignore_errors=True)
 

@@ -65,3 +65,28 @@ def test_dequantize_dtype_and_layout():
     scales = encode_scales(torch.rand(5, 1, dtype=torch.float16), torch.zeros(5, 1, dtype=torch.bool)).t()
     w = dequantize(pack_indices(indices), scales.contiguous(), CODEBOOKS, 32, dtype=torch.bfloat16)
     assert w.shape == (5, 32) and w.dtype == torch.bfloat16
+
+
+def test_shard_writer_writes_what_safetensors_writes(tmp_path):
+    """Every dtype, from memory and copied by its bytes from another file: the bytes of ``save_file``."""
+    from safetensors.torch import save_file
+
+    from aaac_kernels.format.files import ShardWriter, stored_tensors
+
+    torch.manual_seed(0)
+    dtypes = [torch.bool, torch.uint8, torch.int8, torch.float8_e5m2, torch.float8_e4m3fn, torch.int16, torch.uint16]
+    dtypes += [torch.float16, torch.bfloat16, torch.int32, torch.uint32, torch.float32, torch.float64, torch.int64]
+    tensors = {f"t.{i}": torch.randint(0, 2, (3, 5 + i)).to(dtype) for i, dtype in enumerate(reversed(dtypes))}
+    tensors |= {"scalar": torch.tensor(1.5), "empty": torch.zeros(0, 4, dtype=torch.bfloat16)}
+    save_file(tensors, tmp_path / "expected.safetensors", metadata={"format": "pt"})
+    in_file = {name: t for name, t in tensors.items() if name.startswith("t.")}
+    save_file(in_file, tmp_path / "source.safetensors")
+    stored = stored_tensors(tmp_path / "source.safetensors")
+    assert list(stored) == sorted(in_file)
+
+    (tmp_path / "out").mkdir()
+    writer = ShardWriter(tmp_path / "out", 1 << 30)
+    for name, tensor in tensors.items():
+        writer.add(name, stored.get(name, tensor))
+    assert writer.finish() == ["model.safetensors"]
+    assert (tmp_path / "out" / "model.safetensors").read_bytes() == (tmp_path / "expected.safetensors").read_bytes()

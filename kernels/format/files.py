@@ -6,11 +6,12 @@ leading out of the folder is not followed.
 
 import json
 import shutil
+import struct
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
 
 from .errors import AAACError
 
@@ -78,27 +79,89 @@ def read_tensors(path: Path) -> dict[str, torch.Tensor]:
     return tensors
 
 
+# torch dtype -> safetensors' name, in safetensors' order of dtypes: its writer puts a file's tensors in
+# descending order of this rank, then by name.
+_DTYPE_NAMES = {
+    torch.bool: "BOOL",
+    torch.uint8: "U8",
+    torch.int8: "I8",
+    torch.float8_e5m2: "F8_E5M2",
+    torch.float8_e4m3fn: "F8_E4M3",
+    torch.int16: "I16",
+    torch.uint16: "U16",
+    torch.float16: "F16",
+    torch.bfloat16: "BF16",
+    torch.int32: "I32",
+    torch.uint32: "U32",
+    torch.float32: "F32",
+    torch.float64: "F64",
+    torch.int64: "I64",
+    torch.uint64: "U64",
+}
+_DTYPE_RANK = {name: rank for rank, name in enumerate(_DTYPE_NAMES.values())}
+_COPY_CHUNK = 16 << 20
+
+
+@dataclass(frozen=True)
+class StoredTensor:
+    """A tensor as it lies in a safetensors file: copied into a shard by its bytes, never read into memory."""
+
+    file: Path
+    dtype: str  # safetensors' name: "BF16", "I32", ...
+    shape: tuple[int, ...]
+    start: int  # byte offsets in the file
+    end: int
+
+    @property
+    def nbytes(self) -> int:
+        return self.end - self.start
+
+
+def stored_tensors(file: Path) -> dict[str, StoredTensor]:
+    """Where each tensor of a safetensors file lies in it, from the file's header; by name, as ``safe_open``
+    lists them."""
+    with open(file, "rb") as f:
+        (length,) = struct.unpack("<Q", f.read(8))
+        header = json.loads(f.read(length))
+    header.pop("__metadata__", None)
+    data = 8 + length
+    stored = {}
+    for name, info in sorted(header.items()):
+        start, end = info["data_offsets"]
+        stored[name] = StoredTensor(file, info["dtype"], tuple(info["shape"]), data + start, data + end)
+    return stored
+
+
 class ShardWriter:
-    """Streams tensors into safetensors shards of at most ``max_shard_bytes``, then names and indexes them."""
+    """Streams tensors into safetensors shards of at most ``max_shard_bytes``, then names and indexes them.
+
+    A shard is written as safetensors writes it (the same bytes as ``safetensors.torch.save_file``), but
+    tensor by tensor: a ``StoredTensor`` is copied from its file in chunks, so copying a source model's
+    embedding or a finished block costs no memory of its size.
+    """
 
     def __init__(self, folder: Path, max_shard_bytes: int):
         self.folder, self.max_bytes = folder, max_shard_bytes
-        self.pending: dict[str, torch.Tensor] = {}
+        self.pending: dict[str, torch.Tensor | StoredTensor] = {}
         self.pending_bytes = 0
         self.shards: list[tuple[Path, list[str]]] = []
         self.total_bytes = 0
 
-    def add(self, name: str, tensor: torch.Tensor) -> None:
-        size = tensor.numel() * tensor.element_size()
+    def add(self, name: str, tensor: torch.Tensor | StoredTensor) -> None:
+        if isinstance(tensor, torch.Tensor):
+            tensor = tensor.detach().cpu().contiguous()
+            size = tensor.numel() * tensor.element_size()
+        else:
+            size = tensor.nbytes
         if self.pending and self.pending_bytes + size > self.max_bytes:
             self._flush()
-        self.pending[name] = tensor.detach().cpu().contiguous()
+        self.pending[name] = tensor
         self.pending_bytes += size
         self.total_bytes += size
 
     def _flush(self) -> None:
         path = self.folder / f"shard-{len(self.shards):05d}.tmp"
-        save_file(self.pending, str(path), metadata={"format": "pt"})
+        write_safetensors(path, self.pending)
         self.shards.append((path, list(self.pending)))
         self.pending, self.pending_bytes = {}, 0
 
@@ -120,6 +183,49 @@ class ShardWriter:
             index = {"metadata": {"total_size": self.total_bytes}, "weight_map": dict(sorted(weight_map.items()))}
             (self.folder / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n")
         return names
+
+
+def write_safetensors(path: Path, tensors: dict[str, torch.Tensor | StoredTensor]) -> None:
+    """One safetensors file (metadata ``format: pt``), written tensor by tensor."""
+    entries = []
+    for name, tensor in tensors.items():
+        if isinstance(tensor, torch.Tensor):
+            if tensor.dtype not in _DTYPE_NAMES:
+                raise AAACError(f"tensor {name}: dtype {tensor.dtype} cannot be stored in safetensors")
+            entries.append((name, _DTYPE_NAMES[tensor.dtype], tuple(tensor.shape), tensor))
+        elif tensor.dtype in _DTYPE_RANK:
+            entries.append((name, tensor.dtype, tensor.shape, tensor))
+        else:
+            raise AAACError(f"{tensor.file}: tensor {name} has dtype {tensor.dtype}, which this writer cannot order")
+    entries.sort(key=lambda entry: (-_DTYPE_RANK[entry[1]], entry[0]))
+    header: dict[str, dict] = {"__metadata__": {"format": "pt"}}
+    offset = 0
+    for name, dtype, shape, tensor in entries:
+        size = tensor.numel() * tensor.element_size() if isinstance(tensor, torch.Tensor) else tensor.nbytes
+        header[name] = {"dtype": dtype, "shape": list(shape), "data_offsets": [offset, offset + size]}
+        offset += size
+    text = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode()
+    text += b" " * (-len(text) % 8)  # the data starts 8-byte aligned
+    with open(path, "wb") as out:
+        out.write(struct.pack("<Q", len(text)) + text)
+        for _, _, _, tensor in entries:
+            if isinstance(tensor, torch.Tensor):
+                out.write(tensor.reshape(-1).view(torch.uint8).numpy().data)
+            else:
+                _copy_range(tensor, out)
+
+
+def _copy_range(tensor: StoredTensor, out) -> None:
+    buffer = bytearray(min(_COPY_CHUNK, tensor.nbytes))
+    with open(tensor.file, "rb") as source:
+        source.seek(tensor.start)
+        left = tensor.nbytes
+        while left:
+            view = memoryview(buffer)[: min(left, len(buffer))]
+            if source.readinto(view) != len(view):
+                raise AAACError(f"{tensor.file}: ends inside a tensor's data")
+            out.write(view)
+            left -= len(view)
 
 
 def copy_side_files(source: Path, target: Path) -> None:
