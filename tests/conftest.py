@@ -205,23 +205,40 @@ os.environ.setdefault("VLLM_ALLOW_INSECURE_SERIALIZATION", "1")
 
 @contextmanager
 def vllm_engine(model: Path, **kwargs):
-    """A vLLM engine on ``model`` (``aaac`` method unless told), shut down (worker processes included) on exit."""
+    """A vLLM engine on ``model`` (``aaac`` method unless told), shut down (worker processes included) on exit.
+
+    An engine on one rank runs in this process (vLLM's engine core and its one worker, as
+    ``VLLM_ENABLE_V1_MULTIPROCESSING=0`` and the ``uni`` executor run them): it starts in seconds, where
+    three processes importing vLLM take about 40 s on the 2-core machines. Several ranks run as vLLM runs
+    them, a process each; the server (test_serve.py) keeps the process boundaries of ``vllm serve``. Two
+    engines in this process at once would share vLLM's process-wide parallel groups: no test holds two.
+    """
+    import vllm.envs
     from vllm import LLM
 
-    llm = LLM(model=str(model), seed=0, max_model_len=1024, **{"quantization": "aaac", "enforce_eager": True, **kwargs})
+    options = {"quantization": "aaac", "enforce_eager": True, **kwargs}
+    in_process = options.get("tensor_parallel_size", 1) == options.get("pipeline_parallel_size", 1) == 1
+    if in_process:
+        options["distributed_executor_backend"] = "uni"
+    saved = os.environ.get("VLLM_ENABLE_V1_MULTIPROCESSING")
+    os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0" if in_process else "1"
+    try:
+        llm = LLM(model=str(model), seed=0, max_model_len=1024, **options)
+    finally:
+        if saved is None:
+            del os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"]
+        else:
+            os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = saved
+        # An engine core in this process freezes the environment variables vLLM reads and the objects the
+        # garbage collector tracks, for serving speed; the tests after it set their own and free theirs.
+        vllm.envs.disable_envs_cache()
+        gc.unfreeze()
     try:
         yield llm
     finally:
         llm.llm_engine.engine_core.shutdown()
         del llm
         gc.collect()
-
-
-@pytest.fixture(scope="session")
-def smollm2_engine(quantized):
-    """The one eager vLLM engine on the AAAC SmolLM2 that the vLLM tests share."""
-    with vllm_engine(quantized) as llm:
-        yield llm
 
 
 @pytest.fixture(scope="session")
