@@ -243,8 +243,8 @@ def vllm_engine(model: Path, **kwargs):
 
 @pytest.fixture(scope="session")
 def tiny_quantize_run(tmp_path_factory, small_calib) -> tuple[Path, Path, subprocess.CompletedProcess]:
-    """A small random Llama whose head counts divide by 2 (for tensor parallel), quantized at group size 32
-    by the aaac-quantize command: (source, checkpoint, the command's output)."""
+    """A small random Llama quantized at group size 32 by the aaac-quantize command: (source, checkpoint,
+    the command's output)."""
     root = tmp_path_factory.mktemp("tiny")
     source = tiny_llama(root / "tiny", hidden=128, layers=2)
     out = root / "tiny-aaac-g32"
