@@ -306,6 +306,7 @@ def _compare(argv) -> None:
     if args.calib:
         options += ["--calib", *map(str, args.calib)]
     run(
+        quantize_main,
         args.source,
         args.workdir,
         texts,

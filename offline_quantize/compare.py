@@ -20,6 +20,7 @@ import os
 import platform
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -40,7 +41,6 @@ def variants() -> dict[str, list[str] | None]:
 
 # What every quantization process imports before it starts; the server imports it once.
 _PRELOAD = [
-    "offline_quantize.cli",
     "offline_quantize.pipeline",
     "transformers.models.auto.modeling_auto",
     "transformers.models.auto.tokenization_auto",
@@ -48,8 +48,17 @@ _PRELOAD = [
 ]
 
 
-def quantize_variant(label: str, source: Path, output: Path, options: list[str], reuse: bool, log: Path) -> dict:
-    """Run aaac-quantize for one variant in its own process (its output into ``log``); return its report."""
+def quantize_variant(
+    quantize_main: Callable[[list[str]], int],
+    label: str,
+    source: Path,
+    output: Path,
+    options: list[str],
+    reuse: bool,
+    log: Path,
+) -> dict:
+    """Run aaac-quantize (its ``quantize_main``) for one variant in its own process, its output into ``log``;
+    return its report."""
     report_file = output / "quantization_report.json"
     if reuse and report_file.is_file():
         return json.loads(report_file.read_text())
@@ -58,7 +67,7 @@ def quantize_variant(label: str, source: Path, output: Path, options: list[str],
     context = multiprocessing.get_context("forkserver")
     context.set_forkserver_preload(_PRELOAD)
     log.parent.mkdir(parents=True, exist_ok=True)
-    process = context.Process(target=_quantize_main, args=(argv, str(log)), name=f"aaac-quantize {label}")
+    process = context.Process(target=_logged, args=(quantize_main, argv, str(log)), name=f"aaac-quantize {label}")
     process.start()
     process.join()
     if process.exitcode != 0:
@@ -67,17 +76,16 @@ def quantize_variant(label: str, source: Path, output: Path, options: list[str],
     return json.loads(report_file.read_text())
 
 
-def _quantize_main(argv: list[str], log: str) -> None:
-    """The body of a quantization process: aaac-quantize's main, its output (both streams) into ``log``."""
+def _logged(main: Callable[[list[str]], int], argv: list[str], log: str) -> None:
+    """The body of a quantization process: ``main(argv)``, its output (both streams) into ``log``."""
     with open(log, "w") as out:
         os.dup2(out.fileno(), 1)
         os.dup2(out.fileno(), 2)
-    from .cli import quantize_main
-
-    sys.exit(quantize_main(argv))
+    sys.exit(main(argv))
 
 
 def run(
+    quantize_main: Callable[[list[str]], int],
     source: Path,
     workdir: Path,
     texts: dict[str, Path],
@@ -88,7 +96,9 @@ def run(
     device: str,
     reuse: bool,
 ) -> dict:
-    """Quantize and evaluate every variant in ``labels``; returns the results and writes the three files."""
+    """Quantize and evaluate every variant in ``labels``; returns the results and writes the three files.
+    ``quantize_main`` is aaac-quantize's command line (``cli.quantize_main``, which this module's own command
+    line passes in), run in each variant's process."""
     from transformers import AutoTokenizer
 
     from .hf_loader import load_causal_lm
@@ -113,7 +123,8 @@ def run(
             continue
         folders[label] = workdir / label
         log = workdir / "logs" / f"{label}.log"
-        report = quantize_variant(label, source, folders[label], [*options, *quantize_options], reuse, log)
+        arguments = [*options, *quantize_options]
+        report = quantize_variant(quantize_main, label, source, folders[label], arguments, reuse, log)
         summary = report["summary"]
         methods[label] = {
             "format": report["format"],
