@@ -150,9 +150,7 @@ class ShardWriter:
     def add(self, name: str, tensor: torch.Tensor | StoredTensor) -> None:
         if isinstance(tensor, torch.Tensor):
             tensor = tensor.detach().cpu().contiguous()
-            size = tensor.numel() * tensor.element_size()
-        else:
-            size = tensor.nbytes
+        size = _nbytes(tensor)
         if self.pending and self.pending_bytes + size > self.max_bytes:
             self._flush()
         self.pending[name] = tensor
@@ -187,32 +185,39 @@ class ShardWriter:
 
 def write_safetensors(path: Path, tensors: dict[str, torch.Tensor | StoredTensor]) -> None:
     """One safetensors file (metadata ``format: pt``), written tensor by tensor."""
-    entries = []
-    for name, tensor in tensors.items():
-        if isinstance(tensor, torch.Tensor):
-            if tensor.dtype not in _DTYPE_NAMES:
-                raise AAACError(f"tensor {name}: dtype {tensor.dtype} cannot be stored in safetensors")
-            entries.append((name, _DTYPE_NAMES[tensor.dtype], tuple(tensor.shape), tensor))
-        elif tensor.dtype in _DTYPE_RANK:
-            entries.append((name, tensor.dtype, tensor.shape, tensor))
-        else:
-            raise AAACError(f"{tensor.file}: tensor {name} has dtype {tensor.dtype}, which this writer cannot order")
-    entries.sort(key=lambda entry: (-_DTYPE_RANK[entry[1]], entry[0]))
+    dtypes = {name: _dtype_name(name, tensor) for name, tensor in tensors.items()}
+    names = sorted(tensors, key=lambda name: (-_DTYPE_RANK[dtypes[name]], name))
     header: dict[str, dict] = {"__metadata__": {"format": "pt"}}
     offset = 0
-    for name, dtype, shape, tensor in entries:
-        size = tensor.numel() * tensor.element_size() if isinstance(tensor, torch.Tensor) else tensor.nbytes
-        header[name] = {"dtype": dtype, "shape": list(shape), "data_offsets": [offset, offset + size]}
+    for name in names:
+        size = _nbytes(tensors[name])
+        header[name] = {
+            "dtype": dtypes[name],
+            "shape": list(tensors[name].shape),
+            "data_offsets": [offset, offset + size],
+        }
         offset += size
     text = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode()
     text += b" " * (-len(text) % 8)  # the data starts 8-byte aligned
     with open(path, "wb") as out:
         out.write(struct.pack("<Q", len(text)) + text)
-        for _, _, _, tensor in entries:
+        for tensor in (tensors[name] for name in names):
             if isinstance(tensor, torch.Tensor):
                 out.write(tensor.reshape(-1).view(torch.uint8).numpy().data)
             else:
                 _copy_range(tensor, out)
+
+
+def _nbytes(tensor: torch.Tensor | StoredTensor) -> int:
+    return tensor.numel() * tensor.element_size() if isinstance(tensor, torch.Tensor) else tensor.nbytes
+
+
+def _dtype_name(name: str, tensor: torch.Tensor | StoredTensor) -> str:
+    """Safetensors' name of the tensor's dtype, one its writer knows how to order."""
+    dtype = _DTYPE_NAMES.get(tensor.dtype) if isinstance(tensor, torch.Tensor) else tensor.dtype
+    if dtype not in _DTYPE_RANK:
+        raise AAACError(f"tensor {name}: dtype {tensor.dtype} cannot be written to a safetensors shard here")
+    return dtype
 
 
 def _copy_range(tensor: StoredTensor, out) -> None:
