@@ -329,6 +329,8 @@ def build_awq(
     encode. (None, reason) where vLLM would not take that path on this machine."""
     from vllm.model_executor.layers.quantization.auto_awq import AutoAWQConfig, AutoAWQMarlinLinearMethod
 
+    if path == "w4a16" and not hasattr(torch.ops._C, "cpu_gemm_wna16"):
+        return None, "this vLLM build has no cpu_gemm_wna16 (vLLM's AVX2 build serves no AWQ checkpoint)"
     n = sum(parts)
     indices = torch.randint(0, 16, (k, n), dtype=torch.int32)
     zeros = torch.randint(0, 16, (k // group_size, n), dtype=torch.int32)

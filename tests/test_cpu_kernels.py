@@ -1,11 +1,12 @@
 """torch.ops.aaac.linear on CPU: the C++ kernels of every instruction-set path this CPU runs, the
 load-time layout, the plain-torch fallback, and the op under torch.compile.
 
-What is exact and what is not: the decode kernels (M <= 4; on AMX only M = 1, as bf16 batches from 2
-rows run on the tiles) compute with the exact weight, entry x |scale| in fp32; the other kernels with
-the reference dequantizer's weight in the activations' dtype (bf16 for bf16 activations; fp32 for fp32
-and fp16 ones), bit for bit (checked directly on the dequantizers). All accumulate in fp32 in their own
-order. So against a float64 product with the weight the kernel takes, an output may differ by (a) the
+What is exact and what is not: the decode kernels (M <= 4, on the avx2 path M <= 16; on AMX only
+M = 1, as bf16 batches from 2 rows run on the tiles) compute with the exact weight, entry x |scale| in
+fp32; the other kernels with the reference dequantizer's weight, bit for bit (checked directly on the
+dequantizers), in bf16 for bf16 activations on the paths that multiply bf16 natively (avx512_bf16,
+amx_bf16) and in fp32 otherwise. All accumulate in fp32 in their own order. So against a float64
+product with the weight the kernel takes, an output may differ by (a) the
 fp32 summation, at most K * 2^-24 times the sum of |w x| (the classic bound for recursive summation,
 which covers any order and the products themselves), and (b) one rounding to the output dtype, at most
 one unit in its last place relative to the result (2^-8 for bf16, 2^-11 for fp16, 2^-24 for fp32). A
@@ -42,6 +43,14 @@ M_VALUES = [1, 2, 3, 4, 5, 16, 33, 80, 128]
 # depth (2048).
 SHAPES = [(320, 64), (224, 32), (384, 96), (168, 24), (4224, 128)]
 OUTPUT_UNIT = {torch.bfloat16: 2.0**-8, torch.float16: 2.0**-11, torch.float32: 2.0**-24}
+
+
+def tile_weight(dense: torch.Tensor, dtype: torch.dtype, isa: str, group_size: int) -> torch.Tensor:
+    """The weight the tiled path (M > 4 off the AMX tiles) multiplies: the reference's in bf16 for bf16
+    activations where the path multiplies bf16 natively, else the exact fp32 one. Group sizes that are
+    not a multiple of 32 run the scalar kernels on every path."""
+    native_bf16 = isa in ("avx512_bf16", "amx_bf16") and group_size % 32 == 0
+    return dense.to(dtype) if dtype == torch.bfloat16 and native_bf16 else dense
 
 
 @pytest.fixture
@@ -124,8 +133,8 @@ def test_op_matches_reference(isa, k, group_size, dtype):
         x = torch.randn(m, k).to(dtype)
         bias = torch.randn(sum(PARTS)).to(dtype) if m % 2 else None
         on_tiles = isa == "amx_bf16" and group_size % 32 == 0 and dtype == torch.bfloat16  # else scalar
-        decodes = m == 1 or (m <= 4 and not on_tiles)
-        weight = dense if decodes else dense.to(dtype)
+        decodes = m == 1 or (m <= (16 if isa == "avx2" and group_size % 32 == 0 else 4) and not on_tiles)
+        weight = dense if decodes else dense.to(dtype) if on_tiles else tile_weight(dense, dtype, isa, group_size)
         _check(torch.ops.aaac.linear(x, *layout, PARTS, bias), x, weight, bias)
 
 
@@ -153,18 +162,19 @@ def test_parts_read_their_own_codebooks(isa):
 def test_leading_dims_and_empty_batch():
     layout, dense = _layer(256, 64)
     x = torch.randn(2, 3, 256).bfloat16()
-    _check(torch.ops.aaac.linear(x, *layout, PARTS, None), x, dense.bfloat16(), None)
+    _check(torch.ops.aaac.linear(x, *layout, PARTS, None), x, tile_weight(dense, x.dtype, NATIVE.isa(), 64), None)
     assert torch.ops.aaac.linear(torch.empty(0, 256).bfloat16(), *layout, PARTS, None).shape == (0, sum(PARTS))
 
 
 @pytest.mark.parametrize("isa", ISAS, indirect=True)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_threads_of_a_call_under_inference_mode(isa, dtype):
-    """vLLM calls the op under torch.inference_mode with a thread per core: the tiled path (M > 4; at
-    K = 512 a tile is 512 fp32 columns, so 2048 columns are 4 tiles) writes its output on every thread."""
+    """vLLM calls the op under torch.inference_mode with a thread per core: the tiled path (M = 33 is past
+    every path's decode kernel; at K = 512 a tile is 512 fp32 columns, so 2048 columns are 4 tiles) writes
+    its output on every thread."""
     qweight, scales, codebooks, dense = random_layer([2048], 512, 64)
     layout = cpu_layout(qweight, scales, codebooks)
-    x, bias = torch.randn(16, 512).to(dtype), torch.randn(2048).to(dtype)
+    x, bias = torch.randn(33, 512).to(dtype), torch.randn(2048).to(dtype)
     threads = torch.get_num_threads()
     torch.set_num_threads(4)
     try:
@@ -172,7 +182,7 @@ def test_threads_of_a_call_under_inference_mode(isa, dtype):
             got = torch.ops.aaac.linear(x, *layout, [2048], bias)
     finally:
         torch.set_num_threads(threads)
-    _check(got, x, dense.to(dtype), bias)
+    _check(got, x, tile_weight(dense, dtype, isa, 64), bias)
 
 
 def test_torch_path_matches_native():

@@ -44,7 +44,8 @@ struct GemmProblem {
 // the DecodeOrderFn's output.
 using GemvFn = void (*)(const GemmProblem&, int64_t n_begin, int64_t n_end);
 // x ([p.m, K], row stride x_stride, fp32 or bf16) -> out ([p.m, K] fp32) in the k order the path's gemv
-// kernel reads: k order itself (scalar, AVX2), or the even and odd k of each plane (AVX-512).
+// kernel reads: k order itself (scalar), runs of 4 k in a plane's register order (AVX2), or the even and
+// odd k of each plane (AVX-512).
 using DecodeOrderFn = void (*)(const GemmProblem&, const void* x, int64_t x_stride, ActDtype dtype, float* out);
 // W[n_begin:n_end] dequantized into out ([n_end - n_begin, K] row-major, y_dtype), bit for bit the
 // reference dequantizer's weight in that dtype.
@@ -70,6 +71,7 @@ const uint16_t* codebook_pair(const GemmProblem& p, int64_t n);
 void natural_order(const GemmProblem&, const void*, int64_t, ActDtype, float*);
 void gemv_scalar(const GemmProblem&, int64_t, int64_t);
 void dequant_scalar(const GemmProblem&, int64_t, int64_t, void*);
+void decode_order_avx2(const GemmProblem&, const void*, int64_t, ActDtype, float*);
 void gemv_avx2(const GemmProblem&, int64_t, int64_t);
 void dequant_avx2(const GemmProblem&, int64_t, int64_t, void*);
 void decode_order_avx512(const GemmProblem&, const void*, int64_t, ActDtype, float*);

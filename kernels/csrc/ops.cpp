@@ -37,20 +37,26 @@ namespace {
 struct IsaKernels {
   const char* name;
   DecodeOrderFn decode_order;  // x for gemv
-  GemvFn gemv;                 // M <= kMaxDecodeRows
+  GemvFn gemv;                 // up to kMaxDecodeRows rows at a time
   DequantFn dequant;     // larger M without gemm_bf16: dequantized tiles and at::mm
   GemmFn gemm_bf16;      // bf16 activations from gemm_min_rows rows on, or nullptr
   int64_t gemm_min_rows;
+  int64_t decode_max_rows;  // batches up to this size run the decode kernel, kMaxDecodeRows rows a pass
+  // bf16 activations meet bf16 tiles only where the CPU multiplies bf16 (AVX512-BF16): elsewhere at::mm
+  // in bf16 runs several times slower than in fp32 (docs/kernels.md), so the tiles and x are fp32.
+  bool bf16_tiles;
 };
 
 // Ordered from the most portable to the fastest. With AMX, the decode kernel still serves M = 1; from 2
-// rows on the AMX tiles were as fast or faster (benchmarks/cpu_kernels.py, docs/benchmarks.md).
+// rows on the AMX tiles were as fast or faster (benchmarks/cpu_kernels.py, docs/benchmarks.md). On AVX2
+// (a 2-core Zen 3, K = N = 4096, 1 and 2 threads) the decode kernel's passes beat the fp32 tiles and
+// at::mm up to M = 16 (M = 5: 2x; M = 16: 1.07-1.13x; M = 24: 0.87-0.98x).
 constexpr IsaKernels kIsas[] = {
-    {"scalar", natural_order, gemv_scalar, dequant_scalar, nullptr, 0},
-    {"avx2", natural_order, gemv_avx2, dequant_avx2, nullptr, 0},
-    {"avx512", decode_order_avx512, gemv_avx512, dequant_avx512, nullptr, 0},
-    {"avx512_bf16", decode_order_avx512, gemv_avx512, dequant_avx512_bf16, nullptr, 0},
-    {"amx_bf16", decode_order_avx512, gemv_avx512, dequant_avx512_bf16, gemm_amx, 2},
+    {"scalar", natural_order, gemv_scalar, dequant_scalar, nullptr, 0, 4, false},
+    {"avx2", decode_order_avx2, gemv_avx2, dequant_avx2, nullptr, 0, 16, false},
+    {"avx512", decode_order_avx512, gemv_avx512, dequant_avx512, nullptr, 0, 4, false},
+    {"avx512_bf16", decode_order_avx512, gemv_avx512, dequant_avx512_bf16, nullptr, 0, 4, true},
+    {"amx_bf16", decode_order_avx512, gemv_avx512, dequant_avx512_bf16, gemm_amx, 2, 4, true},
 };
 
 enum class Path { kDecode, kAmx, kTiled };
@@ -142,9 +148,12 @@ std::vector<int64_t> part_ends_of(c10::IntArrayRef part_sizes) {
 constexpr int64_t kColumnGrain = 16;
 // Bytes of one dequantized weight tile of the large-M path: it stays in L2 while the GEMM reads it.
 constexpr int64_t kTileBytes = 1024 * 1024;
+// Bytes of 4-bit weights the decode kernel's passes share: they stay in L2 from one pass to the next.
+constexpr int64_t kDecodeBlockBytes = 256 * 1024;
 
-// M <= a few: x widened once to fp32 in the kernel's k order, then the weights streamed once per
-// kMaxDecodeRows rows.
+// Small M: x widened once to fp32 in the kernel's k order, then the weights streamed once per pass of
+// kMaxDecodeRows rows. The passes run over a block of columns at a time, so that from the second pass on
+// the block's weights come from L2.
 void decode(const IsaKernels& isa, GemmProblem p, const at::Tensor& x, at::Tensor& y) {
   // The caller's buffer (the worker threads see only the pointer), 64-byte aligned: the kernels' x
   // loads must not straddle cache lines.
@@ -152,22 +161,29 @@ void decode(const IsaKernels& isa, GemmProblem p, const at::Tensor& x, at::Tenso
   buffer.resize(p.m * p.k + 16);
   float* ordered = reinterpret_cast<float*>((reinterpret_cast<uintptr_t>(buffer.data()) + 63) & ~uintptr_t{63});
   isa.decode_order(p, x.data_ptr(), p.k, act_dtype(x.scalar_type()), ordered);
+  const int64_t block = std::max<int64_t>(kColumnGrain, kDecodeBlockBytes / (p.k / 2));
   at::parallel_for(0, p.n, kColumnGrain, [&](int64_t n_begin, int64_t n_end) {
     GemmProblem rows = p;
     rows.x_stride = p.k;
-    for (int64_t m0 = 0; m0 < p.m; m0 += kMaxDecodeRows) {
-      rows.m = std::min(kMaxDecodeRows, p.m - m0);
-      rows.x = ordered + m0 * p.k;
-      rows.y = static_cast<char*>(y.data_ptr()) + m0 * p.y_stride * y.element_size();
-      isa.gemv(rows, n_begin, n_end);
+    for (int64_t n0 = n_begin; n0 < n_end; n0 += block) {
+      for (int64_t m0 = 0; m0 < p.m; m0 += kMaxDecodeRows) {
+        rows.m = std::min(kMaxDecodeRows, p.m - m0);
+        rows.x = ordered + m0 * p.k;
+        rows.y = static_cast<char*>(y.data_ptr()) + m0 * p.y_stride * y.element_size();
+        isa.gemv(rows, n0, std::min(n_end, n0 + block));
+      }
     }
   });
 }
 
 // Larger M: dequantize a tile of columns into an L2-sized buffer (the reference's weight, bit for
-// bit) and hand it to at::mm, so each weight is decoded once per call, not once per row of x.
-void tiled(const IsaKernels& isa, const GemmProblem& p, const at::Tensor& x, const std::optional<at::Tensor>& bias,
+// bit, in the dtype of the multiply) and hand it to at::mm, so each weight is decoded once per call,
+// not once per row of x. y is in x's dtype.
+void tiled(const IsaKernels& isa, GemmProblem p, const at::Tensor& x_in, const std::optional<at::Tensor>& bias,
            at::Tensor& y) {
+  const at::Tensor x = isa.bf16_tiles ? x_in : x_in.to(at::kFloat);
+  const at::Tensor bias_x = bias ? bias->to(x.scalar_type()) : at::Tensor();
+  p.y_dtype = act_dtype(x.scalar_type());  // the dtype dequant writes
   const int64_t tile_n = std::max<int64_t>(16, kTileBytes / (p.k * x.element_size()) / 16 * 16);
   const int64_t tiles = (p.n + tile_n - 1) / tile_n;
   // at::parallel_for's threads do not inherit the caller's thread-local state: without it, a thread
@@ -181,7 +197,7 @@ void tiled(const IsaKernels& isa, const GemmProblem& p, const at::Tensor& x, con
       isa.dequant(p, n0, n0 + width, tile.data_ptr());
       const at::Tensor weight_t = tile.narrow(0, 0, width).t();
       // addmm adds the bias before the one rounding of the output.
-      y.narrow(1, n0, width).copy_(bias ? at::addmm(bias->narrow(0, n0, width), x, weight_t) : at::mm(x, weight_t));
+      y.narrow(1, n0, width).copy_(bias ? at::addmm(bias_x.narrow(0, n0, width), x, weight_t) : at::mm(x, weight_t));
     }
   });
 }
@@ -211,7 +227,7 @@ at::Tensor linear_cpu(const at::Tensor& x_in, const at::Tensor& qbytes, const at
   at::Tensor x = x_in.reshape({-1, p.k});
   p.m = x.size(0);
   const Path path = isa.gemm_bf16 && bf16 && p.m >= isa.gemm_min_rows ? Path::kAmx
-                    : p.m <= kMaxDecodeRows                            ? Path::kDecode
+                    : p.m <= isa.decode_max_rows                       ? Path::kDecode
                                                                        : Path::kTiled;
   // fp16 activations are widened to fp32 once per call (bf16 and fp32 ones are read as they are); the
   // output keeps the activations' dtype.
