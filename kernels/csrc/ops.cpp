@@ -161,7 +161,7 @@ void decode(const IsaKernels& isa, GemmProblem p, const at::Tensor& x, at::Tenso
   buffer.resize(p.m * p.k + 16);
   float* ordered = reinterpret_cast<float*>((reinterpret_cast<uintptr_t>(buffer.data()) + 63) & ~uintptr_t{63});
   isa.decode_order(p, x.data_ptr(), p.k, act_dtype(x.scalar_type()), ordered);
-  const int64_t block = std::max<int64_t>(kColumnGrain, kDecodeBlockBytes / (p.k / 2));
+  const int64_t block = std::max<int64_t>(1, kDecodeBlockBytes / (p.k / 2) / kColumnGrain) * kColumnGrain;
   at::parallel_for(0, p.n, kColumnGrain, [&](int64_t n_begin, int64_t n_end) {
     GemmProblem rows = p;
     rows.x_stride = p.k;
