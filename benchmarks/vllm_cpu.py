@@ -33,7 +33,10 @@ about 250 SmolLM2 tokens; the same prompts as the earlier two-engine version of 
 single and warm-up prompts are distinct, so prefix caching (left on, vLLM's default) never serves a
 measured prompt. Weight bytes come from ``aaac_vllm.memory.weight_bytes`` run in the worker.
 
-The default mode is vLLM's (torch.compile); ``--enforce-eager`` skips compilation. In compiled mode the
+``--dtype float32`` runs every engine's activations and unquantized weights in fp32: on a CPU without
+AVX512-BF16, vLLM 0.32 multiplies bf16 through torch's slow path (its oneDNN linear fails to build), so
+fp32 is the dense engine such a user would pick. The default mode is vLLM's (torch.compile);
+``--enforce-eager`` skips compilation. In compiled mode the
 start-up includes torch.compile, which vLLM caches under ~/.cache/vllm: a second run of the same model
 starts faster (``VLLM_DISABLE_COMPILE_CACHE=1`` turns the cache off). Making SmolLM2's checkpoints here
 takes a while on 2 cores (about 17 min for rtn and 30 min for aaac, measured); the synthetic model about
@@ -235,14 +238,16 @@ def _wait_gone(pids: set[int], timeout: float = 60.0) -> None:
         psutil.wait_procs(alive, timeout=10)
 
 
-def measure(model: Path, batch: list[str], singles: list[str], warmup: list[str], max_tokens: int, eager: bool) -> dict:
+def measure(
+    model: Path, batch: list[str], singles: list[str], warmup: list[str], max_tokens: int, eager: bool, dtype: str
+) -> dict:
     from vllm import LLM, SamplingParams
 
     before = _engine_processes()
     llm = None
     try:
         start = time.perf_counter()
-        llm = LLM(model=str(model), seed=0, max_model_len=1024, enforce_eager=eager)
+        llm = LLM(model=str(model), seed=0, max_model_len=1024, enforce_eager=eager, dtype=dtype)
         startup = time.perf_counter() - start
         config = llm.llm_engine.model_config
         params = SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True)
@@ -335,6 +340,7 @@ def header(args, prompts: dict, results: dict) -> list[str]:
         isa += f" (in the vLLM workers: {', '.join(workers)})"
     threads = _across(results, "torch_threads")
     mode = "eager (--enforce-eager)" if args.enforce_eager else "compiled (vLLM default, torch.compile)"
+    mode += f"; dtype {args.dtype}"
     env = " ".join(f"{k}={os.environ[k]}" for k in ENV_SHOWN if k in os.environ)
     return [
         f"CPU: {cpu}, {os.cpu_count()} cores; " + ", ".join(f"{f} {'yes' if v else 'no'}" for f, v in flags.items()),
@@ -418,6 +424,13 @@ def main() -> None:
     parser.add_argument(
         "--enforce-eager", action="store_true", help="skip torch.compile (default: vLLM's default mode)"
     )
+    parser.add_argument(
+        "--dtype",
+        choices=("auto", "bfloat16", "float32"),
+        default="auto",
+        help="activations and unquantized weights of every engine (vLLM's --dtype; auto: the model's, bf16 here). "
+        "float32 is what to compare on a CPU without AVX512-BF16, where vLLM multiplies bf16 in torch's slow path",
+    )
     parser.add_argument("--group-size", type=int, default=64, help="for checkpoints made here (default 64)")
     parser.add_argument("--calib", type=Path, nargs="+", help="calibration text for aaac-quantize (default: its own)")
     parser.add_argument(
@@ -452,7 +465,13 @@ def main() -> None:
             print(f"[bench] {name} {LABELS[engine]}: starting vLLM on {folder}", flush=True)
             try:
                 r = measure(
-                    folder, prompts["batch"], prompts["single"], prompts["warmup"], args.max_tokens, args.enforce_eager
+                    folder,
+                    prompts["batch"],
+                    prompts["single"],
+                    prompts["warmup"],
+                    args.max_tokens,
+                    args.enforce_eager,
+                    args.dtype,
                 )
                 print(
                     f"[bench] {name} {LABELS[engine]}: batch {r['batch_tok_s']:.1f} tok/s, "

@@ -112,8 +112,9 @@ def test_vllm_text_is_sensible(smollm2_engine):
 def test_every_kernel_path_gives_the_engines_answers(smollm2_engine, quantized):
     # The engine runs the fastest C++ path of this CPU; switched to each other path this CPU runs (the
     # engine runs in this process, so it takes the switch at its next call), it must give the same text.
-    # The paths use the same bf16 weights and differ only in the order of fp32 sums, which moves a bf16
-    # logit by a step now and then (seen: up to 0.25 in log-probability): every text must agree or part
+    # The paths use the same weights (exact in fp32, or rounded to bf16 where a path multiplies bf16
+    # tiles) and differ in that rounding and the order of fp32 sums, which moves a bf16 logit by a step
+    # now and then (seen: up to 0.25 in log-probability): every text must agree or part
     # at a near tie (_check_close), and most must agree fully. The plain-torch path that runs where the
     # extension is not built is checked against the C++ kernels in test_cpu_kernels.py.
     paths = native.supported_isas()

@@ -1,10 +1,10 @@
 // AVX2 + FMA + F16C path. A codebook entry widened to fp32 has its low 13 bits zero (fp16 carries 10
 // mantissa bits), so its fp32 bits are three bytes: the table is three 16-byte tables (bytes 1, 2 and 3
 // of each entry's fp32 bits) in both 128-bit lanes, and three vpshufb and four unpacks per 32 indices
-// give 32 exact fp32 entries, with no conversion instruction (vcvtph2ps, the previous design, ran at
-// half the rate on the AMD Zen 3 measured, docs/kernels.md).
+// give 32 exact fp32 entries, with no conversion instruction (the previous design, two vpshufb on the
+// fp16 entries' bytes and vcvtph2ps, ran at about two thirds of the rate on a Zen 3, docs/kernels.md).
 //   A plane of 32 indices comes out of one register in a fixed order: the four vectors of 8 entries hold
-//   two runs of 4 consecutive k each (kRuns). The decode kernels read x in that order
+//   two runs of 4 consecutive k each (Runs). The decode kernels read x in that order
 //   (decode_order_avx2, once per call); the dequantizer stores each run where it belongs.
 //   The decode kernel multiplies a group's partial sums by its |scale| once; the dequantizer multiplies
 //   each entry (fp16 x fp16 is exact in fp32: the reference's fp32 weight), rounded to bf16 on request.
@@ -16,7 +16,6 @@
 
 #pragma GCC push_options
 #pragma GCC target("avx2,fma,f16c")
-
 
 namespace aaac {
 namespace {
@@ -40,7 +39,7 @@ struct Tables {
 };
 
 // The tables of the codebook pair of each column, for columns visited in increasing order: made once per
-// part of a merged layer (a column's own would cost as much as decoding a short column).
+// part of a merged layer (each column's own took 13% of the M = 1 kernel's time at K = 4096).
 class PartTables {
  public:
   explicit PartTables(const GemmProblem& p) : p_(p) {}
