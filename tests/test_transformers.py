@@ -27,10 +27,12 @@ def test_from_pretrained_keeps_the_layers_packed(quantized):
     assert not any(name.endswith("proj.weight") for name, _ in model.named_parameters())
 
 
-@pytest.mark.parametrize("dtype, tolerance", [(torch.float32, 1e-3), (torch.bfloat16, 0.5)])
+@pytest.mark.parametrize("dtype, tolerance", [(torch.float32, 1e-3), (torch.bfloat16, 1.0)])
 def test_logits_equal_the_reference_dequantizer(quantized, prompt_ids, dtype, tolerance):
     # fp32: the kernels use the reference's exact fp32 weight and differ only in the order of sums. bf16:
-    # the same bf16 weights on both sides, bf16 activations rounded at other points (logits of 10-30).
+    # the reference's bf16 weights against the kernels' exact fp32 ones (or, on CPUs with a bf16 multiply,
+    # the same bf16 ones), bf16 activations rounded at other points (logits of 10-30; seen: 0.59 apart on
+    # the AVX2 machine). A wrong index, scale or codebook moves logits by whole units and the top 3.
     with torch.no_grad():
         packed = load_causal_lm(quantized, dtype=dtype)(prompt_ids).logits.float()
         reference = load_reference(quantized, dtype=dtype)(prompt_ids).logits.float()
