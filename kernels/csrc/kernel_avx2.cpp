@@ -128,7 +128,7 @@ Group group_at(const Column& col, int64_t g) {
 // group's last.
 template <class Visit>
 void for_each_plane(const GemmProblem& p, const Column& col, Visit visit) {
-  const int64_t planes_per_group = p.group_size / kPlane;
+  const int64_t planes_per_group = p.group_size / kPlane, groups = p.k / p.group_size;
   int64_t g = 0, planes_left = planes_per_group;
   Group group = group_at(col, 0);
   const auto planes = [&](int64_t k0, auto size) {
@@ -141,7 +141,7 @@ void for_each_plane(const GemmProblem& p, const Column& col, Visit visit) {
       lookup(plane_indices<kSize>(col.qbytes + k0 / 2, j), *group.tables, w);
       const bool group_ends = --planes_left == 0;
       visit(k0 + kPlane * j, kSize, w, group, group_ends);
-      if (group_ends && ++g < p.k / p.group_size) {
+      if (group_ends && ++g < groups) {
         planes_left = planes_per_group;
         group = group_at(col, g);
       }
