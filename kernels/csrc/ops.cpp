@@ -50,7 +50,7 @@ struct IsaKernels {
 // Ordered from the most portable to the fastest. With AMX, the decode kernel still serves M = 1; from 2
 // rows on the AMX tiles were as fast or faster (benchmarks/cpu_kernels.py, docs/benchmarks.md). On AVX2
 // (a 2-core Zen 3, K = N = 4096, 1 and 2 threads) the decode kernel's passes beat the fp32 tiles and
-// at::mm up to M = 16 (M = 5: 2x; M = 16: 1.07-1.13x; M = 24: 0.87-0.98x).
+// at::mm up to M = 16 (M = 5: 2x; M = 16: 1.06-1.14x; M = 24: 0.87-0.98x).
 constexpr IsaKernels kIsas[] = {
     {"scalar", natural_order, gemv_scalar, dequant_scalar, nullptr, 0, 4, false},
     {"avx2", decode_order_avx2, gemv_avx2, dequant_avx2, nullptr, 0, 16, false},
