@@ -6,11 +6,11 @@ M = 1, as bf16 batches from 2 rows run on the tiles) compute with the exact weig
 fp32; the other kernels with the reference dequantizer's weight, bit for bit (checked directly on the
 dequantizers), in bf16 for bf16 activations on the paths that multiply bf16 natively (avx512_bf16,
 amx_bf16) and in fp32 otherwise. All accumulate in fp32 in their own order. So against a float64
-product with the weight the kernel takes, an output may differ by (a) the
-fp32 summation, at most K * 2^-24 times the sum of |w x| (the classic bound for recursive summation,
-which covers any order and the products themselves), and (b) one rounding to the output dtype, at most
-one unit in its last place relative to the result (2^-8 for bf16, 2^-11 for fp16, 2^-24 for fp32). A
-wrong index, scale, codebook or part is off by the size of a weight and fails by orders of magnitude.
+product with the weight the kernel takes, an output may differ by (a) the fp32 summation, at most
+K * 2^-24 times the sum of |w x| (the classic bound for recursive summation, which covers any order and
+the products themselves), and (b) one rounding to the output dtype, at most one unit in its last place
+relative to the result (2^-8 for bf16, 2^-11 for fp16, 2^-24 for fp32). A wrong index, scale, codebook
+or part is off by the size of a weight and fails by orders of magnitude.
 """
 
 import importlib
@@ -46,9 +46,9 @@ OUTPUT_UNIT = {torch.bfloat16: 2.0**-8, torch.float16: 2.0**-11, torch.float32: 
 
 
 def tile_weight(dense: torch.Tensor, dtype: torch.dtype, isa: str, group_size: int) -> torch.Tensor:
-    """The weight the tiled path (M > 4 off the AMX tiles) multiplies: the reference's in bf16 for bf16
-    activations where the path multiplies bf16 natively, else the exact fp32 one. Group sizes that are
-    not a multiple of 32 run the scalar kernels on every path."""
+    """The weight the tiled path (M past the decode kernel's, off the AMX tiles) multiplies: the
+    reference's in bf16 for bf16 activations where the path multiplies bf16 natively, else the exact fp32
+    one. Group sizes that are not a multiple of 32 run the scalar kernels on every path."""
     native_bf16 = isa in ("avx512_bf16", "amx_bf16") and group_size % 32 == 0
     return dense.to(dtype) if dtype == torch.bfloat16 and native_bf16 else dense
 
