@@ -1,16 +1,21 @@
 """torch.ops.aaac.linear on CPU: the C++ kernels of every instruction-set path this CPU runs, the
 load-time layout, the plain-torch fallback, and the op under torch.compile.
 
-What is exact and what is not: the decode kernels (M <= 4, on the avx2 path M <= 16; on AMX only
-M = 1, as bf16 batches from 2 rows run on the tiles) compute with the exact weight, entry x |scale| in
-fp32; the other kernels with the reference dequantizer's weight, bit for bit (checked directly on the
-dequantizers), in bf16 for bf16 activations on the paths that multiply bf16 natively (avx512_bf16,
+What is exact and what is not: the decode kernels (M <= 4, on the avx2 path M <= 16 and for bf16
+M <= 24; on AMX only M = 1, as bf16 batches from 2 rows run on the tiles) compute with the exact
+weight, entry x |scale| in fp32, except the avx2 path's for bf16 activations, which multiplies in int16
+(below); the other kernels with the reference dequantizer's weight, bit for bit (checked directly on
+the dequantizers), in bf16 for bf16 activations on the paths that multiply bf16 natively (avx512_bf16,
 amx_bf16) and in fp32 otherwise. All accumulate in fp32 in their own order. So against a float64
 product with the weight the kernel takes, an output may differ by (a) the fp32 summation, at most
 K * 2^-24 times the sum of |w x| (the classic bound for recursive summation, which covers any order and
 the products themselves), and (b) one rounding to the output dtype, at most one unit in its last place
-relative to the result (2^-8 for bf16, 2^-11 for fp16, 2^-24 for fp32). A wrong index, scale, codebook
-or part is off by the size of a weight and fails by orders of magnitude.
+relative to the result (2^-8 for bf16, 2^-11 for fp16, 2^-24 for fp32). The avx2 bf16 decode kernel
+rounds x to int16 per chunk of 64 k and each codebook's entries to int16, each rounding at most 2^-14
+of the chunk's largest |x| or of the codebook's largest |entry| (kernel_avx2.cpp), so it may also be
+off by (c) 2^-14 (sum_k max_chunk|x| |w_k| + sum_k |x_k| |scale| max|entry|), the sums in int32 being
+exact. A wrong index, scale, codebook or part is off by the size of a weight and fails by orders of
+magnitude.
 """
 
 import importlib
@@ -34,9 +39,9 @@ SUPPORTED = NATIVE.supported_isas() if NATIVE else []
 # A merged QKV-like layer; N = 139 is a multiple of no column block (4, 8, 16, 128), and its last AMX
 # panel holds one column tile (padded to the pair the panel blocks multiply).
 PARTS = [64, 32, 43]
-# Decode rows (1-5), one AMX sweep (16, 33), panels with an even (128) and an odd (80 = 5 x 16, padded)
-# number of row blocks.
-M_VALUES = [1, 2, 3, 4, 5, 16, 33, 80, 128]
+# Decode rows (1-5; the avx2 path's last: 16 and, for bf16, 24), one AMX sweep (16, 33), panels with an
+# even (128) and an odd (80 = 5 x 16, padded) number of row blocks.
+M_VALUES = [1, 2, 3, 4, 5, 16, 24, 33, 80, 128]
 # (K, group size): blocks of 128 and a rest of 64 (SmolLM2's K = 576 is 4 x 128 + 64); groups of 32 with a
 # rest of 96 (64 + 32); groups of 96 (3 planes of 32: blocks straddle groups); a group size that is not a
 # multiple of 32 (the scalar kernel serves it on every path) with a rest of 32 + 8; K past the AMX panel
@@ -70,13 +75,35 @@ def _layer(k: int, group_size: int, seed: int = 0):
     return cpu_layout(qweight, scales, codebooks), dense
 
 
-def _check(got: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> None:
-    """``got`` is x @ weightᵀ + bias up to fp32 summation and one rounding (module docstring)."""
+def entry_bounds(layout, parts: list[int]) -> torch.Tensor:
+    """|scale| x the largest |entry| of the group's codebook, per weight [N, K]: the int16 entries' scale."""
+    _, scales, codebooks = layout  # scales [N, K / G] signed fp16, codebooks [parts, 2, 16]
+    k = layout[0].shape[1] * 2
+    part = torch.repeat_interleave(torch.arange(len(parts)), torch.tensor(parts))
+    choice = (scales.view(torch.int16) < 0).long()
+    largest = codebooks.double().abs().amax(-1)[part.unsqueeze(1), choice]
+    return (scales.double().abs() * largest).repeat_interleave(k // scales.shape[1], dim=1)
+
+
+def _check(
+    got: torch.Tensor,
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    entries: torch.Tensor | None = None,
+) -> None:
+    """``got`` is x @ weightᵀ + bias up to fp32 summation and one rounding (module docstring), and the
+    int16 roundings given ``entries`` (``entry_bounds``)."""
     assert got.dtype == x.dtype and got.shape == (*x.shape[:-1], weight.shape[0])
     x64, w64 = x.double().reshape(-1, x.shape[-1]), weight.double()
     want = x64 @ w64.t() + (0 if bias is None else bias.double())
     magnitude = x64.abs() @ w64.abs().t() + (0 if bias is None else bias.double().abs())
     bound = OUTPUT_UNIT[x.dtype] * want.abs() + x.shape[-1] * 2.0**-24 * magnitude
+    if entries is not None:
+        k = x64.shape[1]
+        padded = F.pad(x64.abs(), (0, -k % 64)).reshape(x64.shape[0], -1, 64).amax(-1)
+        chunk_largest = padded.repeat_interleave(64, dim=1)[:, :k]
+        bound = bound + 2.0**-14 * (1 + 2.0**-13) * (chunk_largest @ w64.abs().t() + x64.abs() @ entries.t())
     error = (got.double().reshape(want.shape) - want).abs()
     assert (error <= bound).all(), f"worst error {(error - bound).max().item():.3g} past the bound"
 
@@ -133,9 +160,28 @@ def test_op_matches_reference(isa, k, group_size, dtype):
         x = torch.randn(m, k).to(dtype)
         bias = torch.randn(sum(PARTS)).to(dtype) if m % 2 else None
         on_tiles = isa == "amx_bf16" and group_size % 32 == 0 and dtype == torch.bfloat16  # else scalar
-        decodes = m == 1 or (m <= (16 if isa == "avx2" and group_size % 32 == 0 else 4) and not on_tiles)
+        vector = group_size % 32 == 0
+        int16 = isa == "avx2" and vector and dtype == torch.bfloat16
+        avx2_rows = 24 if int16 else 16
+        decodes = m == 1 or (m <= (avx2_rows if isa == "avx2" and vector else 4) and not on_tiles)
         weight = dense if decodes else dense.to(dtype) if on_tiles else tile_weight(dense, dtype, isa, group_size)
-        _check(torch.ops.aaac.linear(x, *layout, PARTS, bias), x, weight, bias)
+        entries = entry_bounds(layout, PARTS) if int16 and decodes else None
+        _check(torch.ops.aaac.linear(x, *layout, PARTS, bias), x, weight, bias, entries)
+
+
+@pytest.mark.parametrize("isa", ["avx2"], indirect=True)
+def test_int16_decode_of_outliers_and_non_finite_x(isa):
+    """The avx2 bf16 decode kernel scales each chunk of 64 k by a power of two: a 2^12 outlier costs the
+    chunk's other values their low bits (bound (c)), and an Inf or NaN makes every output NaN."""
+    layout, dense = _layer(320, 64)
+    x = torch.randn(3, 320)
+    x[:, ::64] *= 4096.0
+    x = x.bfloat16()
+    _check(torch.ops.aaac.linear(x, *layout, PARTS, None), x, dense, None, entry_bounds(layout, PARTS))
+    x[1, 70] = float("inf")
+    x[2, 300] = float("nan")
+    y = torch.ops.aaac.linear(x, *layout, PARTS, None)
+    assert torch.isfinite(y[0]).all() and y[1:].isnan().all()
 
 
 @pytest.mark.parametrize("isa", ISAS, indirect=True)

@@ -26,8 +26,8 @@ namespace aaac {
 enum class ActDtype : int { kFloat32 = 0, kBFloat16 = 1 };
 
 struct GemmProblem {
-  const void* x;              // [M, K] activations, row stride x_stride (elements): fp32 in the path's
-  int64_t x_stride;           // decode order for the gemv kernels, packed tiles for the AMX kernel
+  const void* x;              // [M, K] activations, row stride x_stride (fp32 elements): the DecodeOrderFn's
+  int64_t x_stride;           // output for the gemv kernels, packed tiles for the AMX kernel
   ActDtype y_dtype;           // of y, and of the dequantized tile
   const uint8_t* qbytes;      // [N, K / 2]
   const uint16_t* scales;     // [N, K / G]
@@ -40,12 +40,14 @@ struct GemmProblem {
 };
 
 // y[0:M, n_begin:n_end] = x @ W[n_begin:n_end]^T (+ bias): the weights streamed once, M rows at a time
-// (M <= kMaxDecodeRows), with the exact fp32 weights (entry x |scale|) and fp32 accumulation; p.x is
-// the DecodeOrderFn's output.
+// (M <= kMaxDecodeRows), with the exact fp32 weights (entry x |scale|) and fp32 accumulation (the
+// int16 kernel: int16 x and entries, each scaled by a power of two, exact int32 sums per chunk of 64 k,
+// fp32 across chunks); p.x is the DecodeOrderFn's output.
 using GemvFn = void (*)(const GemmProblem&, int64_t n_begin, int64_t n_end);
-// x ([p.m, K], row stride x_stride, fp32 or bf16) -> out ([p.m, K] fp32) in the k order the path's gemv
-// kernel reads: k order itself (scalar), runs of 4 k in a plane's register order (AVX2), or the even and
-// odd k of each plane (AVX-512).
+// x ([p.m, K], row stride x_stride, fp32 or bf16) -> out ([p.m, K] fp32 rows) in the k order the path's
+// gemv kernel reads: k order itself (scalar), runs of 4 k in a plane's register order (AVX2), or the even
+// and odd k of each plane (AVX-512); for the AVX2 int16 kernel each row holds K int16 values and then
+// the fp32 unit (a power of two) of each chunk of 64 k.
 using DecodeOrderFn = void (*)(const GemmProblem&, const void* x, int64_t x_stride, ActDtype dtype, float* out);
 // W[n_begin:n_end] dequantized into out ([n_end - n_begin, K] row-major, y_dtype), bit for bit the
 // reference dequantizer's weight in that dtype.
@@ -73,6 +75,8 @@ void gemv_scalar(const GemmProblem&, int64_t, int64_t);
 void dequant_scalar(const GemmProblem&, int64_t, int64_t, void*);
 void decode_order_avx2(const GemmProblem&, const void*, int64_t, ActDtype, float*);
 void gemv_avx2(const GemmProblem&, int64_t, int64_t);
+void decode_int16_avx2(const GemmProblem&, const void*, int64_t, ActDtype, float*);
+void gemv_int16_avx2(const GemmProblem&, int64_t, int64_t);
 void dequant_avx2(const GemmProblem&, int64_t, int64_t, void*);
 void decode_order_avx512(const GemmProblem&, const void*, int64_t, ActDtype, float*);
 void gemv_avx512(const GemmProblem&, int64_t, int64_t);

@@ -8,9 +8,19 @@
 //   (decode_order_avx2, once per call); the dequantizer stores each run where it belongs.
 //   The decode kernel multiplies a group's partial sums by its |scale| once; the dequantizer multiplies
 //   each entry (fp16 x fp16 is exact in fp32: the reference's fp32 weight), rounded to bf16 on request.
+// bf16 activations decode in 16-bit integers instead (gemv_int16_avx2): each codebook is 16 int16 entries
+// times a power of two (two vpshufb and two unpacks per 32 indices give the entries as words) and x is
+// int16 times a power of two per chunk of 64 k (decode_int16_avx2), so vpmaddwd does 16 products and 8
+// sums per instruction and a chunk's sums stay exact in int32. The shuffle ports bound these kernels: the
+// fp32 lookup spends 11 shuffles per 32 weights, this one 4 (and 2 vpmaddwd), and on a Zen 3 it decoded
+// at 1.4-2x the rate (docs/kernels.md). The price is two roundings, each at most 2^-14 of the largest
+// |x| of the chunk or of the largest |entry| of the codebook: 64 times finer than the rounding of x to bf16.
 #include <immintrin.h>
 
+#include <algorithm>
+#include <cmath>
 #include <type_traits>
+#include <vector>
 
 #include "scalar_convert.h"
 
@@ -33,62 +43,102 @@ constexpr Runs kRunsSmall = {{0, 4, 8, 12}, {16, 20, 24, 28}};
 
 constexpr const Runs& runs_of(int64_t block) { return block == 128 ? kRuns128 : kRunsSmall; }
 
-// A codebook's fp32 bytes 1, 2 and 3, each table in both lanes.
+// The lanes of a 16-byte table, in both 128-bit lanes of a register (vpshufb reads each lane's own).
+__m256i both_lanes(const uint8_t* bytes) {
+  return _mm256_broadcastsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(bytes)));
+}
+
+// A codebook's fp32 bytes 1, 2 and 3, each table in both lanes; its entries are the weights' units.
 struct Tables {
   __m256i byte1, byte2, byte3;
+  float unit;
+
+  explicit Tables(const uint16_t* entries) : unit(1.0f) {
+    uint8_t bytes[3][16];
+    for (int e = 0; e < 16; ++e) {
+      const uint32_t bits = float_to_bits(half_to_float(entries[e]));
+      for (int b = 0; b < 3; ++b) bytes[b][e] = static_cast<uint8_t>(bits >> (8 * (b + 1)));
+    }
+    byte1 = both_lanes(bytes[0]), byte2 = both_lanes(bytes[1]), byte3 = both_lanes(bytes[2]);
+  }
+  Tables() = default;
+};
+
+// |x| and |entry| of the int16 kernel stay below 2^14: a chunk's 4 vpmaddwd sums (2 planes) stay below 2^31.
+constexpr int kInt16Limit = (1 << 14) - 1;
+constexpr int64_t kChunk = 64;  // k per power-of-two unit of x in the int16 kernel
+
+// A codebook as 16 int16 entries (low and high bytes, each table in both lanes) times unit.
+struct Tables16 {
+  __m256i low, high;
+  float unit;
+
+  explicit Tables16(const uint16_t* entries) {
+    float largest = 0.0f;
+    for (int e = 0; e < 16; ++e) largest = std::max(largest, std::fabs(half_to_float(entries[e])));
+    int exponent = 0;
+    std::frexp(largest, &exponent);  // largest < 2^exponent: the entries / unit stay below 2^14
+    unit = std::ldexp(1.0f, exponent - 14);
+    uint8_t bytes[2][16];
+    for (int e = 0; e < 16; ++e) {
+      const long entry = std::lrint(std::ldexp(half_to_float(entries[e]), 14 - exponent));
+      const auto word = static_cast<uint16_t>(std::max<long>(-kInt16Limit, std::min<long>(kInt16Limit, entry)));
+      bytes[0][e] = static_cast<uint8_t>(word), bytes[1][e] = static_cast<uint8_t>(word >> 8);
+    }
+    low = both_lanes(bytes[0]), high = both_lanes(bytes[1]);
+  }
+  Tables16() = default;
 };
 
 // The tables of the codebook pair of each column, for columns visited in increasing order: made once per
 // part of a merged layer (each column's own took 13% of the M = 1 kernel's time at K = 4096).
+template <class T>
 class PartTables {
  public:
-  explicit PartTables(const GemmProblem& p) : p_(p) {}
+  explicit PartTables(const GemmProblem& p) : groups(p.k / p.group_size), p_(p) {}
 
-  const Tables* of(int64_t n) {
+  const int64_t groups;  // per column; divided once per call, not once per column (two divisions per column
+                         // cost about a tenth of the M = 1 kernel at K = 4096)
+
+  const T* of(int64_t n) {
     if (n < end_) return pair_;
     while (n >= p_.part_ends[part_]) ++part_;
     end_ = p_.part_ends[part_];
     const uint16_t* pair = codebook_pair(p_, n);
-    for (int c = 0; c < 2; ++c) {
-      alignas(16) uint8_t bytes[3][16];
-      for (int e = 0; e < 16; ++e) {
-        const uint32_t bits = float_to_bits(half_to_float(pair[16 * c + e]));
-        for (int b = 0; b < 3; ++b) bytes[b][e] = static_cast<uint8_t>(bits >> (8 * (b + 1)));
-      }
-      const auto lanes = [&](int b) {
-        return _mm256_broadcastsi128_si256(_mm_load_si128(reinterpret_cast<const __m128i*>(bytes[b])));
-      };
-      pair_[c] = {lanes(0), lanes(1), lanes(2)};
-    }
+    pair_[0] = T(pair), pair_[1] = T(pair + 16);
     return pair_;
   }
 
  private:
   const GemmProblem& p_;
   int64_t part_ = 0, end_ = 0;
-  Tables pair_[2];
+  T pair_[2];
 };
 
+template <class T>
 struct Column {
-  const Tables* tables;  // C0's and C1's
+  const T* tables;  // C0's and C1's
   const uint8_t* qbytes;
   const uint16_t* scales;
+  int64_t groups;
 };
 
-Column open_column(const GemmProblem& p, int64_t n, PartTables& parts) {
-  return {parts.of(n), p.qbytes + n * (p.k / 2), p.scales + n * (p.k / p.group_size)};
+template <class T>
+Column<T> open_column(const GemmProblem& p, int64_t n, PartTables<T>& parts) {
+  return {parts.of(n), p.qbytes + n * (p.k / 2), p.scales + n * parts.groups, parts.groups};
 }
 
 // The 32 indices of plane j of a block of kSize at q, one per byte, in the register order of Runs.
 template <int kSize>
 __m256i plane_indices(const uint8_t* q, int j) {
-  if constexpr (kSize == 128) {  // word w holds k = w + 32 j in nibble j
-    const __m256i nibble = _mm256_set1_epi16(0x0F);
-    const __m128i shift = _mm_cvtsi32_si128(4 * j);
+  if constexpr (kSize == 128) {  // word w holds k = w + 32 j in nibble j: planes 0, 1 in its low byte
     const __m256i* words = reinterpret_cast<const __m256i*>(q);
-    const __m256i a = _mm256_and_si256(_mm256_srl_epi16(_mm256_loadu_si256(words), shift), nibble);
-    const __m256i b = _mm256_and_si256(_mm256_srl_epi16(_mm256_loadu_si256(words + 1), shift), nibble);
-    return _mm256_packus_epi16(a, b);
+    const __m256i a = _mm256_loadu_si256(words), b = _mm256_loadu_si256(words + 1);
+    const __m256i low = _mm256_set1_epi16(0xFF);
+    // The four planes of a block share these two packs (the caller's unrolled loop).
+    const __m256i bytes = j < 2 ? _mm256_packus_epi16(_mm256_and_si256(a, low), _mm256_and_si256(b, low))
+                                : _mm256_packus_epi16(_mm256_srli_epi16(a, 8), _mm256_srli_epi16(b, 8));
+    return _mm256_and_si256(j & 1 ? _mm256_srli_epi16(bytes, 4) : bytes, _mm256_set1_epi8(0x0F));
   } else if constexpr (kSize == 64) {  // byte w holds k = w and 32 + w
     const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(q));
     return _mm256_and_si256(j ? _mm256_srli_epi16(v, 4) : v, _mm256_set1_epi8(0x0F));
@@ -112,36 +162,45 @@ void lookup(__m256i idx, const Tables& t, __m256* w) {
   w[3] = _mm256_castsi256_ps(_mm256_unpackhi_epi16(low1, high1));
 }
 
-// The group of k in a column: its tables and |scale|.
+// 32 indices -> their 32 int16 entries, 2 vectors of 16 words: in a 128-block k = 0-15 and 16-31 of the
+// plane, in a smaller block k = 0-7, 16-23 and 8-15, 24-31 (decode_int16_avx2 orders x alike).
+void lookup(__m256i idx, const Tables16& t, __m256i* w) {
+  const __m256i low = _mm256_shuffle_epi8(t.low, idx), high = _mm256_shuffle_epi8(t.high, idx);
+  w[0] = _mm256_unpacklo_epi8(low, high);
+  w[1] = _mm256_unpackhi_epi8(low, high);
+}
+
+// The group of k in a column: its tables and |scale| times the tables' unit.
+template <class T>
 struct Group {
-  const Tables* tables;
+  const T* tables;
   float magnitude;
 };
 
-Group group_at(const Column& col, int64_t g) {
+template <class T>
+Group<T> group_at(const Column<T>& col, int64_t g) {
   const uint16_t scale = col.scales[g];
-  return {&col.tables[scale >> 15], _cvtsh_ss(scale & 0x7FFF)};
+  const T* tables = &col.tables[scale >> 15];
+  return {tables, _cvtsh_ss(scale & 0x7FFF) * tables->unit};
 }
 
-// Calls visit(k, size, w, group, group_ends) for each plane of a column in k order: size is the plane's
-// block size, w its 32 entries (unscaled), group its group, and group_ends whether the plane is its
-// group's last.
-template <class Visit>
-void for_each_plane(const GemmProblem& p, const Column& col, Visit visit) {
-  const int64_t planes_per_group = p.group_size / kPlane, groups = p.k / p.group_size;
+// Calls visit(k, size, idx, group, group_ends) for each plane of a column in k order: size is the
+// plane's block size, idx its 32 indices (plane_indices), group its group, and group_ends whether the
+// plane is its group's last.
+template <class T, class Visit>
+void for_each_plane(const GemmProblem& p, const Column<T>& col, Visit visit) {
+  const int64_t planes_per_group = p.group_size / kPlane;
   int64_t g = 0, planes_left = planes_per_group;
-  Group group = group_at(col, 0);
+  Group<T> group = group_at(col, 0);
   const auto planes = [&](int64_t k0, auto size) {
     constexpr int kSize = decltype(size)::value;
     // The next column streams right behind this one: fetch it a column ahead.
     _mm_prefetch(reinterpret_cast<const char*>(col.qbytes + p.k / 2 + k0 / 2), _MM_HINT_T0);
 #pragma GCC unroll 4
     for (int j = 0; j < kSize / kPlane; ++j) {
-      __m256 w[4];
-      lookup(plane_indices<kSize>(col.qbytes + k0 / 2, j), *group.tables, w);
       const bool group_ends = --planes_left == 0;
-      visit(k0 + kPlane * j, kSize, w, group, group_ends);
-      if (group_ends && ++g < groups) {
+      visit(k0 + kPlane * j, kSize, plane_indices<kSize>(col.qbytes + k0 / 2, j), group, group_ends);
+      if (group_ends && ++g < col.groups) {
         planes_left = planes_per_group;
         group = group_at(col, g);
       }
@@ -171,16 +230,18 @@ float hsum(__m256 v) {
 // in cache): one column at a time with two chains at M = 1 and one per row above it was as fast as or
 // faster than two columns at a time (whose 6 tables and 4 registers of words spill) or more chains.
 template <int kM>
-void gemv_column(const GemmProblem& p, int64_t n, PartTables& parts) {
+void gemv_column(const GemmProblem& p, int64_t n, PartTables<Tables>& parts) {
   constexpr int kChains = kM == 1 ? 2 : 1;
   const float* x = static_cast<const float*>(p.x);
-  const Column col = open_column(p, n, parts);
+  const Column<Tables> col = open_column(p, n, parts);
   __m256 total[kM], part[kM][kChains];
   for (int m = 0; m < kM; ++m) {
     total[m] = _mm256_setzero_ps();
     for (int c = 0; c < kChains; ++c) part[m][c] = _mm256_setzero_ps();
   }
-  for_each_plane(p, col, [&](int64_t k, int64_t, const __m256* w, const Group& group, bool group_ends) {
+  for_each_plane(p, col, [&](int64_t k, int64_t, __m256i idx, const Group<Tables>& group, bool group_ends) {
+    __m256 w[4];
+    lookup(idx, *group.tables, w);
     for (int m = 0; m < kM; ++m)
       for (int v = 0; v < 4; ++v)
         part[m][v % kChains] = _mm256_fmadd_ps(w[v], _mm256_load_ps(x + m * p.x_stride + k + 8 * v), part[m][v % kChains]);
@@ -196,10 +257,98 @@ void gemv_column(const GemmProblem& p, int64_t n, PartTables& parts) {
   for (int m = 0; m < kM; ++m) store_output(p, m, n, hsum(total[m]));
 }
 
+// The int16 kernel's row of x (decode_int16_avx2): K int16 values, then the unit of each chunk of 64 k.
+struct Int16Row {
+  const int16_t* values;
+  const float* units;
+};
+
+Int16Row int16_row(const GemmProblem& p, int64_t m) {
+  const float* row = static_cast<const float*>(p.x) + m * p.x_stride;
+  return {reinterpret_cast<const int16_t*>(row), row + p.k / 2};
+}
+
+// The int16 kernel, kM rows against column n: per row, the products of a chunk of 64 k (or of a group,
+// when groups are 32) summed in int32 by vpmaddwd, widened once per chunk and scaled by the chunk's unit
+// x the group's |scale| x the codebook's unit. Each plane's lookup is shared by the rows.
+template <int kM>
+void gemv_int16_column(const GemmProblem& p, int64_t n, PartTables<Tables16>& parts, float* magnitudes) {
+  const Column<Tables16> col = open_column(p, n, parts);
+  // Every group's |scale| x unit, 8 at a time (the sign bits choose the unit), and its tables.
+  const __m256 unit0 = _mm256_set1_ps(col.tables[0].unit), unit1 = _mm256_set1_ps(col.tables[1].unit);
+  int64_t g = 0;
+  for (; g + 8 <= col.groups; g += 8) {
+    const __m128i scales = _mm_loadu_si128(reinterpret_cast<const __m128i*>(col.scales + g));
+    const __m256 units = _mm256_blendv_ps(unit0, unit1, _mm256_castsi256_ps(_mm256_cvtepi16_epi32(scales)));
+    _mm256_storeu_ps(magnitudes + g, _mm256_mul_ps(_mm256_cvtph_ps(_mm_and_si128(scales, _mm_set1_epi16(0x7FFF))), units));
+  }
+  for (; g < col.groups; ++g) magnitudes[g] = group_at(col, g).magnitude;
+
+  Int16Row x[kM];
+  __m256 total[kM];
+  for (int m = 0; m < kM; ++m) x[m] = int16_row(p, m), total[m] = _mm256_setzero_ps();
+  const int64_t planes_per_group = p.group_size / kPlane;
+  // Products of the planes of one chunk and one group, in int32 (below 2^31: at most 2 planes).
+  __m256i dot[kM];
+  for (int m = 0; m < kM; ++m) dot[m] = _mm256_setzero_si256();
+  // The group's counters, not divisions: a division per plane took half the kernel's time.
+  int64_t group = 0, planes_left = planes_per_group;
+  const auto visit = [&](int64_t k, __m256i idx) {
+    __m256i w[2];
+    lookup(idx, col.tables[col.scales[group] >> 15], w);
+    for (int m = 0; m < kM; ++m) {
+      const __m256i* xs = reinterpret_cast<const __m256i*>(x[m].values + k);
+      dot[m] = _mm256_add_epi32(dot[m], _mm256_add_epi32(_mm256_madd_epi16(w[0], _mm256_load_si256(xs)),
+                                                         _mm256_madd_epi16(w[1], _mm256_load_si256(xs + 1))));
+    }
+    const bool group_ends = --planes_left == 0;
+    if (!group_ends && (k + kPlane) % kChunk != 0 && k + kPlane != p.k) return;
+    // Broadcasts from memory: loads, where a broadcast from a register would take a shuffle port.
+    const __m256 magnitude = _mm256_broadcast_ss(magnitudes + group);
+    for (int m = 0; m < kM; ++m) {
+      const __m256 scale = _mm256_mul_ps(magnitude, _mm256_broadcast_ss(x[m].units + k / kChunk));
+      total[m] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot[m]), scale, total[m]);
+      dot[m] = _mm256_setzero_si256();
+    }
+    if (group_ends) ++group, planes_left = planes_per_group;
+  };
+  for (int64_t k0 = 0; k0 < p.k;) {
+    const int64_t size = block_size(p.k, k0);
+    const uint8_t* q = col.qbytes + k0 / 2;
+    _mm_prefetch(reinterpret_cast<const char*>(q + p.k / 2), _MM_HINT_T0);  // the next column's block
+    const __m256i nibble = _mm256_set1_epi8(0x0F);
+    if (size == 128) {  // word w holds k = w + 32 j in nibble j: planes 0 and 1 in its low byte, 2 and 3 in its high
+      const __m256i a = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(q));
+      const __m256i b = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(q + 32));
+      const __m256i low = _mm256_set1_epi16(0xFF);
+      const __m256i bytes01 = _mm256_packus_epi16(_mm256_and_si256(a, low), _mm256_and_si256(b, low));
+      const __m256i bytes23 = _mm256_packus_epi16(_mm256_srli_epi16(a, 8), _mm256_srli_epi16(b, 8));
+      visit(k0, _mm256_and_si256(bytes01, nibble));
+      visit(k0 + 32, _mm256_and_si256(_mm256_srli_epi16(bytes01, 4), nibble));
+      visit(k0 + 64, _mm256_and_si256(bytes23, nibble));
+      visit(k0 + 96, _mm256_and_si256(_mm256_srli_epi16(bytes23, 4), nibble));
+    } else if (size == 64) {
+      visit(k0, plane_indices<64>(q, 0));
+      visit(k0 + 32, plane_indices<64>(q, 1));
+    } else {
+      visit(k0, plane_indices<32>(q, 0));
+    }
+    k0 += size;
+  }
+  for (int m = 0; m < kM; ++m) store_output(p, m, n, hsum(total[m]));
+}
+
 template <int kM>
 void gemv_rows(const GemmProblem& p, int64_t n_begin, int64_t n_end) {
-  PartTables parts(p);
+  PartTables<Tables> parts(p);
   for (int64_t n = n_begin; n < n_end; ++n) gemv_column<kM>(p, n, parts);
+}
+
+template <int kM>
+void gemv_int16_rows(const GemmProblem& p, int64_t n_begin, int64_t n_end) {
+  PartTables<Tables16> parts(p);
+  std::vector<float> magnitudes(parts.groups);
+  for (int64_t n = n_begin; n < n_end; ++n) gemv_int16_column<kM>(p, n, parts, magnitudes.data());
 }
 
 // fp32 -> bf16 bits in the low half of each lane, round to nearest even (no NaN reaches here).
@@ -211,11 +360,13 @@ __m256i bf16_bits(__m256 v) {
 
 template <bool kBf16>
 void dequant_typed(const GemmProblem& p, int64_t n_begin, int64_t n_end, void* out) {
-  PartTables parts(p);
+  PartTables<Tables> parts(p);
   for (int64_t n = n_begin; n < n_end; ++n) {
-    const Column col = open_column(p, n, parts);
+    const Column<Tables> col = open_column(p, n, parts);
     const int64_t row = (n - n_begin) * p.k;
-    for_each_plane(p, col, [&](int64_t k, int64_t size, const __m256* w, const Group& group, bool) {
+    for_each_plane(p, col, [&](int64_t k, int64_t size, __m256i idx, const Group<Tables>& group, bool) {
+      __m256 w[4];
+      lookup(idx, *group.tables, w);
       const Runs& runs = runs_of(size);
       const __m256 magnitude = _mm256_set1_ps(group.magnitude);
       for (int v = 0; v < 4; ++v) {
@@ -257,6 +408,66 @@ void decode_order_avx2(const GemmProblem& p, const void* x, int64_t x_stride, Ac
       }
       k0 += size;
     }
+  }
+}
+
+void decode_int16_avx2(const GemmProblem& p, const void* x, int64_t x_stride, ActDtype dtype, float* out) {
+  const auto load8 = [&](int64_t at) {  // 8 values of x as fp32
+    if (dtype == ActDtype::kFloat32) return _mm256_loadu_ps(static_cast<const float*>(x) + at);
+    const __m128i bf16 = _mm_loadu_si128(reinterpret_cast<const __m128i*>(static_cast<const uint16_t*>(x) + at));
+    return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(bf16), 16));
+  };
+  const __m256i magnitude_bits = _mm256_set1_epi32(0x7FFFFFFF);
+  const __m256i limit = _mm256_set1_epi32(kInt16Limit), minus_limit = _mm256_set1_epi32(-kInt16Limit);
+  for (int64_t m = 0; m < p.m; ++m) {
+    int16_t* values = reinterpret_cast<int16_t*>(out + m * p.k);
+    float* units = out + m * p.k + p.k / 2;
+    for (int64_t k0 = 0; k0 < p.k; k0 += kChunk) {
+      const int64_t size = std::min(kChunk, p.k - k0), vectors = size / 8;
+      __m256 v[kChunk / 8];
+      __m256i largest = _mm256_setzero_si256();  // of the |x| bits, which order as the values (NaN last)
+      for (int i = 0; i < vectors; ++i) {
+        v[i] = load8(m * x_stride + k0 + 8 * i);
+        largest = _mm256_max_epu32(largest, _mm256_and_si256(_mm256_castps_si256(v[i]), magnitude_bits));
+      }
+      largest = _mm256_max_epu32(largest, _mm256_permute2x128_si256(largest, largest, 1));
+      largest = _mm256_max_epu32(largest, _mm256_shuffle_epi32(largest, 0x4E));
+      largest = _mm256_max_epu32(largest, _mm256_shuffle_epi32(largest, 0xB1));
+      const int biased = static_cast<int>(static_cast<uint32_t>(_mm256_cvtsi256_si32(largest)) >> 23);
+      if (biased == 0xFF) {  // NaN or Inf: the chunk's outputs are NaN, as a product would make them
+        units[k0 / kChunk] = NAN;
+        std::fill(values + k0, values + k0 + size, 0);
+        continue;
+      }
+      // largest < 2^e with e = biased - 126 (frexp's exponent); below 2^-113 the scale stays 2^127.
+      const int exponent = std::max(biased - 126, -113);
+      units[k0 / kChunk] = bits_to_float(static_cast<uint32_t>(exponent - 14 + 127) << 23);
+      const __m256 scale = _mm256_castsi256_ps(_mm256_set1_epi32((14 - exponent + 127) << 23));
+      __m256i words[kChunk / 8];
+      for (int i = 0; i < vectors; ++i) {  // round to nearest even (the MXCSR default), then clamp
+        const __m256i rounded = _mm256_cvtps_epi32(_mm256_mul_ps(v[i], scale));
+        words[i] = _mm256_max_epi32(minus_limit, _mm256_min_epi32(limit, rounded));
+      }
+      // Per plane (4 vectors of 8 k): a 128-block's lookup gives k in order, a smaller block's k = 0-7,
+      // 16-23, 8-15, 24-31. The pack interleaves 128-bit lanes; the permute undoes it.
+      const bool in_order = block_size(p.k, k0) == 128;
+      for (int i = 0; i < vectors; i += 4) {
+        const __m256i first = _mm256_packs_epi32(words[i], words[in_order ? i + 1 : i + 2]);
+        const __m256i second = _mm256_packs_epi32(words[in_order ? i + 2 : i + 1], words[i + 3]);
+        __m256i* to = reinterpret_cast<__m256i*>(values + k0 + 8 * i);
+        _mm256_store_si256(to, _mm256_permute4x64_epi64(first, 0xD8));
+        _mm256_store_si256(to + 1, _mm256_permute4x64_epi64(second, 0xD8));
+      }
+    }
+  }
+}
+
+void gemv_int16_avx2(const GemmProblem& p, int64_t n_begin, int64_t n_end) {
+  switch (p.m) {
+    case 1: return gemv_int16_rows<1>(p, n_begin, n_end);
+    case 2: return gemv_int16_rows<2>(p, n_begin, n_end);
+    case 3: return gemv_int16_rows<3>(p, n_begin, n_end);
+    default: return gemv_int16_rows<4>(p, n_begin, n_end);
   }
 }
 

@@ -34,29 +34,39 @@ const uint16_t* codebook_pair(const GemmProblem& p, int64_t n) {
 
 namespace {
 
+// A decode kernel: x put in its order once per call, then the weights streamed once per kMaxDecodeRows rows.
+struct DecodeKernel {
+  DecodeOrderFn order;
+  GemvFn gemv;
+  int64_t max_rows;  // batches up to this size run it, kMaxDecodeRows rows a pass
+};
+
 struct IsaKernels {
   const char* name;
-  DecodeOrderFn decode_order;  // x for gemv
-  GemvFn gemv;                 // up to kMaxDecodeRows rows at a time
-  DequantFn dequant;     // larger M without gemm_bf16: dequantized tiles and at::mm
-  GemmFn gemm_bf16;      // bf16 activations from gemm_min_rows rows on, or nullptr
+  DecodeKernel decode;
+  DecodeKernel decode_bf16;  // for bf16 activations where the path has its own (gemv nullptr elsewhere)
+  DequantFn dequant;         // larger M without gemm_bf16: dequantized tiles and at::mm
+  GemmFn gemm_bf16;          // bf16 activations from gemm_min_rows rows on, or nullptr
   int64_t gemm_min_rows;
-  int64_t decode_max_rows;  // batches up to this size run the decode kernel, kMaxDecodeRows rows a pass
   // bf16 activations meet bf16 tiles only where the CPU multiplies bf16 (AVX512-BF16): elsewhere at::mm
   // in bf16 runs several times slower than in fp32 (docs/kernels.md), so the tiles and x are fp32.
   bool bf16_tiles;
 };
 
+constexpr DecodeKernel kNoDecode = {nullptr, nullptr, 0};
+
 // Ordered from the most portable to the fastest. With AMX, the decode kernel still serves M = 1; from 2
 // rows on the AMX tiles were as fast or faster (benchmarks/cpu_kernels.py, docs/benchmarks.md). On AVX2
-// (a 2-core Zen 3, K = N = 4096, 1 and 2 threads) the decode kernel's passes beat the fp32 tiles and
-// at::mm up to M = 16 (M = 5: 2x; M = 16: 1.06-1.14x; M = 24: 0.87-0.98x).
+// (a 2-core Zen 3, K = N = 4096, 1 and 2 threads) the decode kernels' passes beat the fp32 tiles and
+// at::mm up to M = 16 (fp32 kernel; M = 5: 2x; M = 16: 1.06-1.14x; M = 24: 0.87-0.98x) and M = 24 (int16
+// kernel for bf16; M = 24: 1.19-1.24x; M = 32: 0.98-1.13x).
 constexpr IsaKernels kIsas[] = {
-    {"scalar", natural_order, gemv_scalar, dequant_scalar, nullptr, 0, 4, false},
-    {"avx2", decode_order_avx2, gemv_avx2, dequant_avx2, nullptr, 0, 16, false},
-    {"avx512", decode_order_avx512, gemv_avx512, dequant_avx512, nullptr, 0, 4, false},
-    {"avx512_bf16", decode_order_avx512, gemv_avx512, dequant_avx512_bf16, nullptr, 0, 4, true},
-    {"amx_bf16", decode_order_avx512, gemv_avx512, dequant_avx512_bf16, gemm_amx, 2, 4, true},
+    {"scalar", {natural_order, gemv_scalar, 4}, kNoDecode, dequant_scalar, nullptr, 0, false},
+    {"avx2", {decode_order_avx2, gemv_avx2, 16}, {decode_int16_avx2, gemv_int16_avx2, 24}, dequant_avx2, nullptr, 0,
+     false},
+    {"avx512", {decode_order_avx512, gemv_avx512, 4}, kNoDecode, dequant_avx512, nullptr, 0, false},
+    {"avx512_bf16", {decode_order_avx512, gemv_avx512, 4}, kNoDecode, dequant_avx512_bf16, nullptr, 0, true},
+    {"amx_bf16", {decode_order_avx512, gemv_avx512, 4}, kNoDecode, dequant_avx512_bf16, gemm_amx, 2, true},
 };
 
 enum class Path { kDecode, kAmx, kTiled };
@@ -151,16 +161,16 @@ constexpr int64_t kTileBytes = 1024 * 1024;
 // Bytes of 4-bit weights the decode kernel's passes share: they stay in L2 from one pass to the next.
 constexpr int64_t kDecodeBlockBytes = 256 * 1024;
 
-// Small M: x widened once to fp32 in the kernel's k order, then the weights streamed once per pass of
-// kMaxDecodeRows rows. The passes run over a block of columns at a time, so that from the second pass on
+// Small M: x put once in the kernel's order (fp32 in its k order, or for the avx2 int16 kernel int16
+// and a unit per chunk), then the weights streamed once per pass of kMaxDecodeRows rows. The passes run over a block of columns at a time, so that from the second pass on
 // the block's weights come from L2.
-void decode(const IsaKernels& isa, GemmProblem p, const at::Tensor& x, at::Tensor& y) {
+void decode(const DecodeKernel& kernel, GemmProblem p, const at::Tensor& x, at::Tensor& y) {
   // The caller's buffer (the worker threads see only the pointer), 64-byte aligned: the kernels' x
   // loads must not straddle cache lines.
   thread_local std::vector<float> buffer;
   buffer.resize(p.m * p.k + 16);
   float* ordered = reinterpret_cast<float*>((reinterpret_cast<uintptr_t>(buffer.data()) + 63) & ~uintptr_t{63});
-  isa.decode_order(p, x.data_ptr(), p.k, act_dtype(x.scalar_type()), ordered);
+  kernel.order(p, x.data_ptr(), p.k, act_dtype(x.scalar_type()), ordered);
   const int64_t block = std::max<int64_t>(1, kDecodeBlockBytes / (p.k / 2) / kColumnGrain) * kColumnGrain;
   at::parallel_for(0, p.n, kColumnGrain, [&](int64_t n_begin, int64_t n_end) {
     GemmProblem rows = p;
@@ -170,7 +180,7 @@ void decode(const IsaKernels& isa, GemmProblem p, const at::Tensor& x, at::Tenso
         rows.m = std::min(kMaxDecodeRows, p.m - m0);
         rows.x = ordered + m0 * p.k;
         rows.y = static_cast<char*>(y.data_ptr()) + m0 * p.y_stride * y.element_size();
-        isa.gemv(rows, n0, std::min(n_end, n0 + block));
+        kernel.gemv(rows, n0, std::min(n_end, n0 + block));
       }
     }
   });
@@ -226,8 +236,9 @@ at::Tensor linear_cpu(const at::Tensor& x_in, const at::Tensor& qbytes, const at
   const bool bf16 = out_dtype == at::kBFloat16;
   at::Tensor x = x_in.reshape({-1, p.k});
   p.m = x.size(0);
+  const DecodeKernel& decoder = bf16 && isa.decode_bf16.gemv ? isa.decode_bf16 : isa.decode;
   const Path path = isa.gemm_bf16 && bf16 && p.m >= isa.gemm_min_rows ? Path::kAmx
-                    : p.m <= isa.decode_max_rows                       ? Path::kDecode
+                    : p.m <= decoder.max_rows                          ? Path::kDecode
                                                                        : Path::kTiled;
   // fp16 activations are widened to fp32 once per call (bf16 and fp32 ones are read as they are); the
   // output keeps the activations' dtype.
@@ -245,7 +256,7 @@ at::Tensor linear_cpu(const at::Tensor& x_in, const at::Tensor& qbytes, const at
   p.y_dtype = act_dtype(y.scalar_type());
   if (p.m > 0) {
     switch (path) {
-      case Path::kDecode: decode(isa, p, x, y); break;
+      case Path::kDecode: decode(decoder, p, x, y); break;
       case Path::kAmx: amx(isa, p, x); break;
       case Path::kTiled: tiled(isa, p, x, bias, y); break;
     }
