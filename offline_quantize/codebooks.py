@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from aaac_kernels.encode import nearest
+from aaac_kernels.encode import group_errors, nearest
 from aaac_kernels.format.layout import CODEBOOK_SIZE, NUM_CODEBOOKS, encode_scales
 
 
@@ -66,23 +66,6 @@ def _normalize(w: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     """w / scale per group, with zero-scale groups (all-zero weights) mapped to 0."""
     safe = torch.where(scale > 0, scale, torch.ones_like(scale))
     return torch.where(scale > 0, w / safe, torch.zeros_like(w))
-
-
-def _group_errors(
-    w: torch.Tensor, u: torch.Tensor, mean_square: torch.Tensor, scale: torch.Tensor, codebooks: torch.Tensor
-) -> tuple[torch.Tensor, list[torch.Tensor]]:
-    """Weighted error of every group under each codebook, and the matching indices.
-
-    w: [N, Gn, G]; u: w normalized by scale (``_normalize``); mean_square: [Gn, G]; scale: [N, Gn, 1];
-    codebooks: [2, 16]. Returns errors [2, N, Gn] and, per codebook, indices [N, Gn, G].
-    """
-    errors, indices = [], []
-    for codebook in codebooks:
-        idx, values = nearest(u, codebook)
-        diff = w - values * scale
-        errors.append((diff * diff * mean_square).sum(dim=-1))
-        indices.append(idx)
-    return torch.stack(errors), indices
 
 
 def _weighted_quantiles(values: torch.Tensor, weights: torch.Tensor, count: int) -> torch.Tensor:
@@ -144,7 +127,7 @@ def _lloyd(
     best, best_total = codebooks, float("inf")
     previous, reseeds = None, 0
     for _ in range(options.lloyd_iters):
-        errors, indices = _group_errors(w, u, mean_square, scale, codebooks)
+        errors, indices = group_errors(w, u, mean_square, scale, codebooks)
         choice = errors[1] < errors[0]
         total = torch.where(choice, errors[1], errors[0]).sum().item()
         if total < best_total:
@@ -178,10 +161,10 @@ def _search_scales(
     """Per group, the |scale| = absmax * alpha (alpha on a grid) with the lowest error under either codebook."""
     lo, hi, steps = options.scale_grid
     best_scale = absmax.clone()
-    best_error = _group_errors(w, _normalize(w, absmax), mean_square, absmax, codebooks)[0].min(dim=0).values
+    best_error = group_errors(w, _normalize(w, absmax), mean_square, absmax, codebooks)[0].min(dim=0).values
     for alpha in torch.linspace(lo, hi, steps).tolist():
         scale = absmax * alpha
-        error = _group_errors(w, _normalize(w, scale), mean_square, scale, codebooks)[0].min(dim=0).values
+        error = group_errors(w, _normalize(w, scale), mean_square, scale, codebooks)[0].min(dim=0).values
         better = error < best_error
         best_error = torch.where(better, error, best_error)
         best_scale = torch.where(better.unsqueeze(-1), scale, best_scale)
@@ -192,7 +175,7 @@ def _assign(
     w: torch.Tensor, mean_square: torch.Tensor, scale: torch.Tensor, codebooks: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(error [N, Gn], choice of C1 [N, Gn], entries [N, Gn, G]) of the best codebook per group."""
-    errors, indices = _group_errors(w, _normalize(w, scale), mean_square, scale, codebooks)
+    errors, indices = group_errors(w, _normalize(w, scale), mean_square, scale, codebooks)
     choice = errors[1] < errors[0]
     return torch.where(choice, errors[1], errors[0]), choice, torch.where(choice.unsqueeze(-1), indices[1], indices[0])
 
@@ -283,7 +266,7 @@ class CodebookGrid:
     def fit(self, w: torch.Tensor, mean_square: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """w [N, Gn, G], mean_square [Gn, G] -> (|scale| fp16-valued [N, Gn, 1], choice of C1 [N, Gn, 1])."""
         scale = w.abs().amax(dim=-1, keepdim=True).half().float()
-        errors, _ = _group_errors(w, _normalize(w, scale), mean_square, scale, self._float)
+        errors, _ = group_errors(w, _normalize(w, scale), mean_square, scale, self._float)
         return scale, (errors[1] < errors[0]).unsqueeze(-1)
 
     def quantize(self, w: torch.Tensor, params: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:

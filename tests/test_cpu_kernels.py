@@ -315,3 +315,23 @@ def test_nearest_entries_equal_bucketize():
     assert torch.equal(index, torch.bucketize(u.contiguous(), midpoints)) and torch.equal(value, codebook[index])
     assert index.dtype == torch.int64 and value.dtype == torch.float32
     assert torch.equal(NATIVE.nearest(u, midpoints, codebook)[0], index)  # the extension itself, not a fallback
+
+
+def test_group_errors_equal_torch(monkeypatch):
+    """The encoder's C++ group errors give the torch code's indices exactly and its errors up to the order
+    of each group's sum (fp32, 64 terms), on a strided w, zero-scale groups and midpoint ties."""
+    from aaac_kernels import encode
+
+    g = torch.Generator().manual_seed(0)
+    codebooks = torch.sort(torch.randn(2, 16, generator=g)).values
+    w = torch.randn(64, 6, 128, generator=g)[..., ::2]  # [N, groups, G = 64], strided
+    w[3, 2] = 0.0
+    scale = w.abs().amax(-1, keepdim=True)
+    u = torch.where(scale > 0, w / scale.clamp_min(1e-30), torch.zeros_like(w))
+    u[5, 1, :15] = (codebooks[0, 1:] + codebooks[0, :-1]) * 0.5
+    mean_square = torch.rand(6, 64, generator=g)
+    native = encode.group_errors(w, u, mean_square, scale, codebooks)
+    monkeypatch.setattr(encode, "_native", lambda: None)
+    torch_errors, torch_indices = encode.group_errors(w, u, mean_square, scale, codebooks)
+    assert all(torch.equal(a, b) and a.dtype == torch.uint8 for a, b in zip(native[1], torch_indices))
+    torch.testing.assert_close(native[0], torch_errors, rtol=64 * 2.0**-24, atol=0.0)

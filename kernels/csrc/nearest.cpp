@@ -1,13 +1,17 @@
-// The encoder's inner loop: every weight's nearest entry of a sorted 16-entry codebook. The quantizer
-// calls it ~100 times per layer (Lloyd iterations, scale search); torch.bucketize took ~20 ns per weight
-// on the 2-core test machine, this loop well under 1 ns. Generic x86-64 code (no ISA-specific path): the
-// compiler vectorizes the count over the 15 midpoints.
+// The encoder's inner loops: every weight's nearest entry of a sorted 16-entry codebook, and the
+// activation-weighted error of every group under each codebook. The quantizer calls them ~100 times per
+// layer (Lloyd iterations, scale search); torch.bucketize took ~20 ns per weight on the 2-core test
+// machine, this loop well under 1 ns, and the errors computed here instead of in torch took the
+// quantizer's own work about a third faster (docs/method.md). Generic x86-64 code (no ISA-specific path,
+// so no fused multiply-add: each product and sum rounds as torch's do): the compiler vectorizes the
+// count over the 15 midpoints.
 #include <ATen/Parallel.h>
 #include <torch/extension.h>
 
 #include <algorithm>
 #include <cstdint>
 #include <tuple>
+#include <vector>
 
 namespace aaac {
 
@@ -48,6 +52,62 @@ std::tuple<at::Tensor, at::Tensor> nearest(const at::Tensor& u, const at::Tensor
     }
   });
   return {index, value};
+}
+
+// Per codebook (a sorted [16] row of codebooks [C, 16]) and group of G weights (w, and u = w / scale,
+// [N, Gn, G]; mean_square [Gn, G]; scale [N, Gn, 1]): each weight's nearest entry of u, and the group's
+// error sum mean_square (w - entry * scale)^2. Returns (errors [C, N, Gn] fp32, indices [C, N, Gn, G]
+// uint8), as encode.group_errors's torch code computes them (the sums in another order).
+std::tuple<at::Tensor, at::Tensor> group_errors(const at::Tensor& w_in, const at::Tensor& u_in,
+                                                const at::Tensor& mean_square_in, const at::Tensor& scale_in,
+                                                const at::Tensor& codebooks_in) {
+  for (const at::Tensor* t : {&w_in, &u_in, &mean_square_in, &scale_in, &codebooks_in})
+    TORCH_CHECK(t->device().is_cpu() && t->scalar_type() == at::kFloat, "group_errors: takes float32 CPU tensors");
+  TORCH_CHECK(w_in.dim() == 3 && u_in.sizes() == w_in.sizes(), "group_errors: w and u must be [N, groups, G]");
+  const int64_t n = w_in.size(0), groups = w_in.size(1), g = w_in.size(2);
+  TORCH_CHECK(mean_square_in.numel() == groups * g && scale_in.numel() == n * groups,
+              "group_errors: mean_square must be [groups, G] and scale [N, groups, 1]");
+  TORCH_CHECK(codebooks_in.dim() == 2 && codebooks_in.size(1) == 16, "group_errors: codebooks must be [C, 16]");
+  const at::Tensor w = w_in.contiguous(), u = u_in.contiguous(), mean_square = mean_square_in.contiguous();
+  const at::Tensor scale = scale_in.contiguous(), codebooks = codebooks_in.contiguous();
+  const int64_t books = codebooks.size(0);
+  at::Tensor errors = at::empty({books, n, groups}, w.options());
+  at::Tensor indices = at::empty({books, n, groups, g}, w.options().dtype(at::kByte));
+  const float *wp = w.data_ptr<float>(), *up = u.data_ptr<float>(), *msp = mean_square.data_ptr<float>();
+  const float* sp = scale.data_ptr<float>();
+  float* ep = errors.data_ptr<float>();
+  uint8_t* ip = indices.data_ptr<uint8_t>();
+  for (int64_t c = 0; c < books; ++c) {
+    const float* entries = codebooks.data_ptr<float>() + 16 * c;
+    float bounds[15];
+    for (int j = 0; j < 15; ++j) bounds[j] = (entries[j + 1] + entries[j]) * 0.5f;  // as encode.nearest's
+    at::parallel_for(0, n * groups, std::max<int64_t>(1, (1 << 14) / g), [&](int64_t begin, int64_t end) {
+      std::vector<int32_t> below(g);
+      for (int64_t group = begin; group < end; ++group) {
+        const float* uv = up + group * g;
+        for (int64_t i = 0; i < g; ++i) {
+          int32_t count = 0;
+          for (int j = 0; j < 15; ++j) count += bounds[j] < uv[i] ? 1 : 0;
+          below[i] = count;
+        }
+        const float* wv = wp + group * g;
+        const float* ms = msp + (group % groups) * g;
+        const float s = sp[group];
+        uint8_t* out = ip + (c * n * groups + group) * g;
+        float partial[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+        for (int64_t i = 0; i < g; ++i) {
+          const float product = entries[below[i]] * s;
+          const float diff = wv[i] - product;
+          partial[i % 8] += diff * diff * ms[i];
+          out[i] = static_cast<uint8_t>(below[i]);
+        }
+        float sum = 0.0f;
+        for (float p : partial) sum += p;
+        ep[c * n * groups + group] = sum;
+      }
+    });
+  }
+  return {errors, indices};
 }
 
 }  // namespace aaac

@@ -1,6 +1,6 @@
 // torch bindings of the CPU kernels: the CPU kernel of torch.ops.aaac.linear, the instruction-set
 // dispatch, the helpers aaac_kernels.cpu uses (ISA choice, the dequantizer the tests compare) and the
-// encoder's nearest-entry search (nearest.cpp, for aaac_kernels.encode).
+// encoder's nearest-entry search and group errors (nearest.cpp, for aaac_kernels.encode).
 //
 // The op's schema, its fake and its CUDA kernel are defined in aaac_kernels/linear.py; this file only
 // adds the CPU kernel, so the op has one definition whether or not the extension was built.
@@ -25,6 +25,8 @@ namespace aaac {
 // nearest.cpp
 std::tuple<at::Tensor, at::Tensor> nearest(const at::Tensor& u, const at::Tensor& midpoints,
                                            const at::Tensor& codebook);
+std::tuple<at::Tensor, at::Tensor> group_errors(const at::Tensor& w, const at::Tensor& u, const at::Tensor& mean_square,
+                                                const at::Tensor& scale, const at::Tensor& codebooks);
 
 const uint16_t* codebook_pair(const GemmProblem& p, int64_t n) {
   int64_t part = 0;
@@ -311,4 +313,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("isa", &aaac::current_isa, "The kernel path in use");
   m.def("dequantize", &aaac::dequantize, "The dense [N, K] weight of a layer in the CPU layout, by the current path");
   m.def("nearest", &aaac::nearest, "(index, value) of each element's nearest entry of a sorted 16-entry codebook");
+  m.def("group_errors", &aaac::group_errors,
+        "(errors [C, N, groups], indices [C, N, groups, G]) of every group under each sorted 16-entry codebook");
 }
