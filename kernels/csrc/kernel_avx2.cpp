@@ -13,7 +13,7 @@
 // int16 times a power of two per chunk of 64 k (decode_int16_avx2), so vpmaddwd does 16 products and 8
 // sums per instruction and a chunk's sums stay exact in int32. The shuffle ports bound these kernels: the
 // fp32 lookup spends 11 shuffles per 32 weights, this one 4 (and 2 vpmaddwd), and on a Zen 3 it decoded
-// at 1.4-2x the rate (docs/kernels.md). The price is two roundings, each at most 2^-14 of the largest
+// at 1.2-1.5x the rate (docs/kernels.md). The price is two roundings, each at most 2^-14 of the largest
 // |x| of the chunk or of the largest |entry| of the codebook: 64 times finer than the rounding of x to bf16.
 #include <immintrin.h>
 
@@ -48,7 +48,7 @@ __m256i both_lanes(const uint8_t* bytes) {
   return _mm256_broadcastsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(bytes)));
 }
 
-// A codebook's fp32 bytes 1, 2 and 3, each table in both lanes; its entries are the weights' units.
+// A codebook's fp32 bytes 1, 2 and 3, each table in both lanes: the entries themselves (unit 1).
 struct Tables {
   __m256i byte1, byte2, byte3;
   float unit;
