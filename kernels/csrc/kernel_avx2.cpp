@@ -280,7 +280,8 @@ void gemv_int16_column(const GemmProblem& p, int64_t n, PartTables<Tables16>& pa
   for (; g + 8 <= col.groups; g += 8) {
     const __m128i scales = _mm_loadu_si128(reinterpret_cast<const __m128i*>(col.scales + g));
     const __m256 units = _mm256_blendv_ps(unit0, unit1, _mm256_castsi256_ps(_mm256_cvtepi16_epi32(scales)));
-    _mm256_storeu_ps(magnitudes + g, _mm256_mul_ps(_mm256_cvtph_ps(_mm_and_si128(scales, _mm_set1_epi16(0x7FFF))), units));
+    const __m256 magnitude = _mm256_cvtph_ps(_mm_and_si128(scales, _mm_set1_epi16(0x7FFF)));
+    _mm256_storeu_ps(magnitudes + g, _mm256_mul_ps(magnitude, units));
   }
   for (; g < col.groups; ++g) magnitudes[g] = group_at(col, g).magnitude;
 

@@ -164,8 +164,8 @@ constexpr int64_t kTileBytes = 1024 * 1024;
 constexpr int64_t kDecodeBlockBytes = 256 * 1024;
 
 // Small M: x put once in the kernel's order (fp32 in its k order, or for the avx2 int16 kernel int16
-// and a unit per chunk), then the weights streamed once per pass of kMaxDecodeRows rows. The passes run over a block of columns at a time, so that from the second pass on
-// the block's weights come from L2.
+// and a unit per chunk), then the weights streamed once per pass of kMaxDecodeRows rows. The passes run
+// over a block of columns at a time, so that from the second pass on the block's weights come from L2.
 void decode(const DecodeKernel& kernel, GemmProblem p, const at::Tensor& x, at::Tensor& y) {
   // The caller's buffer (the worker threads see only the pointer), 64-byte aligned: the kernels' x
   // loads must not straddle cache lines.
