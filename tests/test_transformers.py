@@ -27,17 +27,29 @@ def test_from_pretrained_keeps_the_layers_packed(quantized):
     assert not any(name.endswith("proj.weight") for name, _ in model.named_parameters())
 
 
-@pytest.mark.parametrize("dtype, tolerance", [(torch.float32, 1e-3), (torch.bfloat16, 1.0)])
-def test_logits_equal_the_reference_dequantizer(quantized, prompt_ids, dtype, tolerance):
-    # fp32: the kernels use the reference's exact fp32 weight and differ only in the order of sums. bf16:
-    # the reference's bf16 weights against the kernels' exact fp32 ones (or, on CPUs with a bf16 multiply,
-    # the same bf16 ones), bf16 activations rounded at other points (logits of 10-30; seen: 0.59 apart on
-    # the AVX2 machine). A wrong index, scale or codebook moves logits by whole units and the top 3.
+def test_fp32_logits_equal_the_reference_dequantizer(quantized, prompt_ids):
+    # The kernels use the reference's exact fp32 weight and differ only in the order of sums.
     with torch.no_grad():
-        packed = load_causal_lm(quantized, dtype=dtype)(prompt_ids).logits.float()
-        reference = load_reference(quantized, dtype=dtype)(prompt_ids).logits.float()
-    assert (packed - reference).abs().max().item() < tolerance
+        packed = load_causal_lm(quantized, dtype=torch.float32)(prompt_ids).logits.float()
+        reference = load_reference(quantized, dtype=torch.float32)(prompt_ids).logits.float()
+    assert (packed - reference).abs().max().item() < 1e-3
     assert torch.equal(packed[0, -1].topk(3).indices, reference[0, -1].topk(3).indices)
+
+
+def test_bf16_logits_are_as_close_to_fp32_as_the_reference_dequantizer(quantized, prompt_ids):
+    """In bf16 the kernels take the exact fp32 weight (avx2's int16 kernel: rounded 64 times finer than bf16),
+    the reference its bf16 rounding, and both round activations at their own points, so the two bf16 models
+    are compared with the fp32 one, the same quantized weights without roundings: the packed model must be
+    about as close to it as the bf16 reference is (logits of 10-30; seen on the AVX2 machine: 0.51-0.73
+    against 0.66-0.91, while the two bf16 models are up to 1.08 apart). A wrong index, scale or codebook
+    moves logits by whole units and the top 3."""
+    with torch.no_grad():
+        exact = load_reference(quantized, dtype=torch.float32)(prompt_ids).logits.float()
+        packed = load_causal_lm(quantized, dtype=torch.bfloat16)(prompt_ids).logits.float()
+        reference = load_reference(quantized, dtype=torch.bfloat16)(prompt_ids).logits.float()
+    packed_error, reference_error = ((m - exact).abs().max().item() for m in (packed, reference))
+    assert packed_error < 1.25 * reference_error, (packed_error, reference_error)
+    assert torch.equal(packed[0, -1].topk(3).indices, exact[0, -1].topk(3).indices)
 
 
 def test_generate(quantized):
