@@ -97,8 +97,8 @@ class PartTables {
  public:
   explicit PartTables(const GemmProblem& p) : groups(p.k / p.group_size), p_(p) {}
 
-  const int64_t groups;  // per column; divided once per call, not once per column (two divisions per column
-                         // cost about a tenth of the M = 1 kernel at K = 4096)
+  const int64_t groups;  // per column; divided once per call, not once per column (a 64-bit division is
+                         // tens of cycles, a column of K = 4096 a few hundred: an estimate, not timed alone)
 
   const T* of(int64_t n) {
     if (n < end_) return pair_;
@@ -128,23 +128,37 @@ Column<T> open_column(const GemmProblem& p, int64_t n, PartTables<T>& parts) {
   return {parts.of(n), p.qbytes + n * (p.k / 2), p.scales + n * parts.groups, parts.groups};
 }
 
-// The 32 indices of plane j of a block of kSize at q, one per byte, in the register order of Runs.
-template <int kSize>
-__m256i plane_indices(const uint8_t* q, int j) {
-  if constexpr (kSize == 128) {  // word w holds k = w + 32 j in nibble j: planes 0, 1 in its low byte
-    const __m256i* words = reinterpret_cast<const __m256i*>(q);
-    const __m256i a = _mm256_loadu_si256(words), b = _mm256_loadu_si256(words + 1);
-    const __m256i low = _mm256_set1_epi16(0xFF);
-    // The four planes of a block share these two packs (the caller's unrolled loop).
-    const __m256i bytes = j < 2 ? _mm256_packus_epi16(_mm256_and_si256(a, low), _mm256_and_si256(b, low))
-                                : _mm256_packus_epi16(_mm256_srli_epi16(a, 8), _mm256_srli_epi16(b, 8));
-    return _mm256_and_si256(j & 1 ? _mm256_srli_epi16(bytes, 4) : bytes, _mm256_set1_epi8(0x0F));
-  } else if constexpr (kSize == 64) {  // byte w holds k = w and 32 + w
-    const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(q));
-    return _mm256_and_si256(j ? _mm256_srli_epi16(v, 4) : v, _mm256_set1_epi8(0x0F));
-  } else {  // 32: byte w holds k = w and 16 + w
-    const __m128i v = _mm_loadu_si128(reinterpret_cast<const __m128i*>(q));
-    return _mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16(v, 4), v), _mm256_set1_epi8(0x0F));
+// Calls visit(k0, size, idx) for each block of a column's qbytes in k order: size an integral_constant
+// (128, 64 or 32), idx the 32 indices of each of its size / 32 planes, one per byte, in the register order
+// of Runs. A 128-block's four planes come from two packs: word w holds k = w + 32 j in nibble j, so planes
+// 0 and 1 are in the words' low bytes, 2 and 3 in their high bytes. Each block fetches the next column's.
+template <class Visit>
+void for_each_block(const GemmProblem& p, const uint8_t* qbytes, Visit visit) {
+  const __m256i nibble = _mm256_set1_epi8(0x0F);
+  __m256i idx[4];
+  for (int64_t k0 = 0; k0 < p.k;) {
+    const int64_t size = block_size(p.k, k0);
+    const uint8_t* q = qbytes + k0 / 2;
+    _mm_prefetch(reinterpret_cast<const char*>(q + p.k / 2), _MM_HINT_T0);
+    if (size == 128) {
+      const __m256i a = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(q));
+      const __m256i b = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(q + 32));
+      const __m256i low = _mm256_set1_epi16(0xFF);
+      const __m256i bytes01 = _mm256_packus_epi16(_mm256_and_si256(a, low), _mm256_and_si256(b, low));
+      const __m256i bytes23 = _mm256_packus_epi16(_mm256_srli_epi16(a, 8), _mm256_srli_epi16(b, 8));
+      idx[0] = _mm256_and_si256(bytes01, nibble), idx[1] = _mm256_and_si256(_mm256_srli_epi16(bytes01, 4), nibble);
+      idx[2] = _mm256_and_si256(bytes23, nibble), idx[3] = _mm256_and_si256(_mm256_srli_epi16(bytes23, 4), nibble);
+      visit(k0, std::integral_constant<int, 128>(), idx);
+    } else if (size == 64) {  // byte w holds k = w and 32 + w
+      const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(q));
+      idx[0] = _mm256_and_si256(v, nibble), idx[1] = _mm256_and_si256(_mm256_srli_epi16(v, 4), nibble);
+      visit(k0, std::integral_constant<int, 64>(), idx);
+    } else {  // 32: byte w holds k = w and 16 + w
+      const __m128i v = _mm_loadu_si128(reinterpret_cast<const __m128i*>(q));
+      idx[0] = _mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16(v, 4), v), nibble);
+      visit(k0, std::integral_constant<int, 32>(), idx);
+    }
+    k0 += size;
   }
 }
 
@@ -185,38 +199,25 @@ Group<T> group_at(const Column<T>& col, int64_t g) {
 }
 
 // Calls visit(k, size, idx, group, group_ends) for each plane of a column in k order: size is the
-// plane's block size, idx its 32 indices (plane_indices), group its group, and group_ends whether the
+// plane's block size, idx its 32 indices (for_each_block), group its group, and group_ends whether the
 // plane is its group's last.
 template <class T, class Visit>
 void for_each_plane(const GemmProblem& p, const Column<T>& col, Visit visit) {
   const int64_t planes_per_group = p.group_size / kPlane;
   int64_t g = 0, planes_left = planes_per_group;
   Group<T> group = group_at(col, 0);
-  const auto planes = [&](int64_t k0, auto size) {
+  for_each_block(p, col.qbytes, [&](int64_t k0, auto size, const __m256i* idx) {
     constexpr int kSize = decltype(size)::value;
-    // The next column streams right behind this one: fetch it a column ahead.
-    _mm_prefetch(reinterpret_cast<const char*>(col.qbytes + p.k / 2 + k0 / 2), _MM_HINT_T0);
 #pragma GCC unroll 4
     for (int j = 0; j < kSize / kPlane; ++j) {
       const bool group_ends = --planes_left == 0;
-      visit(k0 + kPlane * j, kSize, plane_indices<kSize>(col.qbytes + k0 / 2, j), group, group_ends);
+      visit(k0 + kPlane * j, kSize, idx[j], group, group_ends);
       if (group_ends && ++g < col.groups) {
         planes_left = planes_per_group;
         group = group_at(col, g);
       }
     }
-  };
-  for (int64_t k0 = 0; k0 < p.k;) {
-    const int64_t size = block_size(p.k, k0);
-    if (size == 128) {
-      planes(k0, std::integral_constant<int, 128>());
-    } else if (size == 64) {
-      planes(k0, std::integral_constant<int, 64>());
-    } else {
-      planes(k0, std::integral_constant<int, 32>());
-    }
-    k0 += size;
-  }
+  });
 }
 
 float hsum(__m256 v) {
@@ -313,29 +314,10 @@ void gemv_int16_column(const GemmProblem& p, int64_t n, PartTables<Tables16>& pa
     }
     if (group_ends) ++group, planes_left = planes_per_group;
   };
-  for (int64_t k0 = 0; k0 < p.k;) {
-    const int64_t size = block_size(p.k, k0);
-    const uint8_t* q = col.qbytes + k0 / 2;
-    _mm_prefetch(reinterpret_cast<const char*>(q + p.k / 2), _MM_HINT_T0);  // the next column's block
-    const __m256i nibble = _mm256_set1_epi8(0x0F);
-    if (size == 128) {  // word w holds k = w + 32 j in nibble j: planes 0 and 1 in its low byte, 2 and 3 in its high
-      const __m256i a = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(q));
-      const __m256i b = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(q + 32));
-      const __m256i low = _mm256_set1_epi16(0xFF);
-      const __m256i bytes01 = _mm256_packus_epi16(_mm256_and_si256(a, low), _mm256_and_si256(b, low));
-      const __m256i bytes23 = _mm256_packus_epi16(_mm256_srli_epi16(a, 8), _mm256_srli_epi16(b, 8));
-      visit(k0, _mm256_and_si256(bytes01, nibble));
-      visit(k0 + 32, _mm256_and_si256(_mm256_srli_epi16(bytes01, 4), nibble));
-      visit(k0 + 64, _mm256_and_si256(bytes23, nibble));
-      visit(k0 + 96, _mm256_and_si256(_mm256_srli_epi16(bytes23, 4), nibble));
-    } else if (size == 64) {
-      visit(k0, plane_indices<64>(q, 0));
-      visit(k0 + 32, plane_indices<64>(q, 1));
-    } else {
-      visit(k0, plane_indices<32>(q, 0));
-    }
-    k0 += size;
-  }
+  for_each_block(p, col.qbytes, [&](int64_t k0, auto size, const __m256i* idx) {
+#pragma GCC unroll 4
+    for (int j = 0; j < decltype(size)::value / kPlane; ++j) visit(k0 + kPlane * j, idx[j]);
+  });
   for (int m = 0; m < kM; ++m) store_output(p, m, n, hsum(total[m]));
 }
 

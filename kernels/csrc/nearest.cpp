@@ -14,6 +14,16 @@
 #include <vector>
 
 namespace aaac {
+namespace {
+
+// The number of the 15 sorted midpoints below v: the index of v's nearest entry (a tie goes to the lower).
+inline int32_t count_below(const float* bounds, float v) {
+  int32_t count = 0;
+  for (int j = 0; j < 15; ++j) count += bounds[j] < v ? 1 : 0;
+  return count;
+}
+
+}  // namespace
 
 // (index, codebook[index]) for each element of u: index = the number of midpoints below the element,
 // exactly torch.bucketize(u, midpoints) (right=False) for sorted midpoints.
@@ -39,12 +49,7 @@ std::tuple<at::Tensor, at::Tensor> nearest(const at::Tensor& u, const at::Tensor
     for (int64_t start = begin; start < end; start += kTile) {
       const int64_t count = std::min(kTile, end - start);
       // Counting in its own loop lets the compiler compare a vector of elements against each midpoint.
-      for (int64_t i = 0; i < count; ++i) {
-        const float v = in[start + i];
-        int32_t c = 0;
-        for (int j = 0; j < 15; ++j) c += bounds[j] < v ? 1 : 0;
-        below[i] = c;
-      }
+      for (int64_t i = 0; i < count; ++i) below[i] = count_below(bounds, in[start + i]);
       for (int64_t i = 0; i < count; ++i) {
         out_index[start + i] = below[i];
         out_value[start + i] = entries[below[i]];
@@ -85,11 +90,7 @@ std::tuple<at::Tensor, at::Tensor> group_errors(const at::Tensor& w_in, const at
       std::vector<int32_t> below(g);
       for (int64_t group = begin; group < end; ++group) {
         const float* uv = up + group * g;
-        for (int64_t i = 0; i < g; ++i) {
-          int32_t count = 0;
-          for (int j = 0; j < 15; ++j) count += bounds[j] < uv[i] ? 1 : 0;
-          below[i] = count;
-        }
+        for (int64_t i = 0; i < g; ++i) below[i] = count_below(bounds, uv[i]);
         const float* wv = wp + group * g;
         const float* ms = msp + (group % groups) * g;
         const float s = sp[group];
