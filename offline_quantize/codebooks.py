@@ -30,6 +30,10 @@ class CodebookOptions:
     # A codebook used by fewer groups than this is re-seeded, at most max_reseeds times per Lloyd run.
     min_share: float = 0.02
     max_reseeds: int = 3
+    # Share of the mean channel weight under every channel's error weight (quantize_layer).
+    channel_floor: float = 0.1
+    # Weight of the channel means' cross terms in the last scale solve (_mean_aware_scales); 0 skips it.
+    mean_weight: float = 0.5
 
 
 # QLoRA's NormalFloat4: the quantiles of N(0, 1) scaled to [-1, 1], with an exact 0 (bitsandbytes' table).
@@ -196,49 +200,99 @@ def _refit_scales(
     return scale
 
 
+def _mean_aware_scales(
+    w: torch.Tensor,
+    mean_square: torch.Tensor,
+    mean: torch.Tensor,
+    values: torch.Tensor,
+    scale: torch.Tensor,
+    mean_weight: float,
+) -> torch.Tensor:
+    """Per row, every group's scale for a fixed assignment (codebook values ``values``), solved jointly.
+
+    The diagonal objective treats input channels as if they had zero mean. For independent channels with
+    means m, an error e on a row costs sum_k mean_square_k e_k^2 + sum_{k != j} m_k m_j e_k e_j per token
+    = sum_k v_k e_k^2 + (sum_k m_k e_k)^2 with v = mean_square - m^2: errors on channels with a mean add
+    up in the output, a shift of every token's output. Per row, with e = w - s_g c per group g, the minimum
+    solves (D + a a^T) s = r + a b with D_g = sum v c^2, r_g = sum v c w, a_g = sum m c, b = sum m w:
+    diagonal plus rank one, solved by Sherman-Morrison in O(K). The cross terms are weighted by
+    ``mean_weight`` (m = sqrt(mean_weight) * mean; the diagonal stays mean_square): the means are the part
+    of the statistics that moves most between kinds of text. A row keeps its old scales unless all
+    solved ones are positive (the sign bit is the codebook choice) and its error under this objective
+    drops with the solved scales rounded to fp16; all-zero groups keep scale 0.
+    """
+    m = mean * mean_weight**0.5
+    variance = (mean_square - m * m).clamp_min(0)
+    live = (scale > 0).squeeze(-1)
+    diag = torch.where(live, (variance * values * values).sum(-1), torch.ones_like(live, dtype=w.dtype))
+    r = torch.where(live, (variance * values * w).sum(-1), 0.0)
+    a = torch.where(live, (m * values).sum(-1), 0.0)
+    b = (m * w).sum((-2, -1)).unsqueeze(-1)  # [N, 1]
+    y, z = (r + a * b) / diag, a / diag
+    solved = y - z * (a * y).sum(-1, keepdim=True) / (1 + (a * z).sum(-1, keepdim=True))
+    solved = torch.where(live, solved, 0.0).unsqueeze(-1).half().float()  # what is stored
+
+    def objective(s: torch.Tensor) -> torch.Tensor:
+        e = w - s * values
+        return (variance * e * e).sum((-2, -1)) + (m * e).sum((-2, -1)) ** 2
+
+    better = ((solved > 0) | ~live.unsqueeze(-1)).all(1).squeeze(-1) & (objective(solved) < objective(scale))
+    return torch.where(better.view(-1, 1, 1), solved, scale)
+
+
 def quantize_layer(
     weight: torch.Tensor,
     mean_square: torch.Tensor,
     group_size: int,
     options: CodebookOptions = CodebookOptions(),
     seed: int = 0,
+    mean: torch.Tensor | None = None,
 ) -> LayerResult:
-    """AAAC for one linear layer: weight [N, K], channel statistics mean_square [K]."""
+    """AAAC for one linear layer: weight [N, K], channel statistics mean_square [K] and (for the last scale
+    solve) mean [K].
+
+    The codebooks, scales and assignment are fitted for the channel weights (1 - f) mean_square +
+    f mean(mean_square), f = ``channel_floor``: the calibration text's mean squares, which span orders of
+    magnitude, with a floor under the quiet channels (GPTQ's dampening of H plays the same part). The
+    reported ``error`` is under mean_square itself."""
     n, k = weight.shape
     w = weight.float().reshape(n, k // group_size, group_size)
     group_mean_square = mean_square.float().reshape(k // group_size, group_size)
+    fit_weight = (1 - options.channel_floor) * group_mean_square + options.channel_floor * group_mean_square.mean()
     generator = torch.Generator().manual_seed(seed)
 
     absmax = w.abs().amax(dim=-1, keepdim=True)
     scale = absmax
-    codebooks = _initial_codebooks(
-        _normalize(w, scale), group_mean_square * scale * scale, generator, options.init_samples
-    )
-    codebooks = _lloyd(w, group_mean_square, scale, codebooks, options, generator)
+    codebooks = _initial_codebooks(_normalize(w, scale), fit_weight * scale * scale, generator, options.init_samples)
+    codebooks = _lloyd(w, fit_weight, scale, codebooks, options, generator)
     for _ in range(options.refine_rounds):
-        scale = _search_scales(w, group_mean_square, absmax, codebooks, options)
-        codebooks = _lloyd(w, group_mean_square, scale, codebooks, options, generator)
+        scale = _search_scales(w, fit_weight, absmax, codebooks, options)
+        codebooks = _lloyd(w, fit_weight, scale, codebooks, options, generator)
     searched = scale
     for _ in range(options.refit_rounds):
-        scale = _refit_scales(w, group_mean_square, scale, codebooks, options.refit_steps)
-        codebooks = _lloyd(w, group_mean_square, scale, codebooks, options, generator)
+        scale = _refit_scales(w, fit_weight, scale, codebooks, options.refit_steps)
+        codebooks = _lloyd(w, fit_weight, scale, codebooks, options, generator)
 
     # Final assignment with exactly the values that are stored (fp16), so the choice and indices are
     # optimal for what the dequantizer will read; each group keeps the better of its searched and
     # refitted scale under the final codebooks (fp16 rounding could otherwise cost a refitted group).
     codebooks16 = torch.sort(codebooks.to(torch.float16)).values.float()
     scale16 = scale.half().float()
-    group_error, choice, chosen = _assign(w, group_mean_square, scale16, codebooks16)
+    group_error, choice, chosen = _assign(w, fit_weight, scale16, codebooks16)
     if options.refit_rounds:
         searched16 = searched.half().float()
-        searched_error, searched_choice, searched_chosen = _assign(w, group_mean_square, searched16, codebooks16)
+        searched_error, searched_choice, searched_chosen = _assign(w, fit_weight, searched16, codebooks16)
         keep = searched_error < group_error
-        group_error = torch.where(keep, searched_error, group_error)
         choice = torch.where(keep, searched_choice, choice)
         chosen = torch.where(keep.unsqueeze(-1), searched_chosen, chosen)
         scale16 = torch.where(keep.unsqueeze(-1), searched16, scale16)
+    values = codebooks16[choice.long().unsqueeze(-1).expand_as(chosen), chosen.long()]
+    if mean is not None and options.mean_weight > 0:
+        group_mean = mean.float().reshape(k // group_size, group_size)
+        scale16 = _mean_aware_scales(w, fit_weight, group_mean, values, scale16, options.mean_weight)
+    e = w - scale16 * values
     energy = (w * w * group_mean_square).sum().item()
-    error = group_error.sum().item()
+    error = (e * e * group_mean_square).sum().item()
     return LayerResult(
         indices=chosen.reshape(n, k).to(torch.uint8),
         scales=encode_scales(scale16.half().squeeze(-1), choice),

@@ -1,8 +1,8 @@
-"""Activation statistics of every linear's input: mean(x[k]^2), mean |x[k]|, optionally mean(x x^T).
+"""Activation statistics of every linear's input: mean(x[k]^2), mean(x[k]), mean |x[k]|, optionally mean(x x^T).
 
-AAAC needs only the mean squares (the diagonal of the second moment). GPTQ, AWQ's search and error compensation need
-the full second-moment matrix H (GPTQ's Hessian up to a factor of 2), which
-costs a [K, K] matmul per batch; it is collected only when asked for.
+AAAC needs only the mean squares (the diagonal of the second moment) and the means. GPTQ, AWQ's search and error
+compensation need the full second-moment matrix H (GPTQ's Hessian up to a factor of 2), which costs a [K, K] matmul
+per batch; it is collected only when asked for.
 """
 
 from contextlib import contextmanager
@@ -23,26 +23,29 @@ class LinearStatistics:
     """What one linear's quantization sees of its inputs x (fp32)."""
 
     mean_square: torch.Tensor  # [K]: mean(x[k]^2), the weight of an error on input channel k
+    mean: torch.Tensor  # [K]: mean(x[k]); errors on channels with a mean add up in every output
     mean_abs: torch.Tensor  # [K]: mean |x[k]|, AWQ's measure of a channel's salience
     second_moment: torch.Tensor | None  # [K, K]: mean(x x^T), where the method asked for it
 
     def scaled(self, s: torch.Tensor) -> "LinearStatistics":
         """The statistics of x / s: the inputs after AWQ folds a channel scale s [K] into the previous operation."""
         second_moment = None if self.second_moment is None else self.second_moment / torch.outer(s, s)
-        return LinearStatistics(self.mean_square / (s * s), self.mean_abs / s, second_moment)
+        return LinearStatistics(self.mean_square / (s * s), self.mean / s, self.mean_abs / s, second_moment)
 
 
 class ChannelStatistics:
-    """Running sums of x[k]^2 (and of x x^T when ``full``), fed by a forward hook."""
+    """Running sums of x[k]^2, x[k], |x[k]| (and of x x^T when ``full``), fed by a forward hook."""
 
     def __init__(self, features: int, device: torch.device, full: bool = False):
         self.square_sum = torch.zeros(features, dtype=torch.float64, device=device)
+        self.value_sum = torch.zeros(features, dtype=torch.float64, device=device)
         self.abs_sum = torch.zeros(features, dtype=torch.float64, device=device)
         self.gram = torch.zeros(features, features, dtype=torch.float64, device=device) if full else None
         self.tokens = 0
 
     def add(self, sums: "BatchSums") -> None:
         self.square_sum += sums.square
+        self.value_sum += sums.total
         self.abs_sum += sums.absolute
         if self.gram is not None:
             self.gram += sums.gram
@@ -53,6 +56,7 @@ class ChannelStatistics:
         """The sums of several linears fed inputs of the same width, as if one linear had seen them all."""
         total = ChannelStatistics.__new__(ChannelStatistics)
         total.square_sum = sum(p.square_sum for p in parts)
+        total.value_sum = sum(p.value_sum for p in parts)
         total.abs_sum = sum(p.abs_sum for p in parts)
         total.gram = None if parts[0].gram is None else sum(p.gram for p in parts)
         total.tokens = sum(p.tokens for p in parts)
@@ -62,7 +66,8 @@ class ChannelStatistics:
         """The means so far, in fp32."""
         tokens = max(self.tokens, 1)
         second_moment = None if self.gram is None else (self.gram / tokens).float()
-        return LinearStatistics((self.square_sum / tokens).float(), (self.abs_sum / tokens).float(), second_moment)
+        means = (self.square_sum / tokens, self.value_sum / tokens, self.abs_sum / tokens)
+        return LinearStatistics(*(m.float() for m in means), second_moment)
 
 
 @dataclass(frozen=True)
@@ -70,6 +75,7 @@ class BatchSums:
     """One batch's contribution to the statistics of the linears it feeds."""
 
     square: torch.Tensor  # [K] float64
+    total: torch.Tensor  # [K] float64
     absolute: torch.Tensor  # [K] float64
     gram: torch.Tensor | None  # [K, K] float64
     tokens: int
@@ -79,7 +85,7 @@ class BatchSums:
         flat = x.reshape(-1, x.shape[-1])
         wide = flat.double()
         gram = (flat.float().t() @ flat.float()).double() if full else None
-        return BatchSums(wide.pow(2).sum(dim=0), wide.abs().sum(dim=0), gram, flat.shape[0])
+        return BatchSums(wide.pow(2).sum(dim=0), wide.sum(dim=0), wide.abs().sum(dim=0), gram, flat.shape[0])
 
 
 @contextmanager

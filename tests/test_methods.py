@@ -9,7 +9,7 @@ from aaac_kernels.format import awq as awq_format
 from aaac_kernels.format.errors import AAACError
 from offline_quantize import awq_search
 from offline_quantize.cli import quantize_parser
-from offline_quantize.codebooks import NF4, CodebookGrid, nf4_grid
+from offline_quantize.codebooks import NF4, CodebookGrid, CodebookOptions, nf4_grid
 from offline_quantize.compare import variants
 from offline_quantize.gptq import gptq
 from offline_quantize.methods import METHODS, LayerOptions, Method, MethodOptions, compared_variants
@@ -107,8 +107,10 @@ def test_gptq_keeps_static_group_parameters(act_order):
 def test_aaac_compensation_keeps_the_learned_scales_and_lowers_the_output_error():
     weight = torch.randn(N, K, generator=torch.Generator().manual_seed(6))
     h = _second_moment()
-    stats = LinearStatistics(h.diagonal().clone(), h.diagonal().sqrt(), h)
-    plain = METHODS["aaac"].quantize(weight, stats, LayerOptions("x", G, frozenset()))
+    stats = LinearStatistics(h.diagonal().clone(), 0.3 * h.diagonal().sqrt(), h.diagonal().sqrt(), h)
+    # The learned scales are those before the means' scale solve, which compensation leaves to its sweep.
+    learned = LayerOptions("x", G, frozenset(), CodebookOptions(mean_weight=0))
+    plain = METHODS["aaac"].quantize(weight, stats, learned)
     compensated = METHODS["aaac"].quantize(weight, stats, LayerOptions("x", G, frozenset({"compensate"})))
     for name in ("scales", "codebooks"):
         assert torch.equal(compensated.tensors[name], plain.tensors[name])
@@ -183,7 +185,8 @@ def test_awq_scaling_leaves_the_float_block_unchanged(kv_heads):
         stats = {}
         for name, module in linears.items():
             h = torch.eye(module.in_features) + 0.1
-            stats[name] = LinearStatistics(h.diagonal().clone(), torch.rand(module.in_features) + 0.5, h)
+            mean_abs = torch.rand(module.in_features) + 0.5
+            stats[name] = LinearStatistics(h.diagonal().clone(), torch.zeros(module.in_features), mean_abs, h)
         folded = awq_search.scale_block(block, 0, linears, stats, 32)
         after = block(x, position_embeddings=rotary)
         after = after[0] if isinstance(after, tuple) else after
@@ -217,7 +220,7 @@ def test_awq_format_matches_vllm_packing_and_round_trips():
 def test_quantize_linear_dense_is_what_the_checkpoint_means():
     weight = torch.randn(N, K, generator=torch.Generator().manual_seed(7))
     h = _second_moment()
-    stats = LinearStatistics(h.diagonal().clone(), h.diagonal().sqrt(), h)
+    stats = LinearStatistics(h.diagonal().clone(), 0.3 * h.diagonal().sqrt(), h.diagonal().sqrt(), h)
     for options in compared_variants():
         layer = LayerOptions("mlp.down_proj", G, options.flags)
         result = options.handler.quantize(weight, stats, layer)

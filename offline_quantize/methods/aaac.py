@@ -34,8 +34,13 @@ class AAAC(Method):
         return AWQ_SCALE.name in flags
 
     def quantize(self, weight: torch.Tensor, stats: LinearStatistics, options: LayerOptions) -> QuantizedLinear:
-        learned = quantize_layer(weight, stats.mean_square, options.group_size, options.codebooks, seed=options.seed)
-        if COMPENSATE.name in options.flags:
+        compensate = COMPENSATE.name in options.flags
+        # Compensation's sweep sees the full second moment, the means' cross terms included.
+        mean = None if compensate else stats.mean
+        learned = quantize_layer(
+            weight, stats.mean_square, options.group_size, options.codebooks, seed=options.seed, mean=mean
+        )
+        if compensate:
             # Each group keeps its learned scale and codebook, fixed before the sweep so that columns can be
             # visited in act order: compensation only re-rounds the weights onto them. (Refitting them on the
             # partly compensated weights, GPTQ's own rule, loses to this on both evaluation texts.)
