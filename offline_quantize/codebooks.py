@@ -202,7 +202,7 @@ def _refit_scales(
 
 def _mean_aware_scales(
     w: torch.Tensor,
-    mean_square: torch.Tensor,
+    channel_weight: torch.Tensor,
     mean: torch.Tensor,
     values: torch.Tensor,
     scale: torch.Tensor,
@@ -211,18 +211,19 @@ def _mean_aware_scales(
     """Per row, every group's scale for a fixed assignment (codebook values ``values``), solved jointly.
 
     The diagonal objective treats input channels as if they had zero mean. For independent channels with
-    means m, an error e on a row costs sum_k mean_square_k e_k^2 + sum_{k != j} m_k m_j e_k e_j per token
-    = sum_k v_k e_k^2 + (sum_k m_k e_k)^2 with v = mean_square - m^2: errors on channels with a mean add
-    up in the output, a shift of every token's output. Per row, with e = w - s_g c per group g, the minimum
+    means m and mean squares f (``channel_weight``), an error e on a row costs per token
+    sum_k f_k e_k^2 + sum_{k != j} m_k m_j e_k e_j = sum_k v_k e_k^2 + (sum_k m_k e_k)^2, v = f - m^2:
+    errors on channels with a mean add up into a shift of every token's output. Per row, with
+    e = w - s_g c per group g, the minimum
     solves (D + a a^T) s = r + a b with D_g = sum v c^2, r_g = sum v c w, a_g = sum m c, b = sum m w:
     diagonal plus rank one, solved by Sherman-Morrison in O(K). The cross terms are weighted by
-    ``mean_weight`` (m = sqrt(mean_weight) * mean; the diagonal stays mean_square): the means are the part
+    ``mean_weight`` (m = sqrt(mean_weight) * mean; the diagonal stays f): the means are the part
     of the statistics that moves most between kinds of text. A row keeps its old scales unless all
     solved ones are positive (the sign bit is the codebook choice) and its error under this objective
     drops with the solved scales rounded to fp16; all-zero groups keep scale 0.
     """
     m = mean * mean_weight**0.5
-    variance = (mean_square - m * m).clamp_min(0)
+    variance = (channel_weight - m * m).clamp_min(0)
     live = (scale > 0).squeeze(-1)
     diag = torch.where(live, (variance * values * values).sum(-1), torch.ones_like(live, dtype=w.dtype))
     r = torch.where(live, (variance * values * w).sum(-1), 0.0)

@@ -108,8 +108,9 @@ def test_aaac_compensation_keeps_the_learned_scales_and_lowers_the_output_error(
     weight = torch.randn(N, K, generator=torch.Generator().manual_seed(6))
     h = _second_moment()
     stats = LinearStatistics(h.diagonal().clone(), 0.3 * h.diagonal().sqrt(), h.diagonal().sqrt(), h)
-    # The learned scales are those before the means' scale solve, which compensation leaves to its sweep.
-    learned = LayerOptions("x", G, frozenset(), CodebookOptions(mean_weight=0))
+    # Compensation re-rounds onto scales and codebooks fitted to the mean squares as they are: no channel
+    # floor, no means' scale solve (its sweep sees the full second moment).
+    learned = LayerOptions("x", G, frozenset(), CodebookOptions(channel_floor=0.0, mean_weight=0.0))
     plain = METHODS["aaac"].quantize(weight, stats, learned)
     compensated = METHODS["aaac"].quantize(weight, stats, LayerOptions("x", G, frozenset({"compensate"})))
     for name in ("scales", "codebooks"):
