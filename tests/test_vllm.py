@@ -29,7 +29,9 @@ def _vllm_greedy(
 ) -> list[tuple[list[int], list[dict[int, float]]]]:
     from vllm import SamplingParams, TokensPrompt
 
-    params = SamplingParams(temperature=0, max_tokens=max_tokens, logprobs=TOP, ignore_eos=True)
+    # min_tokens keeps EOS from being picked, as min_new_tokens does in _hf_greedy (ignore_eos alone would let
+    # vLLM pick it where the reference cannot); the log-probabilities are the raw model's in both.
+    params = SamplingParams(temperature=0, max_tokens=max_tokens, min_tokens=max_tokens, logprobs=TOP, ignore_eos=True)
     outputs = llm.generate([TokensPrompt(prompt_token_ids=ids) for ids in prompts_ids], params, use_tqdm=False)
     return [
         (list(o.outputs[0].token_ids), [{t: lp.logprob for t, lp in step.items()} for step in o.outputs[0].logprobs])
@@ -45,14 +47,14 @@ def _hf_greedy(model, prompts_ids: list[list[int]]) -> list[tuple[list[int], lis
             do_sample=False,
             max_new_tokens=MAX_TOKENS,
             min_new_tokens=MAX_TOKENS,
-            output_scores=True,
+            output_logits=True,  # the raw logits: the scores are after min_new_tokens masked EOS
             return_dict_in_generate=True,
             pad_token_id=0,
         )
         tokens = out.sequences[0, len(ids) :].tolist()
         steps = []
-        for scores in out.scores:
-            logprobs = torch.log_softmax(scores[0].float(), dim=-1)
+        for logits in out.logits:
+            logprobs = torch.log_softmax(logits[0].float(), dim=-1)
             top = torch.topk(logprobs, TOP)
             steps.append(dict(zip(top.indices.tolist(), top.values.tolist())))
         results.append((tokens, steps))
