@@ -158,9 +158,13 @@ def quantize_block(
     linears = source.block_linears(block)
     source.check_finite(linears, prefix)
     block.to(device=device, dtype=compute_dtype)
-    with clock.step("statistics"), collect(linears, full=settings.method.needs_second_moment) as accumulators:
+    # AWQ scaling takes the mean |x| of a mixture-of-experts MLP's inputs from its router, which sees every token.
+    routers = source.block_routers(block) if settings.method.scales_channels else {}
+    full = settings.method.needs_second_moment
+    with clock.step("statistics"), collect(linears, full) as accumulators, collect(routers) as router_accumulators:
         inputs.feed(block)
     stats, pooled = expert_statistics(accumulators)
+    stats.update({name: acc.result() for name, acc in router_accumulators.items()})
     result = BlockResult()
     with clock.step("quantization"):
         rtn_errors = {  # on the unscaled weights, before AWQ scaling changes them
@@ -193,11 +197,15 @@ def scale_channels(
 ) -> None:
     """AWQ's channel scaling of the block, folded into the operations before its linears (``stats`` follow)."""
     for previous, record in scale_block(block, index, linears, stats, group_size).items():
-        module = block.get_submodule(previous)
-        module.weight.data = module.weight.data.to(model_dtype).to(module.weight.dtype)  # as stored
-        if not isinstance(module, nn.Linear):  # folded norms are stored; folded linears are quantized next
-            result.tensors[f"{prefix}.{previous}.weight"] = module.weight.data.to(model_dtype).cpu()
-        result.layers[f"{prefix}.{previous}"] = {"awq_alpha": record["alpha"], "scales": record["linears"]}
+        # Folded norms and the routers that took the scale are stored as they are now; a folded linear
+        # (v, up) is quantized next.
+        for name in [previous, *record["routers"]]:
+            module = block.get_submodule(name)
+            module.weight.data = module.weight.data.to(model_dtype).to(module.weight.dtype)  # as stored
+            if name in record["routers"] or not isinstance(module, nn.Linear):
+                result.tensors[f"{prefix}.{name}.weight"] = module.weight.data.to(model_dtype).cpu()
+        scaled = record["linears"] + record["routers"]
+        result.layers[f"{prefix}.{previous}"] = {"awq_alpha": record["alpha"], "scales": scaled}
 
 
 def quantize_linears(

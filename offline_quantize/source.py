@@ -73,6 +73,12 @@ def block_linears(block: nn.Module) -> dict[str, nn.Linear]:
     }
 
 
+def block_routers(block: nn.Module) -> dict[str, nn.Module]:
+    """The routers of a block's experts (modules of their own or linears), by their names within the block."""
+    modules = dict(block.named_modules())
+    return {name: module for name, module in modules.items() if _is_router(name, modules)}
+
+
 def unquantized_modules(model: nn.Module, linears: dict[str, nn.Linear]) -> list[str]:
     """The full names of the model's linears left out of ``linears`` and of its experts' routers (which
     transformers may hold as modules of their own): the checkpoint's ``modules_to_not_convert``."""

@@ -89,13 +89,14 @@ class BatchSums:
 
 
 @contextmanager
-def collect(linears: dict[str, nn.Linear], full: bool = False):
-    """Within the block, record the statistics of every listed linear's input.
+def collect(linears: dict[str, nn.Module], full: bool = False):
+    """Within the block, record the statistics of every listed linear's input (or router's: any module with
+    a weight [out, in] applied to its first argument).
 
     Linears fed the same tensor (q, k and v; gate and up) share one batch's sums (and its Gram matmul):
     the last input's sums are reused when the next hook sees the very same tensor.
     """
-    stats = {name: ChannelStatistics(m.in_features, m.weight.device, full) for name, m in linears.items()}
+    stats = {name: ChannelStatistics(m.weight.shape[1], m.weight.device, full) for name, m in linears.items()}
     last: list = [None, None]  # (input tensor, its BatchSums)
 
     def hook(stat: ChannelStatistics, x: torch.Tensor) -> None:

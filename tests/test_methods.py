@@ -5,8 +5,10 @@ import torch
 from transformers import LlamaConfig
 from transformers.models.llama.modeling_llama import LlamaDecoderLayer, LlamaRotaryEmbedding
 
+from aaac_kernels.experts import unfuse_experts
 from aaac_kernels.format import awq as awq_format
 from aaac_kernels.format.errors import AAACError
+from aaac_kernels.format.experts import NAMINGS, PLAIN
 from offline_quantize import awq_search
 from offline_quantize.cli import quantize_parser
 from offline_quantize.codebooks import NF4, CodebookGrid, CodebookOptions, nf4_grid
@@ -15,7 +17,7 @@ from offline_quantize.gptq import gptq
 from offline_quantize.methods import METHODS, LayerOptions, Method, MethodOptions, compared_variants
 from offline_quantize.methods.registry import Flag, markdown_table, register
 from offline_quantize.objectives import layer_errors, output_error
-from offline_quantize.source import block_linears
+from offline_quantize.source import block_linears, block_routers
 from offline_quantize.statistics import LinearStatistics
 from offline_quantize.uniform_grid import UniformGrid, rtn_dequantized
 
@@ -143,12 +145,12 @@ def test_awq_search_keeps_on_grid_weights_and_finds_salient_channels():
     weight, _ = _on_grid(symmetric=False)
     h = _second_moment()
     activation = h.diagonal().sqrt()
-    s, alpha = awq_search.search_scale([weight], h, activation, G, UniformGrid())
+    s, alpha = awq_search.search_scale([weight], [h], activation, G, UniformGrid())
     assert alpha == 0 and torch.equal(s, torch.ones(K))  # nothing beats exact
     assert torch.equal(awq_search.search_clip(weight, h, G, UniformGrid()), weight)
 
     weight = torch.randn(N, K, generator=torch.Generator().manual_seed(5))
-    s, alpha = awq_search.search_scale([weight], h, activation, G, UniformGrid())
+    s, alpha = awq_search.search_scale([weight], [h], activation, G, UniformGrid())
     assert alpha > 0 and s[:4].min() > s[4:].max()  # the loud channels get the larger scales
     scaled = rtn_dequantized(weight * s, G) / s
     assert _output_error(weight, scaled, h) < 0.9 * _output_error(weight, rtn_dequantized(weight, G), h)
@@ -193,6 +195,59 @@ def test_awq_scaling_leaves_the_float_block_unchanged(kv_heads):
         after = after[0] if isinstance(after, tuple) else after
     assert ("self_attn.v_proj" in folded) == (kv_heads == 4)  # v -> o only without grouped-query attention
     assert set(folded) >= {"input_layernorm", "post_attention_layernorm", "mlp.up_proj"}
+    assert torch.allclose(before, after, atol=1e-4)
+
+
+def _moe_block(model_type: str):
+    """One decoder block of a tiny Mixtral or Qwen2-MoE (with its shared expert), experts unfused into
+    linears as the quantizer holds them, random weights."""
+    from transformers import MixtralConfig, Qwen2MoeConfig
+    from transformers.models.mixtral.modeling_mixtral import MixtralDecoderLayer, MixtralRotaryEmbedding
+    from transformers.models.qwen2_moe.modeling_qwen2_moe import Qwen2MoeDecoderLayer, Qwen2MoeRotaryEmbedding
+
+    torch.manual_seed(0)
+    shared = dict(hidden_size=64, num_attention_heads=4, num_key_value_heads=2, num_experts_per_tok=2)
+    if model_type == "mixtral":
+        config = MixtralConfig(**shared, intermediate_size=64, num_local_experts=4)
+        block, rotary = MixtralDecoderLayer(config, layer_idx=0), MixtralRotaryEmbedding(config)
+    else:
+        config = Qwen2MoeConfig(**shared, moe_intermediate_size=64, shared_expert_intermediate_size=96, num_experts=4)
+        block, rotary = Qwen2MoeDecoderLayer(config, layer_idx=0), Qwen2MoeRotaryEmbedding(config)
+    with torch.no_grad():
+        for name, p in block.named_parameters():
+            p.uniform_(0.5, 1.5) if "layernorm" in name else p.normal_(0, 0.1)
+        fused = block.mlp.experts
+        unfuse_experts(block, NAMINGS.get(model_type, PLAIN))
+        for e in range(4):
+            expert = block.mlp.experts.get_submodule(str(e))
+            gate, up, down = (getattr(expert, part) for part in expert.naming.parts)
+            gate.weight.copy_(fused.gate_up_proj[e, :64]), up.weight.copy_(fused.gate_up_proj[e, 64:])
+            down.weight.copy_(fused.down_proj[e])
+    return block.eval(), rotary
+
+
+@pytest.mark.parametrize("model_type", ["mixtral", "qwen2_moe"])
+def test_awq_scaling_of_experts_leaves_the_float_block_unchanged(model_type):
+    block, rotary_embedding = _moe_block(model_type)
+    x = torch.randn(2, 16, 64)
+    rotary = rotary_embedding(x, torch.arange(16).unsqueeze(0))
+    with torch.no_grad():
+        before = block(x, position_embeddings=rotary)
+        linears = block_linears(block)
+        stats = {}
+        for name, module in {**linears, **block_routers(block)}.items():
+            k = module.weight.shape[1]
+            h = torch.eye(k) + 0.1
+            stats[name] = LinearStatistics(h.diagonal().clone(), torch.zeros(k), torch.rand(k) + 0.5, h)
+        folded = awq_search.scale_block(block, 0, linears, stats, 32)
+        after = block(x, position_embeddings=rotary)
+    naming = block.mlp.experts.get_submodule("0").naming
+    experts = [f"mlp.experts.{e}.{naming.up}" for e in range(4)]
+    shared = ["mlp.shared_expert.up_proj"] if model_type == "qwen2_moe" else []
+    assert set(folded) == {"input_layernorm", "post_attention_layernorm", *experts, *shared}
+    routers = ["mlp.gate", "mlp.shared_expert_gate"] if shared else ["mlp.gate"]
+    assert folded["post_attention_layernorm"]["routers"] == routers  # the routers took the scale: same routing
+    assert len(folded["post_attention_layernorm"]["linears"]) == 2 * (4 + len(shared))
     assert torch.allclose(before, after, atol=1e-4)
 
 

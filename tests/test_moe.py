@@ -14,6 +14,7 @@ from aaac_kernels.format.experts import NAMINGS
 from aaac_kernels.format.serving import prepare
 from aaac_kernels.hf import AAACLinear
 from offline_quantize.hf_loader import load_causal_lm, load_reference
+from offline_quantize.methods import MethodOptions
 from offline_quantize.pipeline import Settings, quantize_model
 from offline_quantize.statistics import MIN_EXPERT_TOKENS, BatchSums, ChannelStatistics, expert_statistics
 
@@ -64,6 +65,43 @@ def test_each_expert_part_is_stored_as_a_linear_of_its_own(moe_checkpoints, mode
     assert summary["expert_parts_with_pooled_statistics"] == 0
     tokens = [entry["calibration_tokens"] for name, entry in report["layers"].items() if ".experts." in name]
     assert min(tokens) >= MIN_EXPERT_TOKENS and sum(tokens) == LAYERS * 3 * 2 * 8 * 128
+
+
+@pytest.mark.parametrize("model_type", ["mixtral", "qwen2_moe"])
+def test_awq_scaling_folds_into_the_routers_the_checkpoint_stores(tmp_path, small_calib, model_type):
+    source = tiny_moe(tmp_path / "source", model_type, experts=EXPERTS, layers=LAYERS)
+    method = MethodOptions("aaac", {"awq-scale"})
+    settings = Settings(group_size=32, nsamples=4, seqlen=128, calib=[small_calib], device="cpu", method=method)
+    report = quantize_model(source, tmp_path / "aaac", settings)
+    block = MOE_BLOCK[model_type]
+    routers = ["gate", "shared_expert_gate"] if model_type == "qwen2_moe" else ["gate"]
+    with (
+        safe_open(str(source / "model.safetensors"), "pt") as old,
+        safe_open(str(tmp_path / "aaac" / "model.safetensors"), "pt") as new,
+    ):
+        for i in range(LAYERS):
+            layer = f"model.layers.{i}"
+            entry = report["layers"][f"{layer}.post_attention_layernorm"]
+            assert entry["awq_alpha"] > 0 and {f"mlp.{r}" for r in routers} <= set(entry["scales"])  # the model's names
+            # The norm's output is divided by s and every router's input channels multiplied by it: their
+            # product is the source's, up to the rounding of each to bf16.
+            norm = (
+                new.get_tensor(f"{layer}.post_attention_layernorm.weight").float(),
+                old.get_tensor(f"{layer}.post_attention_layernorm.weight").float(),
+            )
+            assert not torch.equal(*norm)
+            for router in routers:
+                name = f"{layer}.{block}.{router}.weight"
+                folded, plain = new.get_tensor(name).float() * norm[0], old.get_tensor(name).float() * norm[1]
+                torch.testing.assert_close(folded, plain, rtol=2**-7, atol=1e-6)
+            for e in range(EXPERTS):  # each expert's up feeds its own down
+                assert "awq_alpha" in report["layers"][f"{layer}.{block}.experts.{e}.{NAMINGS[model_type].up}"]
+    ids = torch.tensor(PROMPTS_IDS[2:])
+    with torch.no_grad():
+        logits = load_reference(tmp_path / "aaac", dtype=torch.float32)(ids).logits
+        plain = load_reference(source, dtype=torch.float32)(ids).logits
+    # 4-bit weights of a random model: the logits stay near the source's.
+    assert (logits - plain).norm() < 0.5 * plain.norm()
 
 
 def test_rarely_routed_experts_take_their_layers_pooled_statistics():
