@@ -8,10 +8,10 @@ the previous operation's output by s[k], which leaves the float model unchanged
 but gives salient channels finer steps on the grid. In a mixture-of-experts block
 the post-attention norm feeds every expert's gate and up (and a shared expert's),
 each judged with the statistics of the tokens routed to it, and the routers, whose
-weights take s as well but stay unquantized; each expert's up feeds its own down. alpha is searched on a grid
-of 20 in [0, 1) (alpha = 0 is no scaling). Clip search then shrinks each group's
-range by up to 50% where that lowers the group's output error (q and k excepted,
-as in AutoAWQ: their error goes through the softmax).
+weights take s as well but stay unquantized; each expert's up feeds its own down.
+alpha is searched on a grid of 20 in [0, 1) (alpha = 0 is no scaling). Clip
+search then shrinks each group's range by up to 50% where that lowers the group's
+output error (q and k excepted, as in AutoAWQ: their error goes through the softmax).
 
 The objective is the paper's, ||X W^T - X Q(W diag(s))^T diag(s)^-1||^2 summed
 over the group's linears, computed exactly from H = mean(x x^T) as
@@ -171,7 +171,6 @@ def scale_block(
         s, alpha = search_scale(weights, second_moments, stats[group.salience].mean_abs, group_size, UniformGrid())
         fold(block, group, s.to(linears[group.linears[0]].weight.dtype))
         for name in group.linears + group.routers:
-            if name in stats:
-                stats[name] = stats[name].scaled(s)
+            stats[name] = stats[name].scaled(s)
         record[group.previous] = {"alpha": alpha, "linears": group.linears, "routers": group.routers}
     return record
