@@ -8,7 +8,7 @@ from transformers.models.llama.modeling_llama import LlamaDecoderLayer, LlamaRot
 from aaac_kernels.experts import unfuse_experts
 from aaac_kernels.format import awq as awq_format
 from aaac_kernels.format.errors import AAACError
-from aaac_kernels.format.experts import NAMINGS, PLAIN
+from aaac_kernels.format.experts import NAMINGS
 from offline_quantize import awq_search
 from offline_quantize.cli import quantize_parser
 from offline_quantize.codebooks import NF4, CodebookGrid, CodebookOptions, nf4_grid
@@ -215,13 +215,17 @@ def _moe_block(model_type: str):
         block, rotary = Qwen2MoeDecoderLayer(config, layer_idx=0), Qwen2MoeRotaryEmbedding(config)
     with torch.no_grad():
         for name, p in block.named_parameters():
-            p.uniform_(0.5, 1.5) if "layernorm" in name else p.normal_(0, 0.1)
+            if "layernorm" in name:
+                p.uniform_(0.5, 1.5)
+            else:
+                p.normal_(0, 0.1)
         fused = block.mlp.experts
-        unfuse_experts(block, NAMINGS.get(model_type, PLAIN))
-        for e in range(4):
+        unfuse_experts(block, NAMINGS[model_type])
+        for e in range(4):  # transformers' fused gate_up_proj [E, 2I, H] holds gate's rows, then up's
             expert = block.mlp.experts.get_submodule(str(e))
             gate, up, down = (getattr(expert, part) for part in expert.naming.parts)
-            gate.weight.copy_(fused.gate_up_proj[e, :64]), up.weight.copy_(fused.gate_up_proj[e, 64:])
+            gate.weight.copy_(fused.gate_up_proj[e, :64])
+            up.weight.copy_(fused.gate_up_proj[e, 64:])
             down.weight.copy_(fused.down_proj[e])
     return block.eval(), rotary
 
