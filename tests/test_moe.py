@@ -1,6 +1,6 @@
 """Mixture-of-experts models (Mixtral, OLMoE, Qwen2-MoE, Qwen3-MoE): quantized expert by expert, loaded
-packed in transformers, served by vLLM's CPU build with tensor and expert parallel, all against the
-reference dequantizer."""
+packed in transformers, served by vLLM's CPU build with tensor, expert and pipeline parallel (one of
+them quantized with AWQ scaling), all against the reference dequantizer."""
 
 import itertools
 import json
@@ -28,14 +28,21 @@ MOE_BLOCK = {"mixtral": "block_sparse_moe", "olmoe": "mlp", "qwen2_moe": "mlp", 
 PROMPTS_IDS = [[1, 2, 3, 4, 5], [100, 2000, 30000, 17], [4000, 4001, 4002, 4003, 4004, 4005, 4006]]
 
 
+# Quantized with AWQ scaling, so that vLLM serves folded routers and shared experts too (tensor and
+# pipeline parallel, below); the others with plain AAAC.
+AWQ_SCALED = "qwen2_moe"
+
+
 @pytest.fixture(scope="module")
 def moe_checkpoints(tmp_path_factory, small_calib) -> dict[str, tuple]:
-    """Each model type as a tiny random model, quantized by the pipeline at group size 32: (folder, report)."""
+    """Each model type as a tiny random model, quantized by the pipeline at group size 32: (folder, report).
+    The source model is in the folder's sibling ``source``."""
     checkpoints = {}
     for model_type in MODEL_TYPES:
         root = tmp_path_factory.mktemp(model_type)
         source = tiny_moe(root / "source", model_type, experts=EXPERTS, layers=LAYERS)
-        settings = Settings(group_size=32, nsamples=8, seqlen=128, calib=[small_calib], device="cpu")
+        method = MethodOptions("aaac", {"awq-scale"} if model_type == AWQ_SCALED else set())
+        settings = Settings(group_size=32, nsamples=8, seqlen=128, calib=[small_calib], device="cpu", method=method)
         checkpoints[model_type] = root / "aaac", quantize_model(source, root / "aaac", settings)
     return checkpoints
 
@@ -67,21 +74,19 @@ def test_each_expert_part_is_stored_as_a_linear_of_its_own(moe_checkpoints, mode
     assert min(tokens) >= MIN_EXPERT_TOKENS and sum(tokens) == LAYERS * 3 * 2 * 8 * 128
 
 
-def test_awq_scaling_folds_into_the_routers_the_checkpoint_stores(tmp_path, small_calib):
+def test_awq_scaling_folds_into_the_routers_the_checkpoint_stores(moe_checkpoints):
     # Qwen2-MoE: its router is a module of its own, its shared expert's an nn.Linear (test_methods.py checks
     # that the float block is unchanged, Mixtral's too).
-    model_type, layers = "qwen2_moe", 1
-    source = tiny_moe(tmp_path / "source", model_type, experts=EXPERTS, layers=layers)
-    method = MethodOptions("aaac", {"awq-scale"})
-    settings = Settings(group_size=32, nsamples=4, seqlen=128, calib=[small_calib], device="cpu", method=method)
-    report = quantize_model(source, tmp_path / "aaac", settings)
+    model_type = AWQ_SCALED
+    path, report = moe_checkpoints[model_type]
+    source = path.parent / "source"
     block = MOE_BLOCK[model_type]
     routers = ["gate", "shared_expert_gate"]
     with (
         safe_open(str(source / "model.safetensors"), "pt") as old,
-        safe_open(str(tmp_path / "aaac" / "model.safetensors"), "pt") as new,
+        safe_open(str(path / "model.safetensors"), "pt") as new,
     ):
-        for i in range(layers):
+        for i in range(LAYERS):
             layer = f"model.layers.{i}"
             entry = report["layers"][f"{layer}.post_attention_layernorm"]
             assert entry["awq_alpha"] > 0 and {f"mlp.{r}" for r in routers} <= set(entry["scales"])  # the model's names
@@ -101,7 +106,7 @@ def test_awq_scaling_folds_into_the_routers_the_checkpoint_stores(tmp_path, smal
                 assert "awq_alpha" in report["layers"][f"{layer}.{block}.{up}"]
     ids = torch.tensor(PROMPTS_IDS[2:])
     with torch.no_grad():
-        logits = load_reference(tmp_path / "aaac", dtype=torch.float32)(ids).logits
+        logits = load_reference(path, dtype=torch.float32)(ids).logits
         plain = load_reference(source, dtype=torch.float32)(ids).logits
     # 4-bit weights of a random model: the logits stay near the source's.
     assert (logits - plain).norm() < 0.5 * plain.norm()
