@@ -20,6 +20,7 @@ SOURCES = [
     "kernel_avx512_bf16.cpp",
     "kernel_amx.cpp",
     "nearest.cpp",
+    "encode_avx2.cpp",
 ]
 
 

@@ -68,6 +68,8 @@ class LayerResult:
 
 def _normalize(w: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     """w / scale per group, with zero-scale groups (all-zero weights) mapped to 0."""
+    if bool((scale > 0).all()):  # the common case, without two passes over w
+        return w / scale
     safe = torch.where(scale > 0, scale, torch.ones_like(scale))
     return torch.where(scale > 0, w / safe, torch.zeros_like(w))
 
@@ -128,6 +130,9 @@ def _lloyd(
     """
     u = _normalize(w, scale)
     error_weight = mean_square * scale * scale  # the error of u on channel k costs mean_square[k] * s^2
+    # The update's weights, fixed while the scales are: each weight's error weight, and that times u.
+    entry_weight = error_weight.expand_as(u).reshape(-1)
+    entry_weighted_u = (error_weight * u).reshape(-1)
     best, best_total = codebooks, float("inf")
     previous, reseeds = None, 0
     for _ in range(options.lloyd_iters):
@@ -151,8 +156,8 @@ def _lloyd(
         # One weighted histogram over 32 bins (codebook * 16 + entry) gives both codebooks' new means.
         entry = torch.where(choice.unsqueeze(-1), indices[1] + CODEBOOK_SIZE, indices[0]).reshape(-1)
         bins = NUM_CODEBOOKS * CODEBOOK_SIZE
-        num = torch.bincount(entry, weights=(error_weight * u).reshape(-1), minlength=bins)
-        den = torch.bincount(entry, weights=error_weight.expand_as(u).reshape(-1), minlength=bins)
+        num = torch.bincount(entry, weights=entry_weighted_u, minlength=bins)
+        den = torch.bincount(entry, weights=entry_weight, minlength=bins)
         # An entry nobody maps to keeps its value instead of collapsing to 0.
         flat = torch.where(den > 0, num / den.clamp_min(1e-30), codebooks.reshape(-1).double())
         codebooks = torch.sort(flat.to(codebooks.dtype).reshape(NUM_CODEBOOKS, CODEBOOK_SIZE)).values

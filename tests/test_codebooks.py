@@ -9,7 +9,7 @@ from offline_quantize.calibration import token_windows
 from offline_quantize.codebooks import CodebookOptions, _assign, _mean_aware_scales, _refit_scales, quantize_layer
 from offline_quantize.objectives import weighted_error
 from offline_quantize.source import block_linears, decoder_blocks
-from offline_quantize.statistics import collect
+from offline_quantize.statistics import STATISTICS_COLUMNS, BatchSums, collect
 from offline_quantize.uniform_grid import rtn_dequantized
 
 from .conftest import GROUP_SIZE
@@ -44,6 +44,18 @@ def learned(block_statistics):
 def test_statistics_are_mean_squares(block_statistics):
     for weight, mean_square in block_statistics.values():
         assert mean_square.shape == (weight.shape[1],) and (mean_square >= 0).all() and mean_square.sum() > 0
+
+
+@pytest.mark.parametrize("width", [STATISTICS_COLUMNS * 9, STATISTICS_COLUMNS * 2 + 37, 20])
+def test_batch_sums_equal_whole_tensor_sums(width):
+    """A batch's sums, taken a slice of columns at a time, are the whole tensor's float64 sums bit for bit
+    (so the checkpoints stay what they were), for widths with and without a partial last slice."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(3, 1001, width, generator=g) * torch.rand(width, generator=g) * 4 + torch.randn(width, generator=g)
+    sums = BatchSums.of(x, full=False)
+    wide = x.reshape(-1, width).double()
+    assert torch.equal(sums.square, wide.pow(2).sum(0)) and torch.equal(sums.total, wide.sum(0))
+    assert torch.equal(sums.absolute, wide.abs().sum(0)) and sums.tokens == 3 * 1001 and sums.gram is None
 
 
 @pytest.mark.parametrize("name", ["self_attn.q_proj", "self_attn.v_proj", "mlp.up_proj", "mlp.down_proj"])

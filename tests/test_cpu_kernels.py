@@ -335,3 +335,25 @@ def test_group_errors_equal_torch(monkeypatch):
     torch_errors, torch_indices = encode.group_errors(w, u, mean_square, scale, codebooks)
     assert all(torch.equal(a, b) and a.dtype == torch.uint8 for a, b in zip(native[1], torch_indices))
     torch.testing.assert_close(native[0], torch_errors, rtol=64 * 2.0**-24, atol=0.0)
+
+
+@pytest.mark.parametrize("isa", [name for name in ISAS if name != "scalar"], indirect=True)
+@pytest.mark.parametrize("group_size", [64, 24, 20])
+def test_group_errors_equal_on_every_path(isa, group_size):
+    """The vector paths' group errors (the AVX2 loop where G is a multiple of 8) are the generic loop's bit for
+    bit, indices and errors: the quantizer writes the same checkpoint on every machine."""
+    g = torch.Generator().manual_seed(1)
+    codebooks = torch.sort(torch.randn(2, 16, generator=g)).values
+    codebooks[1, 9] = codebooks[1, 8]
+    w = torch.randn(37, 5, group_size, generator=g) * 0.02
+    w[2, 3] = 0.0
+    scale = w.abs().amax(-1, keepdim=True)
+    u = torch.where(scale > 0, w / scale.clamp_min(1e-30), torch.zeros_like(w))
+    u[4, 0, :15] = (codebooks[1, 1:] + codebooks[1, :-1])[:15] * 0.5  # ties go to the lower entry
+    u[6, 1, 0] = float("nan")  # below no midpoint: entry 0 on both
+    mean_square = torch.rand(5, group_size, generator=g) ** 4
+    errors, indices = NATIVE.group_errors(w, u, mean_square, scale, codebooks)
+    NATIVE.set_isa("scalar")
+    generic_errors, generic_indices = NATIVE.group_errors(w, u, mean_square, scale, codebooks)
+    assert torch.equal(indices, generic_indices) and torch.equal(errors, generic_errors)
+    assert indices[:, 6, 1, 0].eq(0).all()

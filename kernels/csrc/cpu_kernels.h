@@ -83,4 +83,22 @@ void gemv_avx512(const GemmProblem&, int64_t, int64_t);
 void dequant_avx512(const GemmProblem&, int64_t, int64_t, void*);
 void dequant_avx512_bf16(const GemmProblem&, int64_t, int64_t, void*);
 
+// The encoder's group errors (nearest.cpp): for groups [begin, end) of G weights (w and u = w / scale,
+// [N, groups, G] contiguous), each weight's nearest entry of one sorted 16-entry codebook (the number
+// of the 15 midpoints below u) and the group's error sum mean_square (w - entry * scale)^2.
+struct GroupErrorProblem {
+  const float* w;
+  const float* u;
+  const float* mean_square;  // [groups, G]
+  const float* scale;        // [N * groups]
+  const float* entries;      // [16]
+  const float* bounds;       // [15]: the midpoints of consecutive entries
+  int64_t groups, g;
+  float* errors;     // [N * groups]
+  uint8_t* indices;  // [N * groups * G]
+};
+using GroupErrorFn = void (*)(const GroupErrorProblem&, int64_t begin, int64_t end);
+void group_errors_generic(const GroupErrorProblem&, int64_t, int64_t);
+void group_errors_avx2(const GroupErrorProblem&, int64_t, int64_t);  // G a multiple of 8
+
 }  // namespace aaac

@@ -2,9 +2,9 @@
 // activation-weighted error of every group under each codebook. The quantizer calls them ~100 times per
 // layer (Lloyd iterations, scale search); torch.bucketize took ~20 ns per weight on the 2-core test
 // machine, this loop well under 1 ns, and the errors computed here instead of in torch took the
-// quantizer's own work about a third faster (docs/method.md). Generic x86-64 code (no ISA-specific path,
-// so no fused multiply-add: each product and sum rounds as torch's do): the compiler vectorizes the
-// count over the 15 midpoints.
+// quantizer's own work about a third faster (docs/method.md). Generic x86-64 code (no fused multiply-add:
+// each product and sum rounds as torch's do); the group errors have an AVX2 loop as well
+// (encode_avx2.cpp), which gives the same bits.
 #include <ATen/Parallel.h>
 #include <torch/extension.h>
 
@@ -12,6 +12,8 @@
 #include <cstdint>
 #include <tuple>
 #include <vector>
+
+#include "cpu_kernels.h"
 
 namespace aaac {
 namespace {
@@ -59,13 +61,38 @@ std::tuple<at::Tensor, at::Tensor> nearest(const at::Tensor& u, const at::Tensor
   return {index, value};
 }
 
+// The generic loop: each weight's count of midpoints (a vector compare per midpoint, in its own loop),
+// then the errors with one of 8 partial sums per weight (partial[i % 8]), added in order.
+void group_errors_generic(const GroupErrorProblem& p, int64_t begin, int64_t end) {
+  std::vector<int32_t> below(p.g);
+  for (int64_t group = begin; group < end; ++group) {
+    const float* uv = p.u + group * p.g;
+    for (int64_t i = 0; i < p.g; ++i) below[i] = count_below(p.bounds, uv[i]);
+    const float* wv = p.w + group * p.g;
+    const float* ms = p.mean_square + (group % p.groups) * p.g;
+    const float s = p.scale[group];
+    uint8_t* out = p.indices + group * p.g;
+    float partial[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+    for (int64_t i = 0; i < p.g; ++i) {
+      const float product = p.entries[below[i]] * s;
+      const float diff = wv[i] - product;
+      partial[i % 8] += diff * diff * ms[i];
+      out[i] = static_cast<uint8_t>(below[i]);
+    }
+    float sum = 0.0f;
+    for (float value : partial) sum += value;
+    p.errors[group] = sum;
+  }
+}
+
 // Per codebook (a sorted [16] row of codebooks [C, 16]) and group of G weights (w, and u = w / scale,
 // [N, Gn, G]; mean_square [Gn, G]; scale [N, Gn, 1]): each weight's nearest entry of u, and the group's
 // error sum mean_square (w - entry * scale)^2. Returns (errors [C, N, Gn] fp32, indices [C, N, Gn, G]
-// uint8), as encode.group_errors's torch code computes them (the sums in another order).
+// uint8), as encode.group_errors's torch code computes them (the sums in another order). ``vector``
+// takes the AVX2 loop where G is a multiple of 8: the same errors, bit for bit (encode_avx2.cpp).
 std::tuple<at::Tensor, at::Tensor> group_errors(const at::Tensor& w_in, const at::Tensor& u_in,
                                                 const at::Tensor& mean_square_in, const at::Tensor& scale_in,
-                                                const at::Tensor& codebooks_in) {
+                                                const at::Tensor& codebooks_in, bool vector) {
   for (const at::Tensor* t : {&w_in, &u_in, &mean_square_in, &scale_in, &codebooks_in})
     TORCH_CHECK(t->device().is_cpu() && t->scalar_type() == at::kFloat, "group_errors: takes float32 CPU tensors");
   TORCH_CHECK(w_in.dim() == 3 && u_in.sizes() == w_in.sizes(), "group_errors: w and u must be [N, groups, G]");
@@ -78,35 +105,23 @@ std::tuple<at::Tensor, at::Tensor> group_errors(const at::Tensor& w_in, const at
   const int64_t books = codebooks.size(0);
   at::Tensor errors = at::empty({books, n, groups}, w.options());
   at::Tensor indices = at::empty({books, n, groups, g}, w.options().dtype(at::kByte));
-  const float *wp = w.data_ptr<float>(), *up = u.data_ptr<float>(), *msp = mean_square.data_ptr<float>();
-  const float* sp = scale.data_ptr<float>();
-  float* ep = errors.data_ptr<float>();
-  uint8_t* ip = indices.data_ptr<uint8_t>();
+  const GroupErrorFn run = vector && g % 8 == 0 ? group_errors_avx2 : group_errors_generic;
   for (int64_t c = 0; c < books; ++c) {
     const float* entries = codebooks.data_ptr<float>() + 16 * c;
     float bounds[15];
     for (int j = 0; j < 15; ++j) bounds[j] = (entries[j + 1] + entries[j]) * 0.5f;  // as encode.nearest's
-    at::parallel_for(0, n * groups, std::max<int64_t>(1, (1 << 14) / g), [&](int64_t begin, int64_t end) {
-      std::vector<int32_t> below(g);
-      for (int64_t group = begin; group < end; ++group) {
-        const float* uv = up + group * g;
-        for (int64_t i = 0; i < g; ++i) below[i] = count_below(bounds, uv[i]);
-        const float* wv = wp + group * g;
-        const float* ms = msp + (group % groups) * g;
-        const float s = sp[group];
-        uint8_t* out = ip + (c * n * groups + group) * g;
-        float partial[8] = {0, 0, 0, 0, 0, 0, 0, 0};
-        for (int64_t i = 0; i < g; ++i) {
-          const float product = entries[below[i]] * s;
-          const float diff = wv[i] - product;
-          partial[i % 8] += diff * diff * ms[i];
-          out[i] = static_cast<uint8_t>(below[i]);
-        }
-        float sum = 0.0f;
-        for (float p : partial) sum += p;
-        ep[c * n * groups + group] = sum;
-      }
-    });
+    const GroupErrorProblem problem{w.data_ptr<float>(),
+                                    u.data_ptr<float>(),
+                                    mean_square.data_ptr<float>(),
+                                    scale.data_ptr<float>(),
+                                    entries,
+                                    bounds,
+                                    groups,
+                                    g,
+                                    errors.data_ptr<float>() + c * n * groups,
+                                    indices.data_ptr<uint8_t>() + c * n * groups * g};
+    at::parallel_for(0, n * groups, std::max<int64_t>(1, (1 << 14) / g),
+                     [&](int64_t begin, int64_t end) { run(problem, begin, end); });
   }
   return {errors, indices};
 }

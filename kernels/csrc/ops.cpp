@@ -26,7 +26,7 @@ namespace aaac {
 std::tuple<at::Tensor, at::Tensor> nearest(const at::Tensor& u, const at::Tensor& midpoints,
                                            const at::Tensor& codebook);
 std::tuple<at::Tensor, at::Tensor> group_errors(const at::Tensor& w, const at::Tensor& u, const at::Tensor& mean_square,
-                                                const at::Tensor& scale, const at::Tensor& codebooks);
+                                                const at::Tensor& scale, const at::Tensor& codebooks, bool vector);
 
 const uint16_t* codebook_pair(const GemmProblem& p, int64_t n) {
   int64_t part = 0;
@@ -301,6 +301,14 @@ void set_isa(const std::string& name) {
 
 std::string current_isa() { return kIsas[g_isa.load()].name; }
 
+// The encoder's group errors on the current path: the AVX2 loop on every vector path (each of their CPUs
+// runs AVX2), the generic loop on `scalar`; both give the same errors and indices.
+std::tuple<at::Tensor, at::Tensor> group_errors_on_path(const at::Tensor& w, const at::Tensor& u,
+                                                        const at::Tensor& mean_square, const at::Tensor& scale,
+                                                        const at::Tensor& codebooks) {
+  return group_errors(w, u, mean_square, scale, codebooks, g_isa.load() > 0);
+}
+
 }  // namespace
 }  // namespace aaac
 
@@ -313,6 +321,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("isa", &aaac::current_isa, "The kernel path in use");
   m.def("dequantize", &aaac::dequantize, "The dense [N, K] weight of a layer in the CPU layout, by the current path");
   m.def("nearest", &aaac::nearest, "(index, value) of each element's nearest entry of a sorted 16-entry codebook");
-  m.def("group_errors", &aaac::group_errors,
+  m.def("group_errors", &aaac::group_errors_on_path,
         "(errors [C, N, groups], indices [C, N, groups, G]) of every group under each sorted 16-entry codebook");
 }
