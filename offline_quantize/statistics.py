@@ -87,7 +87,7 @@ class BatchSums:
         flat = x.reshape(-1, x.shape[-1])
         sums = [torch.empty(flat.shape[1], dtype=torch.float64, device=flat.device) for _ in range(3)]
         # On CPU in float64 a slice of columns at a time: a batch's float64 copy stays in cache (the whole
-        # one, 4096 tokens x 1536 channels, took 4-8x as long). Each column's sums are the whole tensor's,
+        # one, 4096 tokens x 1536 channels, took 6-8x as long). Each column's sums are the whole tensor's,
         # bit for bit: torch reduces every column over the rows alike, in vectors of columns (a slice
         # width of a multiple of 16 keeps those vectors; 8 does not). A GPU takes the whole tensor.
         step = STATISTICS_COLUMNS if flat.device.type == "cpu" else flat.shape[1]
