@@ -210,15 +210,16 @@ def _eval_one(model_dir: Path, text: str, args, device: str, dtype) -> None:
 
     from aaac_kernels.format.config import read_quant_config
 
-    from .evaluate import perplexity
+    from .evaluate import perplexity, token_ids
     from .hf_loader import load_causal_lm
 
     read_quant_config(model_dir)  # a model folder, and an AAAC format this code reads
     trust = args.trust_remote_code
     model = load_causal_lm(model_dir, dtype=dtype, device=device, trust_remote_code=trust)
     tokenizer = AutoTokenizer.from_pretrained(model_dir, trust_remote_code=trust)
+    ids = token_ids(tokenizer, text, args.max_tokens)
     start = time.perf_counter()
-    ppl, tokens = perplexity(model, tokenizer, text, args.seqlen, args.max_tokens)
+    ppl, tokens = perplexity(model, ids, args.seqlen)
     seconds = time.perf_counter() - start
     print(
         f"{model_dir}: perplexity {ppl:.3f} over {tokens} tokens ({args.seqlen}-token windows, {seconds:.1f} s)",

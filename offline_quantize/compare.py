@@ -27,7 +27,7 @@ import torch
 
 from aaac_kernels.format.errors import AAACError
 
-from .evaluate import evaluation_device, perplexity
+from .evaluate import evaluation_device, perplexity, token_ids
 from .methods import compared_variants
 from .methods.registry import FORMATS
 
@@ -108,7 +108,9 @@ def run(
             raise AAACError(f"text {name}: file {file} does not exist")
     workdir.mkdir(parents=True, exist_ok=True)
     tokenizer = AutoTokenizer.from_pretrained(source)
-    contents = {name: file.read_text(encoding="utf-8") for name, file in texts.items()}
+    contents = {
+        name: token_ids(tokenizer, file.read_text(encoding="utf-8"), max_tokens) for name, file in texts.items()
+    }
     eval_device, dtype = evaluation_device(device)
 
     # All quantization first, then all evaluation: each method's timing is taken with nothing else running.
@@ -143,9 +145,9 @@ def run(
         entry = methods[label]
         entry["perplexity"] = {}
         model = load_causal_lm(folders[label], dtype=dtype, device=eval_device)
-        for name, text in contents.items():
+        for name, ids in contents.items():
             start = time.perf_counter()
-            entry["perplexity"][name], token_counts[name] = perplexity(model, tokenizer, text, seqlen, max_tokens)
+            entry["perplexity"][name], token_counts[name] = perplexity(model, ids, seqlen)
             print(
                 f"[{label}] {name}: perplexity {entry['perplexity'][name]:.3f} ({time.perf_counter() - start:.0f} s)",
                 flush=True,

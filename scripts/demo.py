@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 from transformers import AutoTokenizer
 
-from offline_quantize.evaluate import perplexity
+from offline_quantize.evaluate import perplexity, token_ids
 from offline_quantize.hf_loader import load_causal_lm
 
 PROMPTS = [
@@ -45,12 +45,12 @@ def main() -> None:
     )
 
     tokenizer = AutoTokenizer.from_pretrained(args.quantized)
-    text = args.text.read_text(encoding="utf-8")
+    ids = token_ids(tokenizer, args.text.read_text(encoding="utf-8"), args.max_tokens)
     models = {}
     for name, path in (("bf16", args.source), ("AAAC", args.quantized)):
         models[name] = load_causal_lm(path, dtype=torch.float32)
         start = time.perf_counter()
-        ppl, tokens = perplexity(models[name], tokenizer, text, args.seqlen, args.max_tokens)
+        ppl, tokens = perplexity(models[name], ids, args.seqlen)
         print(f"perplexity {name:5s}  {ppl:8.3f}   ({tokens} held-out BBC tokens, {time.perf_counter() - start:.0f} s)")
 
     print("\ncompletions from the AAAC model (greedy, in transformers with the AAAC kernels):")

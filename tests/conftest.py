@@ -79,14 +79,14 @@ def pydoc_text() -> Path:
 
 
 @pytest.fixture(scope="session")
-def smollm2_two_blocks(tmp_path_factory, source_model) -> Path:
-    """The real SmolLM2 cut to its first two decoder blocks (trained weights, real tokenizer): every method
-    runs end to end on it in seconds."""
+def smollm2_one_block(tmp_path_factory, source_model) -> Path:
+    """The real SmolLM2 cut to its first decoder block (trained weights, real tokenizer): every method runs
+    end to end on it in seconds."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    folder = tmp_path_factory.mktemp("smollm2-2") / "SmolLM2-2-blocks"
+    folder = tmp_path_factory.mktemp("smollm2-1") / "SmolLM2-1-block"
     config = AutoConfig.from_pretrained(source_model)
-    config.num_hidden_layers = 2
+    config.num_hidden_layers = 1
     model = AutoModelForCausalLM.from_pretrained(source_model, config=config, dtype=torch.bfloat16)
     model.save_pretrained(folder)
     for name in TOKENIZER_FILES:
@@ -209,9 +209,10 @@ def vllm_engine(model: Path, **kwargs):
 
     An engine on one rank runs in this process (vLLM's engine core and its one worker, as
     ``VLLM_ENABLE_V1_MULTIPROCESSING=0`` and the ``uni`` executor run them): it starts in seconds, where
-    three processes importing vLLM take about 40 s on the 2-core machines. Several ranks run as vLLM runs
-    them, a process each; the server (test_serve.py) keeps the process boundaries of ``vllm serve``. Two
-    engines in this process at once would share vLLM's process-wide parallel groups: no test holds two.
+    three processes importing vLLM take about 40 s on the 2-core machines. With several ranks the engine core
+    still runs here, and each rank in a worker process of its own as vLLM runs them; the server
+    (test_serve.py) keeps the process boundaries of ``vllm serve``. Two engines in this process at once would
+    share vLLM's process-wide parallel groups: no test holds two.
     """
     import vllm.envs
     from vllm import LLM
@@ -221,7 +222,7 @@ def vllm_engine(model: Path, **kwargs):
     if in_process:
         options["distributed_executor_backend"] = "uni"
     saved = os.environ.get("VLLM_ENABLE_V1_MULTIPROCESSING")
-    os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0" if in_process else "1"
+    os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
     try:
         llm = LLM(model=str(model), seed=0, max_model_len=1024, **options)
     finally:

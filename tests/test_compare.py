@@ -1,6 +1,6 @@
-"""Every method end to end with `aaac-compare` on the real SmolLM2 cut to two blocks, and the checkpoints it writes.
+"""Every method end to end with `aaac-compare` on the real SmolLM2 cut to one block, and the checkpoints it writes.
 
-Two of SmolLM2's thirty blocks make no language model (perplexity in the millions, for bf16 too), so
+One of SmolLM2's thirty blocks makes no language model (perplexity in the millions, for bf16 too), so
 quality is asserted here on the layer errors the reports give; perplexity gaps of the whole model are
 what `make compare` measures (docs/results.md).
 """
@@ -23,11 +23,11 @@ TEXTS = ("bbc", "pydoc")
 
 
 @pytest.fixture(scope="module")
-def comparison(tmp_path_factory, smollm2_two_blocks, small_calib, bbc_text, pydoc_text):
+def comparison(tmp_path_factory, smollm2_one_block, small_calib, bbc_text, pydoc_text):
     workdir = tmp_path_factory.mktemp("compare")
     result = run_cli(
         "aaac-compare",
-        smollm2_two_blocks,
+        smollm2_one_block,
         workdir,
         "--group-size",
         GROUP,
@@ -89,7 +89,7 @@ def test_gptq_awq_and_compensation_lower_the_output_error(comparison):
 
     def mean_output_error(label):
         layers = json.loads((workdir / label / "quantization_report.json").read_text())["layers"]
-        return sum(v["output_error"] for v in layers.values() if "output_error" in v) / 14
+        return sum(v["output_error"] for v in layers.values() if "output_error" in v) / 7
 
     assert mean_output_error("aaac+compensate") < mean_output_error("aaac+awq")
     assert mean_output_error("gptq") < mean_output_error("awq")
@@ -99,17 +99,14 @@ def test_gptq_awq_and_compensation_lower_the_output_error(comparison):
         "model.layers.0.input_layernorm",
         "model.layers.0.post_attention_layernorm",
         "model.layers.0.mlp.up_proj",
-        "model.layers.1.input_layernorm",
-        "model.layers.1.post_attention_layernorm",
-        "model.layers.1.mlp.up_proj",
     ]
 
 
-def test_awq_scaling_writes_the_folded_norms(comparison, smollm2_two_blocks):
+def test_awq_scaling_writes_the_folded_norms(comparison, smollm2_one_block):
     workdir = comparison[0]
     with (
         safe_open(str(workdir / "aaac+awq" / "model.safetensors"), "pt") as f,
-        safe_open(str(smollm2_two_blocks / "model.safetensors"), "pt") as s,
+        safe_open(str(smollm2_one_block / "model.safetensors"), "pt") as s,
     ):
         assert not torch.equal(
             f.get_tensor("model.layers.0.input_layernorm.weight"), s.get_tensor("model.layers.0.input_layernorm.weight")
@@ -130,7 +127,7 @@ def test_uniform_grid_methods_write_the_awq_format(comparison, label):
         "modules_to_not_convert": ["lm_head"],
     }
     with safe_open(str(folder / "model.safetensors"), "pt") as f:
-        prefix = "model.layers.1.mlp.down_proj"  # [576, 1536]
+        prefix = "model.layers.0.mlp.down_proj"  # [576, 1536]
         assert f.get_tensor(f"{prefix}.qweight").shape == (1536, 576 // 8)
         assert f.get_tensor(f"{prefix}.qzeros").shape == (1536 // GROUP, 576 // 8)
         assert f.get_tensor(f"{prefix}.scales").shape == (1536 // GROUP, 576)
