@@ -166,6 +166,9 @@ def test_routed_experts_op_skips_other_ranks_experts(weights_on_input):
             want[t] += (down.double() @ (torch.nn.functional.silu(g) * u)) * (1 if weights_on_input else w)
     torch.testing.assert_close(got.double(), want, rtol=1e-4, atol=1e-4)
     assert got[2].abs().max() == 0  # both of its experts live on another rank
+    # Its fake implementation (what torch.compile traces with) agrees with the kernel on shapes and dtypes.
+    arguments = (x, weights, ids, *w13, *w2, intermediate, expert_map, weights_on_input)
+    torch.library.opcheck(torch.ops.aaac.routed_experts.default, arguments)
 
 
 @pytest.mark.parametrize("model_type", MODEL_TYPES)
