@@ -1,18 +1,20 @@
 """torch.ops.aaac.linear on CPU: the C++ kernels of every instruction-set path this CPU runs, the
 load-time layout, the plain-torch fallback, and the op under torch.compile.
 
-What is exact and what is not: the decode kernels (M <= 4, on the avx2 path M <= 16 and for bf16
-M <= 24; on AMX only M = 1, as bf16 batches from 2 rows run on the tiles) compute with the exact
-weight, entry x |scale| in fp32, except the avx2 path's for bf16 activations, which multiplies in int16
-(below); the other kernels with the reference dequantizer's weight, bit for bit (checked directly on
+What is exact and what is not: the decode kernels (M <= 4; on the avx2 path M <= 16 and for bf16
+M <= 24; on the avx512 paths for bf16 M <= 16; on AMX only M = 1, as bf16 batches from 2 rows run on
+the tiles; decode_rows below) compute with the exact weight, entry x |scale| in fp32, except the int16
+kernels for bf16 activations (the avx2 path's, and the avx512 paths' from 2 rows: multiplies_in_int16),
+which multiply in int16 (below); the other kernels with the reference dequantizer's weight, bit for bit (checked directly on
 the dequantizers), in bf16 for bf16 activations on the paths that multiply bf16 natively (avx512_bf16,
 amx_bf16) and in fp32 otherwise. All accumulate in fp32 in their own order. So against a float64
 product with the weight the kernel takes, an output may differ by (a) the fp32 summation, at most
 K * 2^-24 times the sum of |w x| (the classic bound for recursive summation, which covers any order and
 the products themselves), and (b) one rounding to the output dtype, at most one unit in its last place
-relative to the result (2^-8 for bf16, 2^-11 for fp16, 2^-24 for fp32). The avx2 bf16 decode kernel
-rounds x to int16 per chunk of 64 k and each codebook's entries to int16, each rounding at most 2^-14
-of the chunk's largest |x| or of the codebook's largest |entry| (kernel_avx2.cpp), so it may also be
+relative to the result (2^-8 for bf16, 2^-11 for fp16, 2^-24 for fp32). The bf16 decode kernels of the
+vector paths round x to int16 per chunk of 64 k and each codebook's entries to int16, each rounding at
+most 2^-14 of the chunk's largest |x| or of the codebook's largest |entry| (kernel_avx2.cpp,
+avx512_int16.h), so they may also be
 off by (c) 2^-14 (sum_k max_chunk|x| |w_k| + sum_k |x_k| |scale| max|entry|), the sums in int32 being
 exact. A wrong index, scale, codebook or part is off by the size of a weight and fails by orders of
 magnitude.
@@ -39,8 +41,8 @@ SUPPORTED = NATIVE.supported_isas() if NATIVE else []
 # A merged QKV-like layer; N = 139 is a multiple of no column block (4, 8, 16, 128), and its last AMX
 # panel holds one column tile (padded to the pair the panel blocks multiply).
 PARTS = [64, 32, 43]
-# Decode rows (1-5; the avx2 path's last: 16 and, for bf16, 24), one AMX sweep (16, 33), panels with an
-# even (128) and an odd (80 = 5 x 16, padded) number of row blocks.
+# Decode rows (1-5; the last of the avx2 path: 16 and, for bf16, 24; of the avx512 paths for bf16: 16), one
+# AMX sweep (16, 33), panels with an even (128) and an odd (80 = 5 x 16, padded) number of row blocks.
 M_VALUES = [1, 2, 3, 4, 5, 16, 24, 33, 80, 128]
 # (K, group size): blocks of 128 and a rest of 64 (SmolLM2's K = 576 is 4 x 128 + 64); groups of 32 with a
 # rest of 96 (64 + 32); groups of 96 (3 planes of 32: blocks straddle groups); a group size that is not a
@@ -56,6 +58,25 @@ def tile_weight(dense: torch.Tensor, dtype: torch.dtype, isa: str, group_size: i
     one. Group sizes that are not a multiple of 32 run the scalar kernels on every path."""
     native_bf16 = isa in ("avx512_bf16", "amx_bf16") and group_size % 32 == 0
     return dense.to(dtype) if dtype == torch.bfloat16 and native_bf16 else dense
+
+
+def decode_rows(isa: str, group_size: int, dtype: torch.dtype) -> int:
+    """The largest batch the path's decode kernels serve (ops.cpp's kIsas; group sizes that are not a
+    multiple of 32 run the scalar kernels)."""
+    bf16 = dtype == torch.bfloat16
+    if group_size % 32:
+        return 4
+    if isa == "avx2":
+        return 24 if bf16 else 16
+    return 16 if bf16 and isa in ("avx512", "avx512_bf16") else 4
+
+
+def multiplies_in_int16(isa: str, group_size: int, dtype: torch.dtype, m: int) -> bool:
+    """Whether a decoded batch of m rows runs an int16 kernel: bf16 activations on the avx2 path, and from 2
+    rows on the avx512 paths (one row keeps the exact fp32 kernel there)."""
+    if group_size % 32 or dtype != torch.bfloat16:
+        return False
+    return isa == "avx2" or (isa in ("avx512", "avx512_bf16") and m >= 2)
 
 
 @pytest.fixture
@@ -160,28 +181,27 @@ def test_op_matches_reference(isa, k, group_size, dtype):
         x = torch.randn(m, k).to(dtype)
         bias = torch.randn(sum(PARTS)).to(dtype) if m % 2 else None
         on_tiles = isa == "amx_bf16" and group_size % 32 == 0 and dtype == torch.bfloat16  # else scalar
-        vector = group_size % 32 == 0
-        int16 = isa == "avx2" and vector and dtype == torch.bfloat16
-        avx2_rows = 24 if int16 else 16
-        decodes = m == 1 or (m <= (avx2_rows if isa == "avx2" and vector else 4) and not on_tiles)
+        decodes = m == 1 or (m <= decode_rows(isa, group_size, dtype) and not on_tiles)
         weight = dense if decodes else dense.to(dtype) if on_tiles else tile_weight(dense, dtype, isa, group_size)
-        entries = entry_bounds(layout, PARTS) if int16 and decodes else None
+        entries = entry_bounds(layout, PARTS) if decodes and multiplies_in_int16(isa, group_size, dtype, m) else None
         _check(torch.ops.aaac.linear(x, *layout, PARTS, bias), x, weight, bias, entries)
 
 
-@pytest.mark.parametrize("isa", ["avx2"], indirect=True)
-def test_int16_decode_of_outliers_and_non_finite_x(isa):
-    """The avx2 bf16 decode kernel scales each chunk of 64 k by a power of two: a 2^12 outlier costs the
-    chunk's other values their low bits (bound (c)), and an Inf or NaN makes every output NaN."""
-    layout, dense = _layer(320, 64)
-    x = torch.randn(3, 320)
+@pytest.mark.parametrize("isa", ["avx2", "avx512", "avx512_bf16"], indirect=True)
+@pytest.mark.parametrize("k,group_size", [(320, 64), (224, 32)])
+def test_int16_decode_of_outliers_and_non_finite_x(isa, k, group_size):
+    """The int16 decode kernels scale each chunk of 64 k of x by a power of two: a 2^12 outlier costs the
+    chunk's other values their low bits (bound (c)), and an Inf or NaN makes every output NaN (where the
+    exact fp32 weights would give a mix of Inf and NaN)."""
+    layout, dense = _layer(k, group_size)
+    rows = 3
+    x = torch.randn(rows, k)
     x[:, ::64] *= 4096.0
     x = x.bfloat16()
     _check(torch.ops.aaac.linear(x, *layout, PARTS, None), x, dense, None, entry_bounds(layout, PARTS))
-    x[1, 70] = float("inf")
-    x[2, 300] = float("nan")
-    y = torch.ops.aaac.linear(x, *layout, PARTS, None)
-    assert torch.isfinite(y[0]).all() and y[1:].isnan().all()
+    for row, at in enumerate((70, 200, 130)):
+        x[row, at] = float("inf") if row % 2 == 0 else float("nan")
+    assert torch.ops.aaac.linear(x, *layout, PARTS, None).isnan().all()
 
 
 @pytest.mark.parametrize("isa", ISAS, indirect=True)
@@ -208,7 +228,12 @@ def test_parts_read_their_own_codebooks(isa):
 def test_leading_dims_and_empty_batch():
     layout, dense = _layer(256, 64)
     x = torch.randn(2, 3, 256).bfloat16()
-    _check(torch.ops.aaac.linear(x, *layout, PARTS, None), x, tile_weight(dense, x.dtype, NATIVE.isa(), 64), None)
+    isa = NATIVE.isa()
+    if isa != "amx_bf16" and 6 <= decode_rows(isa, 64, x.dtype):
+        entries = entry_bounds(layout, PARTS) if multiplies_in_int16(isa, 64, x.dtype, 6) else None
+        _check(torch.ops.aaac.linear(x, *layout, PARTS, None), x, dense, None, entries)
+    else:
+        _check(torch.ops.aaac.linear(x, *layout, PARTS, None), x, tile_weight(dense, x.dtype, isa, 64), None)
     assert torch.ops.aaac.linear(torch.empty(0, 256).bfloat16(), *layout, PARTS, None).shape == (0, sum(PARTS))
 
 

@@ -81,6 +81,9 @@ void dequant_avx2(const GemmProblem&, int64_t, int64_t, void*);
 void decode_order_avx512(const GemmProblem&, const void*, int64_t, ActDtype, float*);
 void gemv_avx512(const GemmProblem&, int64_t, int64_t);
 void dequant_avx512(const GemmProblem&, int64_t, int64_t, void*);
+void decode_int16_avx512(const GemmProblem&, const void*, int64_t, ActDtype, float*);
+void gemv_int16_avx512(const GemmProblem&, int64_t, int64_t);
+void gemv_int16_avx512_vnni(const GemmProblem&, int64_t, int64_t);
 void dequant_avx512_bf16(const GemmProblem&, int64_t, int64_t, void*);
 
 // The encoder's group errors (nearest.cpp): for groups [begin, end) of G weights (w and u = w / scale,

@@ -15,6 +15,7 @@
 #pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,fma,f16c")
 
 #include "avx512_gemv.h"
+#include "avx512_int16.h"
 
 namespace aaac {
 namespace {
@@ -98,6 +99,11 @@ struct Bf16Store : Fp32 {
   }
 };
 
+// The int16 kernel's products without AVX512-VNNI: vpmaddwd, then vpaddd.
+struct MaddDot {
+  static __m512i add(__m512i sums, __m512i w, __m512i x) { return _mm512_add_epi32(sums, _mm512_madd_epi16(w, x)); }
+};
+
 }  // namespace
 
 void gemv_avx512(const GemmProblem& p, int64_t n_begin, int64_t n_end) { gemv<Fp32>(p, n_begin, n_end); }
@@ -105,6 +111,51 @@ void gemv_avx512(const GemmProblem& p, int64_t n_begin, int64_t n_end) { gemv<Fp
 void dequant_avx512(const GemmProblem& p, int64_t n_begin, int64_t n_end, void* out) {
   if (p.y_dtype == ActDtype::kBFloat16) return dequant<Bf16Store>(p, n_begin, n_end, out);
   dequant<Fp32>(p, n_begin, n_end, out);
+}
+
+void gemv_int16_avx512(const GemmProblem& p, int64_t n_begin, int64_t n_end) { gemv_int16<MaddDot>(p, n_begin, n_end); }
+
+// x as the int16 kernels read it (avx512_int16.h): per row K int16 values in k order, then the fp32 unit (a
+// power of two) of each chunk of 64 k. A chunk's values are x / unit rounded to nearest even, with
+// unit = 2^(e - 14) for the chunk's largest |x| below 2^e; an Inf or NaN makes the unit NaN (and the
+// chunk's outputs NaN, as a product would make them).
+void decode_int16_avx512(const GemmProblem& p, const void* x, int64_t x_stride, ActDtype dtype, float* out) {
+  const auto load16 = [&](int64_t at) {  // 16 values of x as fp32
+    if (dtype == ActDtype::kFloat32) return _mm512_loadu_ps(static_cast<const float*>(x) + at);
+    const __m256i bf16 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(static_cast<const uint16_t*>(x) + at));
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(bf16), 16));
+  };
+  const __m512i magnitude_bits = _mm512_set1_epi32(0x7FFFFFFF);
+  const __m512i limit = _mm512_set1_epi32(kInt16Limit), minus_limit = _mm512_set1_epi32(-kInt16Limit);
+  for (int64_t m = 0; m < p.m; ++m) {
+    int16_t* values = reinterpret_cast<int16_t*>(out + m * p.k);
+    float* units = out + m * p.k + p.k / 2;
+    for (int64_t k0 = 0; k0 < p.k; k0 += kInt16Chunk) {
+      const int vectors = static_cast<int>((p.k - k0 < kInt16Chunk ? p.k - k0 : kInt16Chunk) / 16);
+      __m512 v[kInt16Chunk / 16];
+      __m512i largest = _mm512_setzero_si512();  // of the |x| bits, which order as the values (NaN last)
+      for (int i = 0; i < vectors; ++i) {
+        v[i] = load16(m * x_stride + k0 + 16 * i);
+        largest = _mm512_max_epu32(largest, _mm512_and_si512(_mm512_castps_si512(v[i]), magnitude_bits));
+      }
+      const int biased = static_cast<int>(_mm512_reduce_max_epu32(largest) >> 23);
+      if (biased == 0xFF) {
+        units[k0 / kInt16Chunk] = NAN;
+        for (int i = 0; i < vectors; ++i)
+          _mm256_store_si256(reinterpret_cast<__m256i*>(values + k0 + 16 * i), _mm256_setzero_si256());
+        continue;
+      }
+      // largest < 2^e with e = biased - 126 (frexp's exponent); below 2^-113 the scale stays 2^127.
+      const int exponent = biased - 126 > -113 ? biased - 126 : -113;
+      units[k0 / kInt16Chunk] = bits_to_float(static_cast<uint32_t>(exponent - 14 + 127) << 23);
+      const __m512 scale = _mm512_castsi512_ps(_mm512_set1_epi32((14 - exponent + 127) << 23));
+      for (int i = 0; i < vectors; ++i) {  // round to nearest even (the MXCSR default), then clamp
+        const __m512i rounded = _mm512_cvtps_epi32(_mm512_mul_ps(v[i], scale));
+        const __m512i clamped = _mm512_max_epi32(minus_limit, _mm512_min_epi32(limit, rounded));
+        _mm256_store_si256(reinterpret_cast<__m256i*>(values + k0 + 16 * i), _mm512_cvtepi32_epi16(clamped));
+      }
+    }
+  }
 }
 
 // x in the k order of Fp32::Weights: in each 128-block the even then the odd k of each plane. A bf16

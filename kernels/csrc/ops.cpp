@@ -40,7 +40,8 @@ namespace {
 struct DecodeKernel {
   DecodeOrderFn order;
   GemvFn gemv;
-  int64_t max_rows;  // batches up to this size run it, kMaxDecodeRows rows a pass
+  int64_t max_rows;      // batches up to this size run it, kMaxDecodeRows rows a pass
+  int64_t min_rows = 1;  // and from this size on (decode_bf16: smaller ones run `decode`)
 };
 
 struct IsaKernels {
@@ -55,19 +56,24 @@ struct IsaKernels {
   bool bf16_tiles;
 };
 
-constexpr DecodeKernel kNoDecode = {nullptr, nullptr, 0};
+constexpr DecodeKernel kNoDecode = {nullptr, nullptr, 0, 0};
 
 // Ordered from the most portable to the fastest. With AMX, the decode kernel still serves M = 1; from 2
 // rows on the AMX tiles were as fast or faster (benchmarks/cpu_kernels.py, docs/benchmarks.md). On AVX2
 // (a 2-core Zen 3, K = N = 4096, 1 and 2 threads) the decode kernels' passes beat the fp32 tiles and
 // at::mm up to M = 16 (fp32 kernel; M = 5: 2x; M = 16: 1.06-1.14x; M = 24: 0.87-0.98x) and M = 24 (int16
-// kernel for bf16; M = 24: 1.19-1.24x; M = 32: 0.98-1.13x).
+// kernel for bf16; M = 24: 1.19-1.24x; M = 32: 0.98-1.13x). On AVX-512 (a 2-core Zen 5, one thread, 8B
+// o and down streamed from memory) the int16 kernel ran M = 2 and 4 at 1.4-1.9x the fp32 kernel's speed
+// and M = 8 at 1.6x the bf16 tiles', level with them at M = 16, while at M = 1 it was level with the exact
+// fp32 kernel (0.9-1.06x), which keeps that row (docs/kernels.md).
 constexpr IsaKernels kIsas[] = {
     {"scalar", {natural_order, gemv_scalar, 4}, kNoDecode, dequant_scalar, nullptr, 0, false},
     {"avx2", {decode_order_avx2, gemv_avx2, 16}, {decode_int16_avx2, gemv_int16_avx2, 24}, dequant_avx2, nullptr, 0,
      false},
-    {"avx512", {decode_order_avx512, gemv_avx512, 4}, kNoDecode, dequant_avx512, nullptr, 0, false},
-    {"avx512_bf16", {decode_order_avx512, gemv_avx512, 4}, kNoDecode, dequant_avx512_bf16, nullptr, 0, true},
+    {"avx512", {decode_order_avx512, gemv_avx512, 4}, {decode_int16_avx512, gemv_int16_avx512, 16, 2},
+     dequant_avx512, nullptr, 0, false},
+    {"avx512_bf16", {decode_order_avx512, gemv_avx512, 4}, {decode_int16_avx512, gemv_int16_avx512_vnni, 16, 2},
+     dequant_avx512_bf16, nullptr, 0, true},
     {"amx_bf16", {decode_order_avx512, gemv_avx512, 4}, kNoDecode, dequant_avx512_bf16, gemm_amx, 2, true},
 };
 
@@ -84,14 +90,14 @@ bool cpu_has(int isa) {
   __asm__("xgetbv" : "=a"(xcr0_lo), "=d"(xcr0_hi) : "c"(0));
   if ((xcr0_lo & 0x6) != 0x6) return false;  // the OS saves the YMM state
   __cpuid_count(7, 0, a, b, c, d);
-  const bool avx2 = b & (1u << 5);
+  const bool avx2 = b & (1u << 5), vnni = c & (1u << 11);
   if (isa == 1) return avx2;
   const bool avx512 = (b & (1u << 16)) && (b & (1u << 17)) && (b & (1u << 30)) && (b & (1u << 31));  // F DQ BW VL
   if (!(avx2 && avx512 && (xcr0_lo & 0xE6) == 0xE6)) return false;   // and the ZMM / mask state
   if (isa == 2) return true;
   const bool amx = (d & (1u << 22)) && (d & (1u << 24)) && (xcr0_lo & (3u << 17)) == (3u << 17);  // BF16, TILE
   __cpuid_count(7, 1, a, b, c, d);
-  if (!(a & (1u << 5))) return false;  // AVX512_BF16
+  if (!(a & (1u << 5) && vnni)) return false;  // AVX512_BF16 (every such CPU has AVX512_VNNI too)
   if (isa == 3) return true;
   // Linux hands out the AMX tile state only to processes that ask (ARCH_REQ_XCOMP_PERM, XTILEDATA).
   return amx && syscall(SYS_arch_prctl, 0x1023, 18) == 0;
@@ -238,7 +244,8 @@ at::Tensor linear_cpu(const at::Tensor& x_in, const at::Tensor& qbytes, const at
   const bool bf16 = out_dtype == at::kBFloat16;
   at::Tensor x = x_in.reshape({-1, p.k});
   p.m = x.size(0);
-  const DecodeKernel& decoder = bf16 && isa.decode_bf16.gemv ? isa.decode_bf16 : isa.decode;
+  const DecodeKernel& decoder =
+      bf16 && isa.decode_bf16.gemv && p.m >= isa.decode_bf16.min_rows ? isa.decode_bf16 : isa.decode;
   const Path path = isa.gemm_bf16 && bf16 && p.m >= isa.gemm_min_rows ? Path::kAmx
                     : p.m <= decoder.max_rows                          ? Path::kDecode
                                                                        : Path::kTiled;

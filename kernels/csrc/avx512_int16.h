@@ -1,0 +1,247 @@
+// The AVX-512 decode kernel for bf16 activations: int16 products, as the AVX2 path's (kernel_avx2.cpp),
+// with a 32-word table per codebook. Each codebook is 16 int16 entries times a power of two (its largest
+// |entry| below 2^14), held twice in one register: vpermw reads index bits 4..0, so a 128-block's plane j
+// is one shift and one vpermw, 32 weights in k order, and x needs no reordering. x is rounded once per
+// call to int16 times a power of two per chunk of 64 k (decode_int16_avx512, in k order), and a `Dot`
+// multiplies 32 weights by 32 values of x into 16 int32 sums: vpdpwssd with AVX512-VNNI, vpmaddwd and
+// vpaddd without. A chunk's sums stay exact in int32 (2 planes: 4 products of at most (2^14 - 1)^2 per
+// lane); each chunk's sum is widened once and multiplied by the chunk's unit x the group's |scale| x the
+// codebook's unit. Per 32 weights that is a shift, a vpermw and one or two integer instructions per row,
+// against the fp32 kernel's two shifts, two vpermps and two FMA (avx512_gemv.h).
+//
+// Include after the file's `#pragma GCC target`, like avx512_gemv.h: everything here has internal
+// linkage, so each file compiles its own copy for its own instruction set.
+#pragma once
+
+#include <immintrin.h>
+
+#include <cmath>
+#include <vector>  // of Int16Table only: a type of this file's own, so each file's copy is its own
+
+#include <type_traits>
+
+#include "scalar_convert.h"
+
+namespace aaac {
+namespace {
+
+constexpr int kInt16Plane = 32;        // k per plane (one vpermw)
+constexpr int64_t kInt16Chunk = 64;    // k per power-of-two unit of x
+constexpr int kInt16Limit = (1 << 14) - 1;
+
+// A codebook pair as int16 words: C0's 16 entries times unit[0] in words 0-15, C1's times unit[1] in
+// words 16-31, so that index bit 4 (vpermw reads bits 4..0) is the codebook choice.
+struct Int16Table {
+  __m512i words;
+  float unit[2];
+};
+
+Int16Table int16_table(const uint16_t* pair) {
+  Int16Table table;
+  alignas(64) int16_t words[32];
+  for (int c = 0; c < 2; ++c) {
+    float largest = 0.0f;
+    for (int e = 0; e < 16; ++e) largest = std::fmax(largest, std::fabs(half_to_float(pair[16 * c + e])));
+    int exponent = 0;
+    std::frexp(largest, &exponent);  // largest < 2^exponent: the entries / unit stay below 2^14
+    for (int e = 0; e < 16; ++e) {
+      const long entry = std::lrint(std::ldexp(half_to_float(pair[16 * c + e]), 14 - exponent));
+      words[16 * c + e] =
+          static_cast<int16_t>(entry > kInt16Limit ? kInt16Limit : entry < -kInt16Limit ? -kInt16Limit : entry);
+    }
+    table.unit[c] = std::ldexp(1.0f, exponent - 14);
+  }
+  table.words = _mm512_load_si512(words);
+  return table;
+}
+
+// The int16 kernel's row of x (decode_int16_avx512): K int16 values, then the unit of each chunk of 64 k.
+struct Int16Row {
+  const int16_t* values;
+  const float* units;
+};
+
+// A block's index words, 32 per register: plane j's indices are the words shifted right by 4 j and
+// masked to their low nibble. In a 128-block word w holds k = w + 32 j in nibble j; in a block of 64 byte
+// w holds k = w and 32 + w (planes 0 and 1 from its zero-extended bytes), in a block of 32 k = w and
+// 16 + w (one plane: the low nibbles' words, then the high ones').
+template <int kSize>
+__m512i block_words(const uint8_t* q) {
+  if constexpr (kSize == 128) {
+    return _mm512_loadu_si512(q);
+  } else if constexpr (kSize == 64) {
+    return _mm512_cvtepu8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(q)));
+  } else {
+    const __m256i b = _mm256_cvtepu8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(q)));
+    return _mm512_inserti64x4(_mm512_castsi256_si512(b), _mm256_srli_epi16(b, 4), 1);
+  }
+}
+
+// The table of every part's codebook pair, made once per call.
+std::vector<Int16Table> int16_tables(const GemmProblem& p) {
+  std::vector<Int16Table> tables;
+  for (int64_t part = 0; tables.empty() || p.part_ends[part - 1] < p.n; ++part)
+    tables.push_back(int16_table(p.codebooks + 32 * part));
+  return tables;
+}
+
+// What the kernel reads per group of a block of kN columns, interleaved ([groups][kN]) so that one
+// pointer serves every column: |scale| x the chosen codebook's unit, and the choice as index bit 4 of
+// both words of a 32-bit lane (0x00100010 for C1, 0 for C0). Plain new[] rather than std::vector<float>,
+// whose functions, compiled here for AVX-512, could be the copy the linker keeps for every file
+// (cpu_kernels.h).
+struct GroupParams {
+  float* magnitude;
+  uint32_t* choice;
+  explicit GroupParams(int64_t size) : magnitude(new float[size]), choice(new uint32_t[size]) {}
+  ~GroupParams() {
+    delete[] magnitude;
+    delete[] choice;
+  }
+  GroupParams(const GroupParams&) = delete;
+  GroupParams& operator=(const GroupParams&) = delete;
+};
+
+// kN vectors (one per column, 16 groups each) stored interleaved: out[16 kN] = v[0][0], v[1][0], ...,
+// v[kN - 1][15]. Two-source permutes: pairs of columns as 32-bit pairs, then pairs of pairs as 64-bit.
+template <int kN>
+void store_interleaved(const __m512* v, float* out) {
+  if constexpr (kN == 1) {
+    _mm512_storeu_ps(out, v[0]);
+  } else {
+    const __m512i low = _mm512_setr_epi32(0, 16, 1, 17, 2, 18, 3, 19, 4, 20, 5, 21, 6, 22, 7, 23);
+    const __m512i high = _mm512_add_epi32(low, _mm512_set1_epi32(8));
+    __m512 pairs[kN];
+    for (int c = 0; c < kN; c += 2) {
+      pairs[c] = _mm512_permutex2var_ps(v[c], low, v[c + 1]);
+      pairs[c + 1] = _mm512_permutex2var_ps(v[c], high, v[c + 1]);
+    }
+    if constexpr (kN == 2) {
+      _mm512_storeu_ps(out, pairs[0]);
+      _mm512_storeu_ps(out + 16, pairs[1]);
+    } else {
+      static_assert(kN == 4, "blocks of 1, 2 or 4 columns");
+      const __m512i first = _mm512_setr_epi64(0, 8, 1, 9, 2, 10, 3, 11), second = _mm512_setr_epi64(4, 12, 5, 13, 6, 14, 7, 15);
+      for (int h = 0; h < 2; ++h) {
+        const __m512d ab = _mm512_castps_pd(pairs[h]), cd = _mm512_castps_pd(pairs[2 + h]);
+        _mm512_storeu_pd(reinterpret_cast<double*>(out + 32 * h), _mm512_permutex2var_pd(ab, first, cd));
+        _mm512_storeu_pd(reinterpret_cast<double*>(out + 32 * h + 16), _mm512_permutex2var_pd(ab, second, cd));
+      }
+    }
+  }
+}
+
+// The tables of kN columns from n into table, and their groups' parameters into params, 16 groups at a time.
+template <int kN>
+void int16_columns(const GemmProblem& p, const std::vector<Int16Table>& tables, int64_t n, __m512i* table,
+                   const GroupParams& params) {
+  const int64_t groups = p.k / p.group_size;
+  __m512 unit0[kN], unit1[kN];
+  for (int c = 0; c < kN; ++c) {
+    const Int16Table& t = tables[(codebook_pair(p, n + c) - p.codebooks) / 32];
+    table[c] = t.words, unit0[c] = _mm512_set1_ps(t.unit[0]), unit1[c] = _mm512_set1_ps(t.unit[1]);
+  }
+  for (int64_t g = 0; g < groups; g += 16) {
+    const __mmask16 valid = static_cast<__mmask16>(groups - g >= 16 ? 0xFFFF : (1u << (groups - g)) - 1);
+    __m512 magnitude[kN], choice[kN];
+    for (int c = 0; c < kN; ++c) {
+      const __m256i raw = _mm256_maskz_loadu_epi16(valid, p.scales + (n + c) * groups + g);
+      const __mmask16 c1 = _mm256_movepi16_mask(raw);
+      magnitude[c] = _mm512_mul_ps(_mm512_cvtph_ps(_mm256_and_si256(raw, _mm256_set1_epi16(0x7FFF))),
+                                   _mm512_mask_blend_ps(c1, unit0[c], unit1[c]));
+      choice[c] = _mm512_castsi512_ps(_mm512_maskz_mov_epi32(c1, _mm512_set1_epi32(0x00100010)));
+    }
+    store_interleaved<kN>(magnitude, params.magnitude + g * kN);
+    store_interleaved<kN>(choice, reinterpret_cast<float*>(params.choice + g * kN));
+  }
+}
+
+// kM rows of x against kN columns from n. Per (row, column), the int32 sums of the current chunk and an
+// fp32 total that takes them, scaled, at each chunk's end (every second plane) and each group's.
+template <class Dot, int kM, int kN>
+void gemv_int16_block(const GemmProblem& p, int64_t n, const std::vector<Int16Table>& tables,
+                      const GroupParams& params) {
+  const int64_t row_bytes = p.k / 2;
+  __m512i table[kN];
+  int16_columns<kN>(p, tables, n, table, params);
+  const uint8_t* qbytes[kN];
+  for (int c = 0; c < kN; ++c) qbytes[c] = p.qbytes + (n + c) * row_bytes;
+  Int16Row x[kM];
+  for (int m = 0; m < kM; ++m) {
+    const float* row = static_cast<const float*>(p.x) + m * p.x_stride;
+    x[m] = {reinterpret_cast<const int16_t*>(row), row + p.k / 2};
+  }
+  __m512i dot[kM][kN];
+  __m512 total[kM][kN];
+  for (int m = 0; m < kM; ++m)
+    for (int c = 0; c < kN; ++c) dot[m][c] = _mm512_setzero_si512(), total[m][c] = _mm512_setzero_ps();
+  const __m512i nibble = _mm512_set1_epi16(0x0F);
+  const float* magnitude = params.magnitude;  // of the current group, per column
+  const uint32_t* choice = params.choice;
+  int64_t group_end = p.group_size;  // in k: no division per plane
+  const auto block = [&](int64_t k0, auto size) {
+    constexpr int kPlanes = decltype(size)::value / kInt16Plane;
+    __m512i words[kN];
+    for (int c = 0; c < kN; ++c) {
+      // The next block of columns streams right behind this one: fetch it a block ahead.
+      _mm_prefetch(reinterpret_cast<const char*>(qbytes[c] + kN * row_bytes + k0 / 2), _MM_HINT_T0);
+      words[c] = block_words<decltype(size)::value>(qbytes[c] + k0 / 2);
+    }
+#pragma GCC unroll 4
+    for (int j = 0; j < kPlanes; ++j) {
+      const int64_t k = k0 + kInt16Plane * j;
+      for (int c = 0; c < kN; ++c) {
+        // (words >> 4 j) & 0xF | choice in one vpternlogd; the choice is a broadcast from memory.
+        const __m512i shifted = j ? _mm512_srli_epi16(words[c], 4 * j) : words[c];
+        const __m512i idx = _mm512_ternarylogic_epi32(shifted, nibble, _mm512_set1_epi32(choice[c]), 0xEA);
+        const __m512i w = _mm512_permutexvar_epi16(idx, table[c]);
+        for (int m = 0; m < kM; ++m) dot[m][c] = Dot::add(dot[m][c], w, _mm512_load_si512(x[m].values + k));
+      }
+      // A chunk ends with every odd plane and with the block; a group may end inside one (G = 32, 96, ...).
+      const bool group_ends = k + kInt16Plane == group_end;
+      if (j % 2 == 0 && j + 1 < kPlanes && !group_ends) continue;
+      // Broadcasts from memory are loads; from a register they would take the shuffle port vpermw needs.
+      for (int m = 0; m < kM; ++m) {
+        const __m512 unit = _mm512_set1_ps(x[m].units[k / kInt16Chunk]);
+        for (int c = 0; c < kN; ++c) {
+          const __m512 sums = _mm512_mul_ps(_mm512_cvtepi32_ps(dot[m][c]), unit);
+          total[m][c] = _mm512_fmadd_ps(sums, _mm512_set1_ps(magnitude[c]), total[m][c]);
+          dot[m][c] = _mm512_setzero_si512();
+        }
+      }
+      if (group_ends) magnitude += kN, choice += kN, group_end += p.group_size;
+    }
+  };
+  for (int64_t k0 = 0; k0 < p.k;) {
+    const int64_t size = block_size(p.k, k0);
+    if (size == 128) block(k0, std::integral_constant<int, 128>());
+    else if (size == 64) block(k0, std::integral_constant<int, 64>());
+    else block(k0, std::integral_constant<int, 32>());
+    k0 += size;
+  }
+  for (int m = 0; m < kM; ++m)
+    for (int c = 0; c < kN; ++c) store_output(p, m, n + c, _mm512_reduce_add_ps(total[m][c]));
+}
+
+template <class Dot, int kM>
+void gemv_int16_rows(const GemmProblem& p, int64_t n_begin, int64_t n_end) {
+  constexpr int kN = kM <= 2 ? 4 : 2;
+  const std::vector<Int16Table> tables = int16_tables(p);
+  const GroupParams params(kN * (p.k / p.group_size + 16));  // whole batches of 16 groups
+  int64_t n = n_begin;
+  for (; n + kN <= n_end; n += kN) gemv_int16_block<Dot, kM, kN>(p, n, tables, params);
+  for (; n < n_end; ++n) gemv_int16_block<Dot, kM, 1>(p, n, tables, params);
+}
+
+template <class Dot>
+void gemv_int16(const GemmProblem& p, int64_t n_begin, int64_t n_end) {
+  switch (p.m) {
+    case 1: return gemv_int16_rows<Dot, 1>(p, n_begin, n_end);
+    case 2: return gemv_int16_rows<Dot, 2>(p, n_begin, n_end);
+    case 3: return gemv_int16_rows<Dot, 3>(p, n_begin, n_end);
+    default: return gemv_int16_rows<Dot, 4>(p, n_begin, n_end);
+  }
+}
+
+}  // namespace
+}  // namespace aaac
