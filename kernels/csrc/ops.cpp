@@ -62,17 +62,18 @@ constexpr DecodeKernel kNoDecode = {nullptr, nullptr, 0, 0};
 // rows on the AMX tiles were as fast or faster (benchmarks/cpu_kernels.py, docs/benchmarks.md). On AVX2
 // (a 2-core Zen 3, K = N = 4096, 1 and 2 threads) the decode kernels' passes beat the fp32 tiles and
 // at::mm up to M = 16 (fp32 kernel; M = 5: 2x; M = 16: 1.06-1.14x; M = 24: 0.87-0.98x) and M = 24 (int16
-// kernel for bf16; M = 24: 1.19-1.24x; M = 32: 0.98-1.13x). On AVX-512 (a 2-core Zen 5, one thread, 8B
-// o and down streamed from memory) the int16 kernel ran M = 2 and 4 at 1.4-1.9x the fp32 kernel's speed
-// and M = 8 at 1.6x the bf16 tiles', level with them at M = 16, while at M = 1 it was level with the exact
-// fp32 kernel (0.9-1.06x), which keeps that row (docs/kernels.md).
+// kernel for bf16; M = 24: 1.19-1.24x; M = 32: 0.98-1.13x). On AVX-512 (a 2-core Zen 5, Llama-3-8B shapes
+// streamed from memory, docs/benchmarks.md) the int16 kernel for bf16 took M = 2 to 1.3-1.6x and M = 8 to
+// 1.5-1.6x the speed of the fp32 kernel and the bf16 tiles, and was level with the tiles at M = 16 (0.95x
+// with one thread, 0.97x with two), so it serves M = 2 to 12; at M = 1 it was level with the exact fp32
+// kernel (0.9-1.06x in a /tmp A/B), which keeps that row.
 constexpr IsaKernels kIsas[] = {
     {"scalar", {natural_order, gemv_scalar, 4}, kNoDecode, dequant_scalar, nullptr, 0, false},
     {"avx2", {decode_order_avx2, gemv_avx2, 16}, {decode_int16_avx2, gemv_int16_avx2, 24}, dequant_avx2, nullptr, 0,
      false},
-    {"avx512", {decode_order_avx512, gemv_avx512, 4}, {decode_int16_avx512, gemv_int16_avx512, 16, 2},
+    {"avx512", {decode_order_avx512, gemv_avx512, 4}, {decode_int16_avx512, gemv_int16_avx512, 12, 2},
      dequant_avx512, nullptr, 0, false},
-    {"avx512_bf16", {decode_order_avx512, gemv_avx512, 4}, {decode_int16_avx512, gemv_int16_avx512_vnni, 16, 2},
+    {"avx512_bf16", {decode_order_avx512, gemv_avx512, 4}, {decode_int16_avx512, gemv_int16_avx512_vnni, 12, 2},
      dequant_avx512_bf16, nullptr, 0, true},
     {"amx_bf16", {decode_order_avx512, gemv_avx512, 4}, kNoDecode, dequant_avx512_bf16, gemm_amx, 2, true},
 };
