@@ -1,13 +1,15 @@
-// The AVX-512 decode kernel for bf16 activations: int16 products, as the AVX2 path's (kernel_avx2.cpp),
-// with a 32-word table per codebook. Each codebook is 16 int16 entries times a power of two (its largest
-// |entry| below 2^14), held twice in one register: vpermw reads index bits 4..0, so a 128-block's plane j
-// is one shift and one vpermw, 32 weights in k order, and x needs no reordering. x is rounded once per
-// call to int16 times a power of two per chunk of 64 k (decode_int16_avx512, in k order), and a `Dot`
-// multiplies 32 weights by 32 values of x into 16 int32 sums: vpdpwssd with AVX512-VNNI, vpmaddwd and
-// vpaddd without. A chunk's sums stay exact in int32 (2 planes: 4 products of at most (2^14 - 1)^2 per
-// lane); each chunk's sum is widened once and multiplied by the chunk's unit x the group's |scale| x the
-// codebook's unit. Per 32 weights that is a shift, a vpermw and one or two integer instructions per row,
-// against the fp32 kernel's two shifts, two vpermps and two FMA (avx512_gemv.h).
+// The AVX-512 decode kernel for bf16 activations (M = 2 to 12, ops.cpp): int16 products, as the AVX2
+// path's (kernel_avx2.cpp), with a 16-bit lookup. A layer part's codebook pair is one register of 32 int16
+// words: C0's entries times a power of two (its largest |entry| below 2^14) in words 0-15, C1's in words
+// 16-31, and vpermw reads index bits 4..0, so bit 4 is the codebook choice. A 128-block's plane j is a
+// shift, one vpternlogd ((words >> 4 j) & 0xF | the group's choice bit) and one vpermw: 32 weights in k
+// order, so x needs no reordering. x is rounded once per call to int16 times a power of two per chunk of
+// 64 k (decode_int16_avx512, in k order), and a `Dot` multiplies 32 weights by 32 values of x into 16
+// int32 sums: vpdpwssd with AVX512-VNNI, vpmaddwd and vpaddd without. A chunk's sums stay exact in int32
+// (2 planes: 4 products of at most (2^14 - 1)^2 per lane); each chunk's sum is widened once and multiplied
+// by the chunk's unit and by the group's |scale| x its codebook's unit. The lookup is shared by the rows,
+// so each row adds one product instruction per 32 weights, where the fp32 kernel (avx512_gemv.h) adds two
+// FMA and makes its own tables per group; at one row the two are level (docs/kernels.md).
 //
 // Include after the file's `#pragma GCC target`, like avx512_gemv.h: everything here has internal
 // linkage, so each file compiles its own copy for its own instruction set.
@@ -16,9 +18,8 @@
 #include <immintrin.h>
 
 #include <cmath>
-#include <vector>  // of Int16Table only: a type of this file's own, so each file's copy is its own
-
 #include <type_traits>
+#include <vector>  // of Int16Table only: a type of this file's own, so each file's copy is its own
 
 #include "scalar_convert.h"
 
@@ -121,7 +122,8 @@ void store_interleaved(const __m512* v, float* out) {
       _mm512_storeu_ps(out + 16, pairs[1]);
     } else {
       static_assert(kN == 4, "blocks of 1, 2 or 4 columns");
-      const __m512i first = _mm512_setr_epi64(0, 8, 1, 9, 2, 10, 3, 11), second = _mm512_setr_epi64(4, 12, 5, 13, 6, 14, 7, 15);
+      const __m512i first = _mm512_setr_epi64(0, 8, 1, 9, 2, 10, 3, 11);
+      const __m512i second = _mm512_setr_epi64(4, 12, 5, 13, 6, 14, 7, 15);
       for (int h = 0; h < 2; ++h) {
         const __m512d ab = _mm512_castps_pd(pairs[h]), cd = _mm512_castps_pd(pairs[2 + h]);
         _mm512_storeu_pd(reinterpret_cast<double*>(out + 32 * h), _mm512_permutex2var_pd(ab, first, cd));
@@ -225,7 +227,7 @@ void gemv_int16_block(const GemmProblem& p, int64_t n, const std::vector<Int16Ta
 
 template <class Dot, int kM>
 void gemv_int16_rows(const GemmProblem& p, int64_t n_begin, int64_t n_end) {
-  constexpr int kN = kM <= 2 ? 4 : 2;
+  constexpr int kN = kM == 2 ? 4 : 2;
   const std::vector<Int16Table> tables = int16_tables(p);
   const GroupParams params(kN * (p.k / p.group_size + 16));  // whole batches of 16 groups
   int64_t n = n_begin;
@@ -233,10 +235,10 @@ void gemv_int16_rows(const GemmProblem& p, int64_t n_begin, int64_t n_end) {
   for (; n < n_end; ++n) gemv_int16_block<Dot, kM, 1>(p, n, tables, params);
 }
 
+// One row keeps the exact fp32 kernel (ops.cpp): the int16 kernel serves 2 rows and more, 4 a pass.
 template <class Dot>
 void gemv_int16(const GemmProblem& p, int64_t n_begin, int64_t n_end) {
   switch (p.m) {
-    case 1: return gemv_int16_rows<Dot, 1>(p, n_begin, n_end);
     case 2: return gemv_int16_rows<Dot, 2>(p, n_begin, n_end);
     case 3: return gemv_int16_rows<Dot, 3>(p, n_begin, n_end);
     default: return gemv_int16_rows<Dot, 4>(p, n_begin, n_end);
