@@ -227,7 +227,7 @@ void gemv_int16_block(const GemmProblem& p, int64_t n, const std::vector<Int16Ta
 
 template <class Dot, int kM>
 void gemv_int16_rows(const GemmProblem& p, int64_t n_begin, int64_t n_end) {
-  constexpr int kN = kM == 2 ? 4 : 2;
+  constexpr int kN = kM <= 2 ? 4 : 2;
   const std::vector<Int16Table> tables = int16_tables(p);
   const GroupParams params(kN * (p.k / p.group_size + 16));  // whole batches of 16 groups
   int64_t n = n_begin;
@@ -235,10 +235,12 @@ void gemv_int16_rows(const GemmProblem& p, int64_t n_begin, int64_t n_end) {
   for (; n < n_end; ++n) gemv_int16_block<Dot, kM, 1>(p, n, tables, params);
 }
 
-// One row keeps the exact fp32 kernel (ops.cpp): the int16 kernel serves 2 rows and more, 4 a pass.
+// Batches of 2 rows and more, 4 a pass (a batch of one keeps the exact fp32 kernel, ops.cpp); a pass
+// of one row is the rest of a batch of 5 or 9.
 template <class Dot>
 void gemv_int16(const GemmProblem& p, int64_t n_begin, int64_t n_end) {
   switch (p.m) {
+    case 1: return gemv_int16_rows<Dot, 1>(p, n_begin, n_end);
     case 2: return gemv_int16_rows<Dot, 2>(p, n_begin, n_end);
     case 3: return gemv_int16_rows<Dot, 3>(p, n_begin, n_end);
     default: return gemv_int16_rows<Dot, 4>(p, n_begin, n_end);
