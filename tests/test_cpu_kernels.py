@@ -2,22 +2,21 @@
 load-time layout, the plain-torch fallback, and the op under torch.compile.
 
 What is exact and what is not: the decode kernels (M <= 4; on the avx2 path M <= 16 and for bf16
-M <= 24; on the avx512 paths for bf16 M <= 12; on AMX only M = 1, as bf16 batches from 2 rows run on
-the tiles; decode_rows below) compute with the exact weight, entry x |scale| in fp32, except the int16
-kernels for bf16 activations (the avx2 path's, and the avx512 paths' from 2 rows: multiplies_in_int16),
-which multiply in int16 (below); the other kernels with the reference dequantizer's weight, bit for bit
-(checked directly on the dequantizers), in bf16 for bf16 activations on the paths that multiply bf16
-natively (avx512_bf16, amx_bf16) and in fp32 otherwise. All accumulate in fp32 in their own order. So against a float64
-product with the weight the kernel takes, an output may differ by (a) the fp32 summation, at most
-K * 2^-24 times the sum of |w x| (the classic bound for recursive summation, which covers any order and
-the products themselves), and (b) one rounding to the output dtype, at most one unit in its last place
-relative to the result (2^-8 for bf16, 2^-11 for fp16, 2^-24 for fp32). The bf16 decode kernels of the
-vector paths round x to int16 per chunk of 64 k and each codebook's entries to int16, each rounding at
-most 2^-14 of the chunk's largest |x| or of the codebook's largest |entry| (kernel_avx2.cpp,
-avx512_int16.h), so they may also be
-off by (c) 2^-14 (sum_k max_chunk|x| |w_k| + sum_k |x_k| |scale| max|entry|), the sums in int32 being
-exact. A wrong index, scale, codebook or part is off by the size of a weight and fails by orders of
-magnitude.
+M <= 24; for bf16 on the avx512 path M <= 16, on avx512_bf16 M <= 8; on AMX only M = 1, as bf16 batches
+from 2 rows run on the tiles; decode_rows below) compute with the exact weight, entry x |scale| in fp32,
+except the int16 kernels for bf16 activations (the avx2 path's, and the avx512 paths' from 2 rows:
+multiplies_in_int16), which multiply in int16 (below); the other kernels with the reference
+dequantizer's weight, bit for bit (checked directly on the dequantizers), in bf16 for bf16 activations
+on the paths that multiply bf16 natively (avx512_bf16, amx_bf16) and in fp32 otherwise. All accumulate
+in fp32 in their own order. So against a float64 product with the weight the kernel takes, an output
+may differ by (a) the fp32 summation, at most K * 2^-24 times the sum of |w x| (the classic bound for
+recursive summation, which covers any order and the products themselves), and (b) one rounding to the
+output dtype, at most one unit in its last place relative to the result (2^-8 for bf16, 2^-11 for fp16,
+2^-24 for fp32). The int16 kernels round x to int16 per chunk of 64 k and each codebook's entries to
+int16, each rounding at most 2^-14 of the chunk's largest |x| or of the codebook's largest |entry|
+(kernel_avx2.cpp, avx512_int16.h), so they may also be off by (c) 2^-14 (sum_k max_chunk|x| |w_k| +
+sum_k |x_k| |scale| max|entry|), the sums in int32 being exact. A wrong index, scale, codebook or part
+is off by the size of a weight and fails by orders of magnitude.
 """
 
 import importlib
@@ -41,9 +40,10 @@ SUPPORTED = NATIVE.supported_isas() if NATIVE else []
 # A merged QKV-like layer; N = 139 is a multiple of no column block (4, 8, 16, 128), and its last AMX
 # panel holds one column tile (padded to the pair the panel blocks multiply).
 PARTS = [64, 32, 43]
-# Decode rows (1-5, 12; the last of the avx2 path: 16 and, for bf16, 24; of the avx512 paths for bf16: 12), one
-# AMX sweep (16, 33), panels with an even (128) and an odd (80 = 5 x 16, padded) number of row blocks.
-M_VALUES = [1, 2, 3, 4, 5, 12, 16, 24, 33, 80, 128]
+# Decode rows (1-5, 8, 12; the last of the avx2 path: 16 and, for bf16, 24; for bf16 of the avx512 path: 16,
+# of avx512_bf16: 8), one AMX sweep or AVX512-BF16 GEMM (9 to 64), AMX panels with an even (128) and an odd
+# (80 = 5 x 16, padded) number of row blocks.
+M_VALUES = [1, 2, 3, 4, 5, 8, 9, 12, 16, 24, 33, 64, 80, 128]
 # (K, group size): blocks of 128 and a rest of 64 (SmolLM2's K = 576 is 4 x 128 + 64); groups of 32 with a
 # rest of 96 (64 + 32); groups of 96 (3 planes of 32: blocks straddle groups); a group size that is not a
 # multiple of 32 (the scalar kernel serves it on every path) with a rest of 32 + 8; K past the AMX panel
@@ -68,7 +68,7 @@ def decode_rows(isa: str, group_size: int, dtype: torch.dtype) -> int:
         return 4
     if isa == "avx2":
         return 24 if bf16 else 16
-    return 12 if bf16 and isa in ("avx512", "avx512_bf16") else 4
+    return {"avx512": 16, "avx512_bf16": 8}.get(isa, 4) if bf16 else 4
 
 
 def multiplies_in_int16(isa: str, group_size: int, dtype: torch.dtype, m: int) -> bool:

@@ -68,25 +68,6 @@ const uint16_t* act_tile(const GemmProblem& p, int64_t kb, int64_t mb) {
   return static_cast<const uint16_t*>(p.x) + (kb * row_blocks(p) + mb) * kTileElems;
 }
 
-// One accumulator tile, sums[16 n][16 m] of rows m0 .. m0 + rows and columns n0 .. n0 + columns, into y
-// (bias added): each row of y gathers its 16 sums from a column of the tile. A scalar loop here took
-// 20% of an M = 512, K = 4096 call and 75% at K = 576.
-void store_tile(const GemmProblem& p, const float* sums, int64_t m0, int64_t rows, int64_t n0, int64_t columns) {
-  const __mmask16 valid = static_cast<__mmask16>((1u << columns) - 1);
-  const __m512i column_starts = _mm512_mullo_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
-                                                   _mm512_set1_epi32(kTile));
-  const __m512 bias = p.bias ? _mm512_maskz_loadu_ps(valid, p.bias + n0) : _mm512_setzero_ps();
-  for (int64_t r = 0; r < rows; ++r) {
-    const __m512 row = _mm512_add_ps(_mm512_i32gather_ps(column_starts, sums + r, 4), bias);
-    const int64_t offset = (m0 + r) * p.y_stride + n0;
-    if (p.y_dtype == ActDtype::kFloat32) {
-      _mm512_mask_storeu_ps(static_cast<float*>(p.y) + offset, valid, row);
-    } else {
-      _mm256_mask_storeu_epi16(static_cast<uint16_t*>(p.y) + offset, valid, (__m256i)_mm512_cvtneps_pbh(row));
-    }
-  }
-}
-
 // Column tiles of a panel of this many columns: an even number, for the 2 x 2 blocks.
 int64_t panel_column_tiles(int64_t columns) { return (columns + 2 * kTile - 1) / (2 * kTile) * 2; }
 

@@ -49,36 +49,42 @@ struct IsaKernels {
   DecodeKernel decode;
   DecodeKernel decode_bf16;  // for bf16 activations where the path has its own (gemv nullptr elsewhere)
   DequantFn dequant;         // larger M without gemm_bf16: dequantized tiles and at::mm
-  GemmFn gemm_bf16;          // bf16 activations from gemm_min_rows rows on, or nullptr
-  int64_t gemm_min_rows;
+  GemmFn gemm_bf16;          // bf16 activations from gemm_min_rows to gemm_max_rows rows, or nullptr
+  int64_t gemm_min_rows, gemm_max_rows;
+  int64_t (*gemm_workspace_bytes)(const GemmProblem&);  // per thread
   // bf16 activations meet bf16 tiles only where the CPU multiplies bf16 (AVX512-BF16): elsewhere at::mm
   // in bf16 runs several times slower than in fp32 (docs/kernels.md), so the tiles and x are fp32.
   bool bf16_tiles;
 };
 
 constexpr DecodeKernel kNoDecode = {nullptr, nullptr, 0, 0};
+constexpr int64_t kAnyRows = INT64_MAX;
 
 // Ordered from the most portable to the fastest. With AMX, the decode kernel still serves M = 1; from 2
 // rows on the AMX tiles were as fast or faster (benchmarks/cpu_kernels.py, docs/benchmarks.md). On AVX2
 // (a 2-core Zen 3, K = N = 4096, 1 and 2 threads) the decode kernels' passes beat the fp32 tiles and
 // at::mm up to M = 16 (fp32 kernel; M = 5: 2x; M = 16: 1.06-1.14x; M = 24: 0.87-0.98x) and M = 24 (int16
-// kernel for bf16; M = 24: 1.19-1.24x; M = 32: 0.98-1.13x). On AVX-512 (a 2-core Zen 5, Llama-3-8B shapes
-// streamed from memory, docs/benchmarks.md) the int16 kernel for bf16 took M = 2 to 1.3-1.6x and M = 8 to
-// 1.5-1.6x the speed of the fp32 kernel and the bf16 tiles, and was level with the tiles at M = 16 (0.95x
-// with one thread, 0.97x with two), so it serves M = 2 to 12; at M = 1 it was level with the exact fp32
-// kernel (0.9-1.06x in a /tmp A/B), which keeps that row.
+// kernel for bf16; M = 24: 1.19-1.24x; M = 32: 0.98-1.13x). On AVX-512 (a 2-core Zen 5, one thread, 8B o
+// and down streamed from memory; docs/benchmarks.md and docs/kernels.md) the int16 kernel for bf16 ran
+// M = 2 to 8 1.3-1.7x as fast as the fp32 kernel or the bf16 tiles, and at M = 16 2.4x as fast as the
+// avx512 path's fp32 tiles; at M = 1 it was level with the exact fp32 kernel, which keeps that row. With
+// AVX512-BF16, panels of 16 columns decoded to bf16 and multiplied by vdpbf16ps (gemm_avx512_bf16) take
+// M = 9 to 64: they cost about the same from 5 to 16 rows (one row block), beat the int16 kernel from 10
+// rows (M = 10: 1886.7 against 2049.8 us on 8B o) and the bf16 tiles + at::mm up to 32 (1.2-1.3x at 16,
+// about 1.15x at 32), and were level with them at 64.
 constexpr IsaKernels kIsas[] = {
-    {"scalar", {natural_order, gemv_scalar, 4}, kNoDecode, dequant_scalar, nullptr, 0, false},
+    {"scalar", {natural_order, gemv_scalar, 4}, kNoDecode, dequant_scalar, nullptr, 0, 0, nullptr, false},
     {"avx2", {decode_order_avx2, gemv_avx2, 16}, {decode_int16_avx2, gemv_int16_avx2, 24}, dequant_avx2, nullptr, 0,
-     false},
-    {"avx512", {decode_order_avx512, gemv_avx512, 4}, {decode_int16_avx512, gemv_int16_avx512, 12, 2},
-     dequant_avx512, nullptr, 0, false},
-    {"avx512_bf16", {decode_order_avx512, gemv_avx512, 4}, {decode_int16_avx512, gemv_int16_avx512_vnni, 12, 2},
-     dequant_avx512_bf16, nullptr, 0, true},
-    {"amx_bf16", {decode_order_avx512, gemv_avx512, 4}, kNoDecode, dequant_avx512_bf16, gemm_amx, 2, true},
+     0, nullptr, false},
+    {"avx512", {decode_order_avx512, gemv_avx512, 4}, {decode_int16_avx512, gemv_int16_avx512, 16, 2},
+     dequant_avx512, nullptr, 0, 0, nullptr, false},
+    {"avx512_bf16", {decode_order_avx512, gemv_avx512, 4}, {decode_int16_avx512, gemv_int16_avx512_vnni, 8, 2},
+     dequant_avx512_bf16, gemm_avx512_bf16, 9, kAmxSweepRows, avx512_bf16_gemm_workspace_bytes, true},
+    {"amx_bf16", {decode_order_avx512, gemv_avx512, 4}, kNoDecode, dequant_avx512_bf16, gemm_amx, 2, kAnyRows,
+     amx_workspace_bytes, true},
 };
 
-enum class Path { kDecode, kAmx, kTiled };
+enum class Path { kDecode, kGemm, kTiled };
 constexpr int kNumIsas = sizeof(kIsas) / sizeof(kIsas[0]);
 
 bool cpu_has(int isa) {
@@ -221,16 +227,17 @@ void tiled(const IsaKernels& isa, GemmProblem p, const at::Tensor& x_in, const s
   });
 }
 
-// bf16 batches on AMX: x packed once into tiles of x^T, each weight decoded once per call. The
-// workspace (a decoded panel and its fp32 sums) is kept per thread: it is reused call after call.
-void amx(const IsaKernels& isa, GemmProblem p, const at::Tensor& x) {
+// bf16 batches on the path's GEMM (AMX tiles, or AVX512-BF16 panels): x packed once into the
+// pair-interleaved tiles both read, each weight decoded once per call. The workspace (a decoded panel and
+// its fp32 sums) is kept per thread: it is reused call after call.
+void gemm(const IsaKernels& isa, GemmProblem p, const at::Tensor& x) {
   at::Tensor packed = at::empty({amx_packed_elements(p.m, p.k)}, x.options());
   pack_amx_activations(reinterpret_cast<const uint16_t*>(x.data_ptr()), p.m, p.k, p.x_stride,
                        reinterpret_cast<uint16_t*>(packed.data_ptr()));
   p.x = packed.data_ptr();
   at::parallel_for(0, (p.n + kAmxPanelColumns - 1) / kAmxPanelColumns, 1, [&](int64_t b, int64_t e) {
     thread_local std::vector<char> workspace;
-    workspace.resize(std::max<size_t>(workspace.size(), amx_workspace_bytes(p)));
+    workspace.resize(std::max<size_t>(workspace.size(), isa.gemm_workspace_bytes(p)));
     isa.gemm_bf16(p, kAmxPanelColumns * b, std::min(p.n, kAmxPanelColumns * e), workspace.data());
   });
 }
@@ -247,7 +254,7 @@ at::Tensor linear_cpu(const at::Tensor& x_in, const at::Tensor& qbytes, const at
   p.m = x.size(0);
   const DecodeKernel& decoder =
       bf16 && isa.decode_bf16.gemv && p.m >= isa.decode_bf16.min_rows ? isa.decode_bf16 : isa.decode;
-  const Path path = isa.gemm_bf16 && bf16 && p.m >= isa.gemm_min_rows ? Path::kAmx
+  const Path path = isa.gemm_bf16 && bf16 && p.m >= isa.gemm_min_rows && p.m <= isa.gemm_max_rows ? Path::kGemm
                     : p.m <= decoder.max_rows                          ? Path::kDecode
                                                                        : Path::kTiled;
   // fp16 activations are widened to fp32 once per call (bf16 and fp32 ones are read as they are); the
@@ -267,7 +274,7 @@ at::Tensor linear_cpu(const at::Tensor& x_in, const at::Tensor& qbytes, const at
   if (p.m > 0) {
     switch (path) {
       case Path::kDecode: decode(decoder, p, x, y); break;
-      case Path::kAmx: amx(isa, p, x); break;
+      case Path::kGemm: gemm(isa, p, x); break;
       case Path::kTiled: tiled(isa, p, x, bias, y); break;
     }
   }
