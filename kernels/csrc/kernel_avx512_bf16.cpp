@@ -1,7 +1,9 @@
-// AVX-512 with BF16 (and VNNI, which every CPU with AVX512-BF16 has): the bf16 dequantizer of the large-M
-// path where there is no AMX (vpermw on the bf16 tables of avx512_bf16_arith.h; fp32 output takes the
-// AVX-512 one), and the int16 decode kernel for bf16 activations with vpdpwssd (avx512_int16.h; this path
-// and amx_bf16 run it). fp32 activations decode with the AVX-512 kernel.
+// AVX-512 with BF16 (and VNNI, which every CPU with AVX512-BF16 has), where there is no AMX: bf16 batches
+// of 9 to 64 rows on a GEMM of its own (panels of 16 columns decoded to the reference's bf16 weights,
+// vdpbf16ps against x packed as for AMX), the bf16 dequantizer of the tiles beyond (vpermw on the bf16
+// tables of avx512_bf16_arith.h; fp32 output takes the AVX-512 one), and the int16 decode kernel for bf16
+// activations with vpdpwssd (avx512_int16.h; 2 to 8 rows). fp32 activations and one row decode with the
+// AVX-512 kernel.
 #include <immintrin.h>
 
 #include "scalar_convert.h"
