@@ -66,7 +66,7 @@ constexpr int64_t kAnyRows = INT64_MAX;
 // at::mm up to M = 16 (fp32 kernel; M = 5: 2x; M = 16: 1.06-1.14x; M = 24: 0.87-0.98x) and M = 24 (int16
 // kernel for bf16; M = 24: 1.19-1.24x; M = 32: 0.98-1.13x). On AVX-512 (a 2-core Zen 5, one thread, 8B o
 // and down streamed from memory; docs/benchmarks.md and docs/kernels.md) the int16 kernel for bf16 ran
-// M = 2 to 8 1.3-1.7x as fast as the fp32 kernel or the bf16 tiles, and at M = 16 2.4x as fast as the
+// M = 2 to 8 1.3-1.7x as fast as the fp32 kernel or the bf16 tiles, and at M = 16 2.5x as fast as the
 // avx512 path's fp32 tiles; at M = 1 it was level with the exact fp32 kernel, which keeps that row. With
 // AVX512-BF16, panels of 16 columns decoded to bf16 and multiplied by vdpbf16ps (gemm_avx512_bf16) take
 // M = 9 to 64: they cost about the same from 5 to 16 rows (one row block), beat the int16 kernel from 10
