@@ -17,7 +17,6 @@
 
 #include <immintrin.h>
 
-#include <cmath>
 #include <type_traits>
 #include <vector>  // of Int16Table only: a type of this file's own, so each file's copy is its own
 
@@ -26,9 +25,7 @@
 namespace aaac {
 namespace {
 
-constexpr int kInt16Plane = 32;        // k per plane (one vpermw)
-constexpr int64_t kInt16Chunk = 64;    // k per power-of-two unit of x
-constexpr int kInt16Limit = (1 << 14) - 1;
+constexpr int kInt16Plane = 32;  // k per plane (one vpermw)
 
 // A codebook pair as int16 words: C0's 16 entries times unit[0] in words 0-15, C1's times unit[1] in
 // words 16-31, so that index bit 4 (vpermw reads bits 4..0) is the codebook choice.
@@ -40,18 +37,7 @@ struct Int16Table {
 Int16Table int16_table(const uint16_t* pair) {
   Int16Table table;
   alignas(64) int16_t words[32];
-  for (int c = 0; c < 2; ++c) {
-    float largest = 0.0f;
-    for (int e = 0; e < 16; ++e) largest = std::fmax(largest, std::fabs(half_to_float(pair[16 * c + e])));
-    int exponent = 0;
-    std::frexp(largest, &exponent);  // largest < 2^exponent: the entries / unit stay below 2^14
-    for (int e = 0; e < 16; ++e) {
-      const long entry = std::lrint(std::ldexp(half_to_float(pair[16 * c + e]), 14 - exponent));
-      words[16 * c + e] =
-          static_cast<int16_t>(entry > kInt16Limit ? kInt16Limit : entry < -kInt16Limit ? -kInt16Limit : entry);
-    }
-    table.unit[c] = std::ldexp(1.0f, exponent - 14);
-  }
+  for (int c = 0; c < 2; ++c) table.unit[c] = int16_codebook(pair + 16 * c, words + 16 * c);
   table.words = _mm512_load_si512(words);
   return table;
 }

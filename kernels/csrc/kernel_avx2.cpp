@@ -64,25 +64,17 @@ struct Tables {
   Tables() = default;
 };
 
-// |x| and |entry| of the int16 kernel stay below 2^14: a chunk's 4 vpmaddwd sums (2 planes) stay below 2^31.
-constexpr int kInt16Limit = (1 << 14) - 1;
-constexpr int64_t kChunk = 64;  // k per power-of-two unit of x in the int16 kernel
-
 // A codebook as 16 int16 entries (low and high bytes, each table in both lanes) times unit.
 struct Tables16 {
   __m256i low, high;
   float unit;
 
   explicit Tables16(const uint16_t* entries) {
-    float largest = 0.0f;
-    for (int e = 0; e < 16; ++e) largest = std::max(largest, std::fabs(half_to_float(entries[e])));
-    int exponent = 0;
-    std::frexp(largest, &exponent);  // largest < 2^exponent: the entries / unit stay below 2^14
-    unit = std::ldexp(1.0f, exponent - 14);
+    int16_t words[16];
+    unit = int16_codebook(entries, words);
     uint8_t bytes[2][16];
     for (int e = 0; e < 16; ++e) {
-      const long entry = std::lrint(std::ldexp(half_to_float(entries[e]), 14 - exponent));
-      const auto word = static_cast<uint16_t>(std::max<long>(-kInt16Limit, std::min<long>(kInt16Limit, entry)));
+      const auto word = static_cast<uint16_t>(words[e]);
       bytes[0][e] = static_cast<uint8_t>(word), bytes[1][e] = static_cast<uint8_t>(word >> 8);
     }
     low = both_lanes(bytes[0]), high = both_lanes(bytes[1]);
@@ -304,11 +296,11 @@ void gemv_int16_column(const GemmProblem& p, int64_t n, PartTables<Tables16>& pa
                                                          _mm256_madd_epi16(w[1], _mm256_load_si256(xs + 1))));
     }
     const bool group_ends = --planes_left == 0;
-    if (!group_ends && (k + kPlane) % kChunk != 0 && k + kPlane != p.k) return;
+    if (!group_ends && (k + kPlane) % kInt16Chunk != 0 && k + kPlane != p.k) return;
     // Broadcasts from memory: loads, where a broadcast from a register would take a shuffle port.
     const __m256 magnitude = _mm256_broadcast_ss(magnitudes + group);
     for (int m = 0; m < kM; ++m) {
-      const __m256 scale = _mm256_mul_ps(magnitude, _mm256_broadcast_ss(x[m].units + k / kChunk));
+      const __m256 scale = _mm256_mul_ps(magnitude, _mm256_broadcast_ss(x[m].units + k / kInt16Chunk));
       total[m] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot[m]), scale, total[m]);
       dot[m] = _mm256_setzero_si256();
     }
@@ -405,9 +397,9 @@ void decode_int16_avx2(const GemmProblem& p, const void* x, int64_t x_stride, Ac
   for (int64_t m = 0; m < p.m; ++m) {
     int16_t* values = reinterpret_cast<int16_t*>(out + m * p.k);
     float* units = out + m * p.k + p.k / 2;
-    for (int64_t k0 = 0; k0 < p.k; k0 += kChunk) {
-      const int64_t size = std::min(kChunk, p.k - k0), vectors = size / 8;
-      __m256 v[kChunk / 8];
+    for (int64_t k0 = 0; k0 < p.k; k0 += kInt16Chunk) {
+      const int64_t size = std::min(kInt16Chunk, p.k - k0), vectors = size / 8;
+      __m256 v[kInt16Chunk / 8];
       __m256i largest = _mm256_setzero_si256();  // of the |x| bits, which order as the values (NaN last)
       for (int i = 0; i < vectors; ++i) {
         v[i] = load8(m * x_stride + k0 + 8 * i);
@@ -416,17 +408,14 @@ void decode_int16_avx2(const GemmProblem& p, const void* x, int64_t x_stride, Ac
       largest = _mm256_max_epu32(largest, _mm256_permute2x128_si256(largest, largest, 1));
       largest = _mm256_max_epu32(largest, _mm256_shuffle_epi32(largest, 0x4E));
       largest = _mm256_max_epu32(largest, _mm256_shuffle_epi32(largest, 0xB1));
-      const int biased = static_cast<int>(static_cast<uint32_t>(_mm256_cvtsi256_si32(largest)) >> 23);
-      if (biased == 0xFF) {  // NaN or Inf: the chunk's outputs are NaN, as a product would make them
-        units[k0 / kChunk] = NAN;
+      const Int16Unit unit = int16_unit(static_cast<int>(static_cast<uint32_t>(_mm256_cvtsi256_si32(largest)) >> 23));
+      units[k0 / kInt16Chunk] = unit.unit;
+      if (std::isnan(unit.unit)) {
         std::fill(values + k0, values + k0 + size, 0);
         continue;
       }
-      // largest < 2^e with e = biased - 126 (frexp's exponent); below 2^-113 the scale stays 2^127.
-      const int exponent = std::max(biased - 126, -113);
-      units[k0 / kChunk] = bits_to_float(static_cast<uint32_t>(exponent - 14 + 127) << 23);
-      const __m256 scale = _mm256_castsi256_ps(_mm256_set1_epi32((14 - exponent + 127) << 23));
-      __m256i words[kChunk / 8];
+      const __m256 scale = _mm256_set1_ps(unit.inverse);
+      __m256i words[kInt16Chunk / 8];
       for (int i = 0; i < vectors; ++i) {  // round to nearest even (the MXCSR default), then clamp
         const __m256i rounded = _mm256_cvtps_epi32(_mm256_mul_ps(v[i], scale));
         words[i] = _mm256_max_epi32(minus_limit, _mm256_min_epi32(limit, rounded));

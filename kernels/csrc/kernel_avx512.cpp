@@ -115,10 +115,8 @@ void dequant_avx512(const GemmProblem& p, int64_t n_begin, int64_t n_end, void* 
 
 void gemv_int16_avx512(const GemmProblem& p, int64_t n_begin, int64_t n_end) { gemv_int16<MaddDot>(p, n_begin, n_end); }
 
-// x as the int16 kernels read it (avx512_int16.h): per row K int16 values in k order, then the fp32 unit (a
-// power of two) of each chunk of 64 k. A chunk's values are x / unit rounded to nearest even, with
-// unit = 2^(e - 14) for the chunk's largest |x| below 2^e; an Inf or NaN makes the unit NaN (and the
-// chunk's outputs NaN, as a product would make them).
+// x as the int16 kernels read it (avx512_int16.h): per row K int16 values in k order, then the unit of
+// each chunk of 64 k (int16_unit); a chunk's values are x / unit rounded to nearest even.
 void decode_int16_avx512(const GemmProblem& p, const void* x, int64_t x_stride, ActDtype dtype, float* out) {
   const auto load16 = [&](int64_t at) {  // 16 values of x as fp32
     if (dtype == ActDtype::kFloat32) return _mm512_loadu_ps(static_cast<const float*>(x) + at);
@@ -138,17 +136,14 @@ void decode_int16_avx512(const GemmProblem& p, const void* x, int64_t x_stride, 
         v[i] = load16(m * x_stride + k0 + 16 * i);
         largest = _mm512_max_epu32(largest, _mm512_and_si512(_mm512_castps_si512(v[i]), magnitude_bits));
       }
-      const int biased = static_cast<int>(_mm512_reduce_max_epu32(largest) >> 23);
-      if (biased == 0xFF) {
-        units[k0 / kInt16Chunk] = NAN;
+      const Int16Unit unit = int16_unit(static_cast<int>(_mm512_reduce_max_epu32(largest) >> 23));
+      units[k0 / kInt16Chunk] = unit.unit;
+      if (std::isnan(unit.unit)) {
         for (int i = 0; i < vectors; ++i)
           _mm256_store_si256(reinterpret_cast<__m256i*>(values + k0 + 16 * i), _mm256_setzero_si256());
         continue;
       }
-      // largest < 2^e with e = biased - 126 (frexp's exponent); below 2^-113 the scale stays 2^127.
-      const int exponent = biased - 126 > -113 ? biased - 126 : -113;
-      units[k0 / kInt16Chunk] = bits_to_float(static_cast<uint32_t>(exponent - 14 + 127) << 23);
-      const __m512 scale = _mm512_castsi512_ps(_mm512_set1_epi32((14 - exponent + 127) << 23));
+      const __m512 scale = _mm512_set1_ps(unit.inverse);
       for (int i = 0; i < vectors; ++i) {  // round to nearest even (the MXCSR default), then clamp
         const __m512i rounded = _mm512_cvtps_epi32(_mm512_mul_ps(v[i], scale));
         const __m512i clamped = _mm512_max_epi32(minus_limit, _mm512_min_epi32(limit, rounded));
