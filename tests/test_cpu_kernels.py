@@ -194,8 +194,7 @@ def test_int16_decode_of_outliers_and_non_finite_x(isa, k, group_size):
     chunk's other values their low bits (bound (c)), and an Inf or NaN makes every output NaN (where the
     exact fp32 weights would give a mix of Inf and NaN)."""
     layout, dense = _layer(k, group_size)
-    rows = 3
-    x = torch.randn(rows, k)
+    x = torch.randn(3, k)
     x[:, ::64] *= 4096.0
     x = x.bfloat16()
     _check(torch.ops.aaac.linear(x, *layout, PARTS, None), x, dense, None, entry_bounds(layout, PARTS))

@@ -46,8 +46,8 @@ struct GemmProblem {
 using GemvFn = void (*)(const GemmProblem&, int64_t n_begin, int64_t n_end);
 // x ([p.m, K], row stride x_stride, fp32 or bf16) -> out ([p.m, K] fp32 rows) in the k order the path's
 // gemv kernel reads: k order itself (scalar), runs of 4 k in a plane's register order (AVX2), or the even
-// and odd k of each plane (AVX-512); for the AVX2 int16 kernel each row holds K int16 values and then
-// the fp32 unit (a power of two) of each chunk of 64 k.
+// and odd k of each plane (AVX-512); for the int16 kernels each row holds K int16 values (in the AVX2
+// kernel's order, or in k order for AVX-512) and then the fp32 unit (a power of two) of each chunk of 64 k.
 using DecodeOrderFn = void (*)(const GemmProblem&, const void* x, int64_t x_stride, ActDtype dtype, float* out);
 // W[n_begin:n_end] dequantized into out ([n_end - n_begin, K] row-major, y_dtype), bit for bit the
 // reference dequantizer's weight in that dtype.
