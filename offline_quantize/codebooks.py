@@ -34,6 +34,9 @@ class CodebookOptions:
     channel_floor: float = 0.1
     # Weight of the channel means' cross terms in the last scale solve (_mean_aware_scales); 0 skips it.
     mean_weight: float = 0.5
+    # Where the full second moment was collected (--awq-scale), the last scale solve weights its
+    # off-diagonal terms by this instead (_covariance_aware_scales); 0 keeps the means' solve.
+    covariance_weight: float = 0.5
 
 
 # QLoRA's NormalFloat4: the quantiles of N(0, 1) scaled to [-1, 1], with an exact 0 (bitsandbytes' table).
@@ -247,6 +250,57 @@ def _mean_aware_scales(
     return torch.where(better.view(-1, 1, 1), solved, scale)
 
 
+def _covariance_aware_scales(
+    w: torch.Tensor,
+    channel_weight: torch.Tensor,
+    second_moment: torch.Tensor,
+    values: torch.Tensor,
+    scale: torch.Tensor,
+    covariance_weight: float,
+    max_bytes: int = 1 << 28,
+) -> torch.Tensor:
+    """Per row, every group's scale for a fixed assignment (codebook values ``values``), solved jointly for
+    the error e^T A e with A = diag(f) + b (H - diag(H)): f the floored channel weights, H = mean(x x^T), b
+    = ``covariance_weight``.
+
+    The generalisation of ``_mean_aware_scales`` to every correlation between input channels, not only the
+    part their means make (H's off-diagonal holds m m^T too), for the methods that collect H. With
+    e = w - C s (C [K, groups]: group g's entries in its rows), the minimum solves (C^T A C) s = C^T A w, a
+    [groups, groups] system per row. A is positive semi-definite for b <= 0.9 with the default floor
+    (f - b diag(H) >= 0). The same keep rule as the means' solve: a row takes the solved scales only if
+    all are positive once rounded to fp16 and its error drops; groups without a non-zero entry keep theirs.
+    """
+    n, groups, size = w.shape
+    k = groups * size
+    a = covariance_weight * second_moment.float()
+    a.diagonal().copy_(channel_weight.reshape(k))
+    rows = max(1, max_bytes // (4 * k * groups))  # bounds the [rows, K, groups] products A C
+    chunks = [slice(start, start + rows) for start in range(0, n, rows)]
+    return torch.cat([_solve_scales(w[rows], values[rows], scale[rows], a) for rows in chunks])
+
+
+def _solve_scales(w: torch.Tensor, values: torch.Tensor, scale: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
+    """``_covariance_aware_scales`` for a chunk of rows: w, values [R, groups, G], scale [R, groups, 1]."""
+    r, groups, size = w.shape
+    live = (scale > 0).squeeze(-1) & (values != 0).any(-1)  # [R, groups]
+    v = values * live.unsqueeze(-1)
+    # (A C)[:, :, g] = A[:, group g] v_g, one matmul per group (A is symmetric); then C^T (A C) and C^T A w.
+    ac = torch.stack([v[:, g] @ a[g * size : (g + 1) * size] for g in range(groups)], dim=-1)  # [R, K, groups]
+    system = torch.einsum("rgi,rgih->rgh", v, ac.view(r, groups, size, groups)).double()
+    system += torch.diag_embed((~live).double())  # groups that are not live solve to 0, then keep their scale
+    rhs = (v * (w.reshape(r, -1) @ a).view(r, groups, size)).sum(-1).double()
+    solution, info = torch.linalg.solve_ex(system, rhs)
+    solved = solution.float().unsqueeze(-1).half().float()  # what is stored
+    solved = torch.where(live.unsqueeze(-1), solved, scale)
+
+    def error(s: torch.Tensor) -> torch.Tensor:
+        e = (w - s * values).reshape(r, -1)
+        return ((e @ a) * e).sum(-1)
+
+    better = (info == 0) & ((solved > 0).squeeze(-1) | ~live).all(1) & (error(solved) < error(scale))
+    return torch.where(better.view(-1, 1, 1), solved, scale)
+
+
 def quantize_layer(
     weight: torch.Tensor,
     mean_square: torch.Tensor,
@@ -254,9 +308,10 @@ def quantize_layer(
     options: CodebookOptions = CodebookOptions(),
     seed: int = 0,
     mean: torch.Tensor | None = None,
+    second_moment: torch.Tensor | None = None,
 ) -> LayerResult:
-    """AAAC for one linear layer: weight [N, K], channel statistics mean_square [K] and (for the last scale
-    solve) mean [K].
+    """AAAC for one linear layer: weight [N, K], channel statistics mean_square [K] and, for the last scale
+    solve, mean [K] or, where collected, second_moment [K, K].
 
     The codebooks, scales and assignment are fitted for the channel weights (1 - f) mean_square +
     f mean(mean_square), f = ``channel_floor``: the calibration text's mean squares, which span orders of
@@ -294,7 +349,9 @@ def quantize_layer(
         chosen = torch.where(keep.unsqueeze(-1), searched_chosen, chosen)
         scale16 = torch.where(keep.unsqueeze(-1), searched16, scale16)
     values = codebooks16[choice.long().unsqueeze(-1).expand_as(chosen), chosen.long()]
-    if mean is not None and options.mean_weight > 0:
+    if second_moment is not None and options.covariance_weight > 0:
+        scale16 = _covariance_aware_scales(w, fit_weight, second_moment, values, scale16, options.covariance_weight)
+    elif mean is not None and options.mean_weight > 0:
         group_mean = mean.float().reshape(k // group_size, group_size)
         scale16 = _mean_aware_scales(w, fit_weight, group_mean, values, scale16, options.mean_weight)
     e = w - scale16 * values

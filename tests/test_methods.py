@@ -111,8 +111,9 @@ def test_aaac_compensation_keeps_the_learned_scales_and_lowers_the_output_error(
     h = _second_moment()
     stats = LinearStatistics(h.diagonal().clone(), 0.3 * h.diagonal().sqrt(), h.diagonal().sqrt(), h)
     # Compensation re-rounds onto scales and codebooks fitted to the mean squares as they are: no channel
-    # floor, no means' scale solve (its sweep sees the full second moment).
-    learned = LayerOptions("x", G, frozenset(), CodebookOptions(channel_floor=0.0, mean_weight=0.0))
+    # floor, no scale solve with the means or H (its sweep sees the full second moment).
+    as_they_are = CodebookOptions(channel_floor=0.0, mean_weight=0.0, covariance_weight=0.0)
+    learned = LayerOptions("x", G, frozenset(), as_they_are)
     plain = METHODS["aaac"].quantize(weight, stats, learned)
     compensated = METHODS["aaac"].quantize(weight, stats, LayerOptions("x", G, frozenset({"compensate"})))
     for name in ("scales", "codebooks"):

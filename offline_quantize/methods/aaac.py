@@ -38,7 +38,13 @@ class AAAC(Method):
     def quantize(self, weight: torch.Tensor, stats: LinearStatistics, options: LayerOptions) -> QuantizedLinear:
         if COMPENSATE.name not in options.flags:
             learned = quantize_layer(
-                weight, stats.mean_square, options.group_size, options.codebooks, options.seed, stats.mean
+                weight,
+                stats.mean_square,
+                options.group_size,
+                options.codebooks,
+                options.seed,
+                stats.mean,
+                stats.second_moment,
             )
             return pack_codebook_layer(learned.indices, learned.scales, learned.codebooks, options.group_size)
         # Compensation's sweep sees the full second moment, the means' cross terms included; it re-rounds onto
