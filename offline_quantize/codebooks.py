@@ -274,8 +274,8 @@ def _covariance_aware_scales(
     k = groups * size
     a = covariance_weight * second_moment.float()
     a.diagonal().copy_(channel_weight.reshape(k))
-    rows = max(1, max_bytes // (4 * k * groups))  # bounds the [rows, K, groups] products A C
-    chunks = [slice(start, start + rows) for start in range(0, n, rows)]
+    per_chunk = max(1, max_bytes // (4 * k * groups))  # bounds the [rows, K, groups] products A C
+    chunks = [slice(start, start + per_chunk) for start in range(0, n, per_chunk)]
     return torch.cat([_solve_scales(w[rows], values[rows], scale[rows], a) for rows in chunks])
 
 
