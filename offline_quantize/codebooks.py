@@ -2,7 +2,9 @@
 
 All errors here are activation-weighted: an error on input channel k costs mean_square[k] =
 mean(x[k]^2) times its square, so the objective is sum_k mean_square[k] (w - w_hat)^2, the diagonal
-approximation of ||X W^T - X W_hat^T||^2.
+approximation of ||X W^T - X W_hat^T||^2. Only the last scale solve adds cross terms between channels:
+their means' (``_mean_aware_scales``) or, where the full second moment was collected, its off-diagonal
+(``_covariance_aware_scales``).
 """
 
 from dataclasses import dataclass, field

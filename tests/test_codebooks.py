@@ -163,16 +163,24 @@ def test_mean_aware_scales_lower_the_output_error_on_inputs_with_means():
     assert output_error(solved) < 0.8 * output_error(plain)
 
 
+def _stored_assignment(
+    w: torch.Tensor, channel_weight: torch.Tensor, generator: torch.Generator
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """A random fp16 codebook pair, absmax fp16 scales and each group's assignment under them: (scale
+    [N, groups, 1], the assigned entries [N, groups, G]), what the last scale solves start from."""
+    codebooks = torch.sort(torch.randn(2, 16, generator=generator)).values.half().float()
+    scale = (w.abs().amax(dim=-1, keepdim=True) / codebooks.abs().max()).half().float()
+    _, choice, chosen = _assign(w, channel_weight, scale, codebooks)
+    return scale, codebooks[choice.long().unsqueeze(-1).expand_as(chosen), chosen.long()]
+
+
 def test_mean_aware_scales_never_raise_a_rows_error_and_keep_zero_groups():
     generator = torch.Generator().manual_seed(3)
     w = torch.randn(32, 4, 64, generator=generator)
     w[5, 2] = 0
     mean_square = torch.rand(4, 64, generator=generator) + 0.5
     mean = (torch.rand(4, 64, generator=generator) - 0.5) * mean_square.sqrt()
-    codebooks = torch.sort(torch.randn(2, 16, generator=generator)).values.half().float()
-    scale = (w.abs().amax(dim=-1, keepdim=True) / codebooks.abs().max()).half().float()
-    _, choice, chosen = _assign(w, mean_square, scale, codebooks)
-    values = codebooks[choice.long().unsqueeze(-1).expand_as(chosen), chosen.long()]
+    scale, values = _stored_assignment(w, mean_square, generator)
     solved = _mean_aware_scales(w, mean_square, mean, values, scale, mean_weight=1.0)
 
     def row_error(s: torch.Tensor) -> torch.Tensor:
@@ -240,10 +248,7 @@ def test_covariance_aware_scales_never_raise_a_rows_error_and_keep_zero_groups()
     x = torch.randn(2048, 256, generator=generator) + shared  # correlated channels
     second_moment = x.t() @ x / len(x)
     channel_weight = second_moment.diagonal().reshape(4, 64)
-    codebooks = torch.sort(torch.randn(2, 16, generator=generator)).values.half().float()
-    scale = (w.abs().amax(dim=-1, keepdim=True) / codebooks.abs().max()).half().float()
-    _, choice, chosen = _assign(w, channel_weight, scale, codebooks)
-    values = codebooks[choice.long().unsqueeze(-1).expand_as(chosen), chosen.long()]
+    scale, values = _stored_assignment(w, channel_weight, generator)
     # A chunk of 7 rows at a time: the rows are solved in chunks, the last one partial.
     solved = _covariance_aware_scales(w, channel_weight, second_moment, values, scale, 0.5, max_bytes=7 * 4 * 256 * 4)
     a = 0.5 * second_moment
