@@ -1,10 +1,13 @@
 // AVX-512 with BF16 (and VNNI, which every CPU with AVX512-BF16 has), where there is no AMX: bf16 batches
-// of 9 to 64 rows on a GEMM of its own (panels of 16 columns decoded to the reference's bf16 weights,
-// vdpbf16ps against x packed as for AMX), the bf16 dequantizer of the tiles beyond (vpermw on the bf16
-// tables of avx512_bf16_arith.h; fp32 output takes the AVX-512 one), and the int16 decode kernel for bf16
-// activations with vpdpwssd (avx512_int16.h; 2 to 8 rows). fp32 activations and one row decode with the
-// AVX-512 kernel.
+// of 9 to 64 rows on a GEMM of its own (panels of 16 columns x a segment of K decoded to the reference's
+// bf16 weights, vdpbf16ps against x packed as for AMX, the next panel decoded between the products), the
+// bf16 dequantizer of the tiles beyond (vpermw on the bf16 tables of avx512_bf16_arith.h; fp32 output
+// takes the AVX-512 one), and the int16 decode kernel for bf16 activations with vpdpwssd
+// (avx512_int16.h; 2 to 8 rows). fp32 activations and one row decode with the AVX-512 kernel.
 #include <immintrin.h>
+
+#include <algorithm>
+#include <numeric>
 
 #include "scalar_convert.h"
 
@@ -32,64 +35,177 @@ namespace {
 
 constexpr int kGemmColumns = 16;  // a panel: one accumulator per column, its 16 lanes 16 rows of x
 constexpr int kBlockK = 128;      // the layout's blocks; the panel holds each column's 128 k side by side
+// A panel covers a segment of about this many k (a multiple of 128 and of G), so that the two panels
+// stay in L2 whatever K is: against whole-K panels, 8B down (K = 14336) at M = 16 ran 1.15x faster, and
+// 4096 or 1024 k were no better on K = 4096 (one thread, Zen 5).
+constexpr int64_t kSegmentK = 2048;
 
-// Columns n0 .. n0 + 16 (the last column repeated past n_end) into panel[K / 128][16][128]: the
-// reference's bf16 weights, so that the 16 columns' k pair j of a block lie in one 64-byte line.
-void decode_gemm_panel(const GemmProblem& p, int64_t n0, int64_t n_end, uint16_t* panel) {
+// The GEMM's work items: panel n0 (16 columns, the last column repeated past n_end) times segment s0 of
+// K, in order: a panel's segments, then the next panel's.
+struct PanelItem {
+  int64_t n0, s0;
+};
+
+struct PanelItems {
+  const GemmProblem& p;
+  int64_t n_begin, n_end, segment;
+
+  bool next(PanelItem& item) const {
+    item.s0 += segment;
+    if (item.s0 >= p.k) item = {item.n0 + kGemmColumns, 0};
+    return item.n0 < n_end;
+  }
+  int64_t s_end(const PanelItem& item) const { return item.s0 + segment < p.k ? item.s0 + segment : p.k; }
+  int64_t column(const PanelItem& item, int c) const { return item.n0 + c < n_end ? item.n0 + c : n_end - 1; }
+};
+
+int64_t segment_k(const GemmProblem& p) {
+  const int64_t unit = std::lcm(p.group_size, static_cast<int64_t>(kBlockK));
+  return std::max<int64_t>(1, kSegmentK / unit) * unit;
+}
+
+// Where block k0 of column c goes in a panel of segment s0: panel[segment / 128][16][128], the reference's
+// bf16 weights, so that the 16 columns' k pair j of a block lie in one 64-byte line.
+inline uint16_t* panel_slot(uint16_t* panel, int64_t s0, int64_t k0, int c) {
+  return panel + (k0 - s0) / kBlockK * kGemmColumns * kBlockK + c * kBlockK + k0 % kBlockK;
+}
+
+// An item's weights into panel, a column at a time.
+void decode_gemm_panel(const PanelItems& items, const PanelItem& item, uint16_t* panel) {
+  const GemmProblem& p = items.p;
   for (int c = 0; c < kGemmColumns; ++c) {
     ColumnStream col;
-    col.open(p, n0 + c < n_end ? n0 + c : n_end - 1);
-    uint16_t* out = panel + c * kBlockK;
-    walk<Bf16>(p, &col, 1, 0, p.k / p.group_size, [&](int64_t k0, auto size, const auto& block) {
-      constexpr int kSize = decltype(size)::value;
-      // The next column streams right behind this one: fetch its block ahead.
-      _mm_prefetch(reinterpret_cast<const char*>(col.qbytes + p.k / 2 + k0 / 2), _MM_HINT_T0);
-      Bf16::store(block.template weights<kSize>(0, col.qbytes + k0 / 2),
-                  out + k0 / kBlockK * kGemmColumns * kBlockK + k0 % kBlockK);
-    });
+    col.open(p, items.column(item, c));
+    walk<Bf16>(p, &col, 1, item.s0 / p.group_size, items.s_end(item) / p.group_size,
+               [&](int64_t k0, auto size, const auto& block) {
+                 constexpr int kSize = decltype(size)::value;
+                 Bf16::store(block.template weights<kSize>(0, col.qbytes + k0 / 2), panel_slot(panel, item.s0, k0, c));
+               });
   }
 }
 
-// sums[16 n][16 m] of row block mb (x packed as pack_amx_activations packs it: per 32 k and row block,
-// 16 k pairs x 16 rows as 32-bit lanes) against the panel: vdpbf16ps of a row block's k pair with each
-// column's k pair, broadcast from the panel.
-void multiply_gemm_panel(const GemmProblem& p, const uint16_t* panel, int64_t mb, int64_t m_blocks, float* sums) {
-  __m512 acc[kGemmColumns];
-  for (int c = 0; c < kGemmColumns; ++c) acc[c] = _mm512_setzero_ps();
+// One row block's products at one k pair: vdpbf16ps of the rows' pair (x packed as pack_amx_activations
+// packs it: per 32 k and row block, 16 k pairs x 16 rows as 32-bit lanes) with each column's pair,
+// broadcast from the panel (w: the pair of column 0; column c's is 64 pairs further).
+inline void multiply_pair(const uint16_t* x_pair, const uint32_t* w, __m512* acc) {
+  const __m512bh xv = (__m512bh)_mm512_loadu_si512(x_pair);
+  for (int c = 0; c < kGemmColumns; ++c)
+    acc[c] = _mm512_dpbf16_ps(acc[c], xv, (__m512bh)_mm512_set1_epi32(static_cast<int>(w[c * 64])));
+}
+
+// A row block's sums over the segments so far: zero at the first, then kept in sums[16 n][16 m].
+inline void load_sums(const PanelItem& item, const float* sums, __m512* acc) {
+  for (int c = 0; c < kGemmColumns; ++c)
+    acc[c] = item.s0 == 0 ? _mm512_setzero_ps() : _mm512_load_ps(sums + 16 * c);
+}
+
+inline void store_sums(const __m512* acc, float* sums) {
+  for (int c = 0; c < kGemmColumns; ++c) _mm512_store_ps(sums + 16 * c, acc[c]);
+}
+
+// Row block mb's products with a panel of segment s0, blocks k_begin .. s_end. Inlined, so that acc
+// stays in registers (called through a pointer it cost each extra row block 2.5x the time).
+__attribute__((always_inline)) inline void multiply_blocks(const GemmProblem& p, const uint16_t* panel, int64_t s0,
+                                                           int64_t k_begin, int64_t s_end, int64_t mb,
+                                                           int64_t m_blocks, __m512* acc) {
   const uint16_t* x = static_cast<const uint16_t*>(p.x);
-  for (int64_t k0 = 0; k0 < p.k; k0 += kBlockK) {
-    const uint32_t* w = reinterpret_cast<const uint32_t*>(panel + k0 * kGemmColumns);  // [16][64] pairs
-    const int64_t pairs = (p.k - k0 < kBlockK ? p.k - k0 : kBlockK) / 2;
+  for (int64_t k0 = k_begin; k0 < s_end; k0 += kBlockK) {
+    const uint32_t* w = reinterpret_cast<const uint32_t*>(panel + (k0 - s0) * kGemmColumns);  // [16][64] pairs
+    const int64_t pairs = (s_end - k0 < kBlockK ? s_end - k0 : kBlockK) / 2;
     for (int64_t j0 = 0; j0 < pairs; j0 += 16) {  // one packed tile of x: 16 k pairs
       const uint16_t* tile = x + ((k0 + 2 * j0) / 32 * m_blocks + mb) * 512;
 #pragma GCC unroll 16
-      for (int j = 0; j < 16; ++j) {
-        const __m512bh xv = (__m512bh)_mm512_loadu_si512(tile + 32 * j);
-        for (int c = 0; c < kGemmColumns; ++c)
-          acc[c] = _mm512_dpbf16_ps(acc[c], xv, (__m512bh)_mm512_set1_epi32(static_cast<int>(w[c * 64 + j0 + j])));
-      }
+      for (int j = 0; j < 16; ++j) multiply_pair(tile + 32 * j, w + j0 + j, acc);
     }
   }
-  for (int c = 0; c < kGemmColumns; ++c) _mm512_store_ps(sums + 16 * c, acc[c]);
+}
+
+// Row block mb's products with the item's panel, added to its sums.
+void multiply_gemm_panel(const PanelItems& items, const PanelItem& item, const uint16_t* panel, int64_t mb,
+                         int64_t m_blocks, float* sums) {
+  __m512 acc[kGemmColumns];
+  load_sums(item, sums, acc);
+  multiply_blocks(items.p, panel, item.s0, item.s0, items.s_end(item), mb, m_blocks, acc);
+  store_sums(acc, sums);
+}
+
+// multiply_gemm_panel for row block 0, with the next item's panel decoded in between: the decode's
+// permutes and stores and the products' vdpbf16ps mostly use different units, so interleaved they
+// overlap. Each 128-block decoded (16 columns) is paired with a 128-block of products, a column's block
+// between two slices of 4 k pairs; what is left of either runs alone. The column loop stays rolled:
+// unrolled across the 16 columns the code outgrew the instruction caches (1.7x the time).
+void multiply_gemm_panel_decoding_next(const PanelItems& items, const PanelItem& item, const uint16_t* panel,
+                                       int64_t m_blocks, const PanelItem& next, uint16_t* next_panel, float* sums) {
+  const GemmProblem& p = items.p;
+  const uint16_t* x = static_cast<const uint16_t*>(p.x);
+  __m512 acc[kGemmColumns];
+  load_sums(item, sums, acc);
+  const int64_t s_end = items.s_end(item);
+  int64_t products_k = item.s0;  // the next block of products
+  ColumnStream col[kGemmColumns];
+  for (int c = 0; c < kGemmColumns; ++c) col[c].open(p, items.column(next, c));
+  // The item after the next streams right behind it: each block fetches its counterpart there (a hint:
+  // past the tensor's end it does nothing). Without it 8B down at M = 16 took 1.25x the time.
+  PanelItem after = next;
+  const bool prefetch = items.next(after);
+  const int64_t ahead = (items.column(after, 0) - next.n0) * (p.k / 2) + (after.s0 - next.s0) / 2;
+  walk<Bf16>(p, col, kGemmColumns, next.s0 / p.group_size, items.s_end(next) / p.group_size,
+             [&](int64_t k0, auto size, const auto& block) {
+               constexpr int kSize = decltype(size)::value;
+               const bool paired = kSize == kBlockK && products_k + kBlockK <= s_end;
+               const uint32_t* w = reinterpret_cast<const uint32_t*>(panel + (products_k - item.s0) * kGemmColumns);
+               for (int c = 0; c < kGemmColumns; ++c) {
+                 const uint8_t* q = col[c].qbytes + k0 / 2;
+                 if (prefetch) _mm_prefetch(reinterpret_cast<const char*>(q + ahead), _MM_HINT_T0);
+                 Bf16::store(block.template weights<kSize>(c, q), panel_slot(next_panel, next.s0, k0, c));
+                 if (!paired) continue;
+#pragma GCC unroll 4
+                 for (int jj = 0; jj < 4; ++jj) {
+                   const int j = 4 * c + jj;  // of the block's 64 pairs
+                   multiply_pair(x + ((products_k / 32 + j / 16) * m_blocks) * 512 + 32 * (j % 16), w + j, acc);
+                 }
+               }
+               if (paired) products_k += kBlockK;
+             });
+  multiply_blocks(p, panel, item.s0, products_k, s_end, 0, m_blocks, acc);
+  store_sums(acc, sums);
 }
 
 }  // namespace
 
 int64_t avx512_bf16_gemm_workspace_bytes(const GemmProblem& p) {
-  return ((p.k + kBlockK - 1) / kBlockK) * kGemmColumns * kBlockK * 2 + kGemmColumns * 16 * 4 + 128;
+  return 2 * segment_k(p) * kGemmColumns * 2 + (p.m + 15) / 16 * kGemmColumns * 16 * 4 + 128;
 }
 
+// Items (panel x segment) software-pipelined: while row block 0 multiplies one item's panel, the next
+// item's is decoded into the other half of the workspace.
 void gemm_avx512_bf16(const GemmProblem& p, int64_t n_begin, int64_t n_end, void* workspace) {
-  auto* panel = reinterpret_cast<uint16_t*>((reinterpret_cast<uintptr_t>(workspace) + 63) & ~uintptr_t{63});
-  float* sums = reinterpret_cast<float*>(panel + ((p.k + kBlockK - 1) / kBlockK) * kGemmColumns * kBlockK);
+  const PanelItems items{p, n_begin, n_end, segment_k(p)};
   const int64_t m_blocks = (p.m + 15) / 16;
-  for (int64_t n0 = n_begin; n0 < n_end; n0 += kGemmColumns) {
-    const int64_t columns = n_end - n0 < kGemmColumns ? n_end - n0 : kGemmColumns;
-    decode_gemm_panel(p, n0, n_end, panel);
-    for (int64_t mb = 0; mb < m_blocks; ++mb) {
-      multiply_gemm_panel(p, panel, mb, m_blocks, sums);
-      store_tile(p, sums, 16 * mb, p.m - 16 * mb < 16 ? p.m - 16 * mb : 16, n0, columns);
+  uint16_t* panels[2];
+  panels[0] = reinterpret_cast<uint16_t*>((reinterpret_cast<uintptr_t>(workspace) + 63) & ~uintptr_t{63});
+  panels[1] = panels[0] + items.segment * kGemmColumns;
+  float* sums = reinterpret_cast<float*>(panels[1] + items.segment * kGemmColumns);  // [m blocks][16 n][16 m]
+  PanelItem item{n_begin, 0};
+  decode_gemm_panel(items, item, panels[0]);
+  for (int i = 0;; i ^= 1) {
+    PanelItem next = item;
+    const bool more = items.next(next);
+    if (more) {
+      multiply_gemm_panel_decoding_next(items, item, panels[i], m_blocks, next, panels[i ^ 1], sums);
+    } else {
+      multiply_gemm_panel(items, item, panels[i], 0, m_blocks, sums);
     }
+    for (int64_t mb = 1; mb < m_blocks; ++mb)
+      multiply_gemm_panel(items, item, panels[i], mb, m_blocks, sums + mb * kGemmColumns * 16);
+    if (items.s_end(item) == p.k) {
+      const int64_t columns = n_end - item.n0 < kGemmColumns ? n_end - item.n0 : kGemmColumns;
+      for (int64_t mb = 0; mb < m_blocks; ++mb)
+        store_tile(p, sums + mb * kGemmColumns * 16, 16 * mb, p.m - 16 * mb < 16 ? p.m - 16 * mb : 16, item.n0,
+                   columns);
+    }
+    if (!more) break;
+    item = next;
   }
 }
 

@@ -228,8 +228,8 @@ void tiled(const IsaKernels& isa, GemmProblem p, const at::Tensor& x_in, const s
 }
 
 // bf16 batches on the path's GEMM (AMX tiles, or AVX512-BF16 panels): x packed once into the
-// pair-interleaved tiles both read, each weight decoded once per call. The workspace (a decoded panel and
-// its fp32 sums) is kept per thread: it is reused call after call.
+// pair-interleaved tiles both read, each weight decoded once per call. The workspace (decoded panels and
+// their fp32 sums) is kept per thread: it is reused call after call.
 void gemm(const IsaKernels& isa, GemmProblem p, const at::Tensor& x) {
   at::Tensor packed = at::empty({amx_packed_elements(p.m, p.k)}, x.options());
   pack_amx_activations(reinterpret_cast<const uint16_t*>(x.data_ptr()), p.m, p.k, p.x_stride,
