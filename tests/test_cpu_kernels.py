@@ -45,10 +45,10 @@ PARTS = [64, 32, 43]
 # (80 = 5 x 16, padded) number of row blocks.
 M_VALUES = [1, 2, 3, 4, 5, 8, 9, 12, 16, 24, 33, 64, 80, 128]
 # (K, group size): blocks of 128 and a rest of 64 (SmolLM2's K = 576 is 4 x 128 + 64); groups of 32 with a
-# rest of 96 (64 + 32); groups of 96 (3 planes of 32: blocks straddle groups); a group size that is not a
-# multiple of 32 (the scalar kernel serves it on every path) with a rest of 32 + 8; K past the AMX panel
-# depth (2048).
-SHAPES = [(320, 64), (224, 32), (384, 96), (168, 24), (4224, 128)]
+# rest of 96 (64 + 32); groups of 96 (3 planes of 32: blocks straddle groups; the AVX512-BF16 GEMM's
+# segments of K are 1920 k then); a group size that is not a multiple of 32 (the scalar kernel serves it
+# on every path) with a rest of 32 + 8; K past the AMX panel depth and the GEMM's segment (2048).
+SHAPES = [(320, 64), (224, 32), (2304, 96), (168, 24), (4224, 128)]
 OUTPUT_UNIT = {torch.bfloat16: 2.0**-8, torch.float16: 2.0**-11, torch.float32: 2.0**-24}
 
 
