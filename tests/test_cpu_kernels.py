@@ -2,7 +2,7 @@
 load-time layout, the plain-torch fallback, and the op under torch.compile.
 
 What is exact and what is not: the decode kernels (M <= 4; on the avx2 path M <= 16 and for bf16
-M <= 24; for bf16 on the avx512 path M <= 16, on avx512_bf16 M <= 8; on AMX only M = 1, as bf16 batches
+M <= 24; for bf16 on the avx512 path M <= 16, on avx512_bf16 M <= 4; on AMX only M = 1, as bf16 batches
 from 2 rows run on the tiles; decode_rows below) compute with the exact weight, entry x |scale| in fp32,
 except the int16 kernels for bf16 activations (the avx2 path's, and the avx512 paths' from 2 rows:
 multiplies_in_int16), which multiply in int16 (below); the other kernels with the reference
@@ -41,8 +41,8 @@ SUPPORTED = NATIVE.supported_isas() if NATIVE else []
 # panel holds one column tile (padded to the pair the panel blocks multiply).
 PARTS = [64, 32, 43]
 # Decode rows (1-5, 8, 12; the last of the avx2 path: 16 and, for bf16, 24; for bf16 of the avx512 path: 16,
-# of avx512_bf16: 8), one AMX sweep or AVX512-BF16 GEMM (9 to 64), AMX panels with an even (128) and an odd
-# (80 = 5 x 16, padded) number of row blocks.
+# of avx512_bf16: 4), one AMX sweep or AVX512-BF16 GEMM (its row blocks of 8 at 5 and 8, of 16 from 9 to
+# 64), AMX panels with an even (128) and an odd (80 = 5 x 16, padded) number of row blocks.
 M_VALUES = [1, 2, 3, 4, 5, 8, 9, 12, 16, 24, 33, 64, 80, 128]
 # (K, group size): blocks of 128 and a rest of 64 (SmolLM2's K = 576 is 4 x 128 + 64); groups of 32 with a
 # rest of 96 (64 + 32); groups of 96 (3 planes of 32: blocks straddle groups; the AVX512-BF16 GEMM's
@@ -68,7 +68,7 @@ def decode_rows(isa: str, group_size: int, dtype: torch.dtype) -> int:
         return 4
     if isa == "avx2":
         return 24 if bf16 else 16
-    return {"avx512": 16, "avx512_bf16": 8}.get(isa, 4) if bf16 else 4
+    return {"avx512": 16}.get(isa, 4) if bf16 else 4
 
 
 def multiplies_in_int16(isa: str, group_size: int, dtype: torch.dtype, m: int) -> bool:

@@ -65,12 +65,16 @@ using GemmFn = void (*)(const GemmProblem&, int64_t n_begin, int64_t n_end, void
 void gemm_amx(const GemmProblem&, int64_t, int64_t, void*);
 int64_t amx_workspace_bytes(const GemmProblem&);
 // Bf16 batches of up to kAmxSweepRows rows past the decode kernel on AVX512-BF16 without AMX
-// (kernel_avx512_bf16.cpp): x packed as for AMX, panels of 16 columns decoded to bf16 and multiplied by
-// vdpbf16ps while the next is decoded, a workspace of avx512_bf16_gemm_workspace_bytes(p) per thread.
+// (kernel_avx512_bf16.cpp): x packed by pack_avx512_bf16_activations, panels of 16 columns decoded to
+// bf16 and multiplied by vdpbf16ps while the next is decoded, a workspace of avx512_bf16_gemm_workspace_bytes(p) per thread.
 void gemm_avx512_bf16(const GemmProblem&, int64_t, int64_t, void*);
 int64_t avx512_bf16_gemm_workspace_bytes(const GemmProblem&);
+// x ([m, K] bf16, row stride `stride`) packed for a path's GEMM, into amx_packed_elements(m, K) values.
+using PackFn = void (*)(const uint16_t* x, int64_t m, int64_t k, int64_t stride, uint16_t* out);
 int64_t amx_packed_elements(int64_t m, int64_t k);
 void pack_amx_activations(const uint16_t* x, int64_t m, int64_t k, int64_t stride, uint16_t* out);
+// As pack_amx_activations, but batches of up to 8 rows in the GEMM's 8-row blocks (in half the space).
+void pack_avx512_bf16_activations(const uint16_t* x, int64_t m, int64_t k, int64_t stride, uint16_t* out);
 
 // The codebook pair (C0, C1) of column n: 32 fp16 values.
 const uint16_t* codebook_pair(const GemmProblem& p, int64_t n);

@@ -50,6 +50,7 @@ struct IsaKernels {
   DecodeKernel decode_bf16;  // for bf16 activations where the path has its own (gemv nullptr elsewhere)
   DequantFn dequant;         // larger M without gemm_bf16: dequantized tiles and at::mm
   GemmFn gemm_bf16;          // bf16 activations from gemm_min_rows to gemm_max_rows rows, or nullptr
+  PackFn gemm_pack;          // x as gemm_bf16 reads it
   int64_t gemm_min_rows, gemm_max_rows;
   int64_t (*gemm_workspace_bytes)(const GemmProblem&);  // per thread
   // bf16 activations meet bf16 tiles only where the CPU multiplies bf16 (AVX512-BF16): elsewhere at::mm
@@ -69,19 +70,22 @@ constexpr int64_t kAnyRows = INT64_MAX;
 // M = 2 to 8 1.3-1.7x as fast as the fp32 kernel or the bf16 tiles, and at M = 16 2.5x as fast as the
 // avx512 path's fp32 tiles; at M = 1 it was level with the exact fp32 kernel, which keeps that row. With
 // AVX512-BF16, panels of 16 columns decoded to bf16 and multiplied by vdpbf16ps (gemm_avx512_bf16) take
-// M = 9 to 64: they cost about the same from 5 to 16 rows (one row block), beat the int16 kernel from 10
-// rows (M = 10: 1886.7 against 2049.8 us on 8B o) and the bf16 tiles + at::mm up to 32 (1.2-1.3x at 16,
-// about 1.15x at 32), and were level with them at 64.
+// M = 5 to 64: in row blocks of 16 they beat the int16 kernel from 10 rows (M = 10: 1886.7 against
+// 2049.8 us on 8B o) and the bf16 tiles + at::mm up to 32 (1.2-1.3x at 16, about 1.15x at 32), and were
+// level with them at 64; in row blocks of 8 (two k pairs per vector) they ran M = 8 1.46x as fast as the
+// int16 kernel's two passes (8B o from memory: 1102.0 against 1621.5 us), M = 5 level (1036.8 against
+// 1068.1 us in cache), and M = 4 slower (995.1 against 748.2), so the int16 kernel keeps 2 to 4 rows.
 constexpr IsaKernels kIsas[] = {
-    {"scalar", {natural_order, gemv_scalar, 4}, kNoDecode, dequant_scalar, nullptr, 0, 0, nullptr, false},
-    {"avx2", {decode_order_avx2, gemv_avx2, 16}, {decode_int16_avx2, gemv_int16_avx2, 24}, dequant_avx2, nullptr, 0,
-     0, nullptr, false},
+    {"scalar", {natural_order, gemv_scalar, 4}, kNoDecode, dequant_scalar, nullptr, nullptr, 0, 0, nullptr, false},
+    {"avx2", {decode_order_avx2, gemv_avx2, 16}, {decode_int16_avx2, gemv_int16_avx2, 24}, dequant_avx2, nullptr,
+     nullptr, 0, 0, nullptr, false},
     {"avx512", {decode_order_avx512, gemv_avx512, 4}, {decode_int16_avx512, gemv_int16_avx512, 16, 2},
-     dequant_avx512, nullptr, 0, 0, nullptr, false},
-    {"avx512_bf16", {decode_order_avx512, gemv_avx512, 4}, {decode_int16_avx512, gemv_int16_avx512_vnni, 8, 2},
-     dequant_avx512_bf16, gemm_avx512_bf16, 9, kAmxSweepRows, avx512_bf16_gemm_workspace_bytes, true},
-    {"amx_bf16", {decode_order_avx512, gemv_avx512, 4}, kNoDecode, dequant_avx512_bf16, gemm_amx, 2, kAnyRows,
-     amx_workspace_bytes, true},
+     dequant_avx512, nullptr, nullptr, 0, 0, nullptr, false},
+    {"avx512_bf16", {decode_order_avx512, gemv_avx512, 4}, {decode_int16_avx512, gemv_int16_avx512_vnni, 4, 2},
+     dequant_avx512_bf16, gemm_avx512_bf16, pack_avx512_bf16_activations, 5, kAmxSweepRows,
+     avx512_bf16_gemm_workspace_bytes, true},
+    {"amx_bf16", {decode_order_avx512, gemv_avx512, 4}, kNoDecode, dequant_avx512_bf16, gemm_amx,
+     pack_amx_activations, 2, kAnyRows, amx_workspace_bytes, true},
 };
 
 enum class Path { kDecode, kGemm, kTiled };
@@ -232,8 +236,8 @@ void tiled(const IsaKernels& isa, GemmProblem p, const at::Tensor& x_in, const s
 // their fp32 sums) is kept per thread: it is reused call after call.
 void gemm(const IsaKernels& isa, GemmProblem p, const at::Tensor& x) {
   at::Tensor packed = at::empty({amx_packed_elements(p.m, p.k)}, x.options());
-  pack_amx_activations(reinterpret_cast<const uint16_t*>(x.data_ptr()), p.m, p.k, p.x_stride,
-                       reinterpret_cast<uint16_t*>(packed.data_ptr()));
+  isa.gemm_pack(reinterpret_cast<const uint16_t*>(x.data_ptr()), p.m, p.k, p.x_stride,
+                reinterpret_cast<uint16_t*>(packed.data_ptr()));
   p.x = packed.data_ptr();
   at::parallel_for(0, (p.n + kAmxPanelColumns - 1) / kAmxPanelColumns, 1, [&](int64_t b, int64_t e) {
     thread_local std::vector<char> workspace;
