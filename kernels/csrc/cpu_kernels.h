@@ -66,7 +66,8 @@ void gemm_amx(const GemmProblem&, int64_t, int64_t, void*);
 int64_t amx_workspace_bytes(const GemmProblem&);
 // Bf16 batches of up to kAmxSweepRows rows past the decode kernel on AVX512-BF16 without AMX
 // (kernel_avx512_bf16.cpp): x packed by pack_avx512_bf16_activations, panels of 16 columns decoded to
-// bf16 and multiplied by vdpbf16ps while the next is decoded, a workspace of avx512_bf16_gemm_workspace_bytes(p) per thread.
+// bf16 and multiplied by vdpbf16ps while the next is decoded, a workspace of
+// avx512_bf16_gemm_workspace_bytes(p) per thread.
 void gemm_avx512_bf16(const GemmProblem&, int64_t, int64_t, void*);
 int64_t avx512_bf16_gemm_workspace_bytes(const GemmProblem&);
 // x ([m, K] bf16, row stride `stride`) packed for a path's GEMM, into amx_packed_elements(m, K) values.

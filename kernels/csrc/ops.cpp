@@ -72,7 +72,7 @@ constexpr int64_t kAnyRows = INT64_MAX;
 // AVX512-BF16, panels of 16 columns decoded to bf16 and multiplied by vdpbf16ps (gemm_avx512_bf16) take
 // M = 5 to 64: in row blocks of 16 they beat the int16 kernel from 10 rows (M = 10: 1886.7 against
 // 2049.8 us on 8B o) and the bf16 tiles + at::mm up to 32 (1.2-1.3x at 16, about 1.15x at 32), and were
-// level with them at 64; in row blocks of 8 (two k pairs per vector) they ran M = 8 1.46x as fast as the
+// level with them at 64; in row blocks of 8 (two k pairs per vector) they ran M = 8 1.47x as fast as the
 // int16 kernel's two passes (8B o from memory: 1102.0 against 1621.5 us), M = 5 level (1036.8 against
 // 1068.1 us in cache), and M = 4 slower (995.1 against 748.2), so the int16 kernel keeps 2 to 4 rows.
 constexpr IsaKernels kIsas[] = {
@@ -231,8 +231,9 @@ void tiled(const IsaKernels& isa, GemmProblem p, const at::Tensor& x_in, const s
   });
 }
 
-// bf16 batches on the path's GEMM (AMX tiles, or AVX512-BF16 panels): x packed once into the
-// pair-interleaved tiles both read, each weight decoded once per call. The workspace (decoded panels and
+// bf16 batches on the path's GEMM (AMX tiles, or AVX512-BF16 panels): x packed once by the path's
+// gemm_pack (pair-interleaved tiles of 16 rows, or the AVX512-BF16 GEMM's blocks of 8), each weight
+// decoded once per call. The workspace (decoded panels and
 // their fp32 sums) is kept per thread: it is reused call after call.
 void gemm(const IsaKernels& isa, GemmProblem p, const at::Tensor& x) {
   at::Tensor packed = at::empty({amx_packed_elements(p.m, p.k)}, x.options());
