@@ -1,15 +1,16 @@
 // The AVX-512 decode kernel for bf16 activations (M = 2 to 16 on avx512, 2 to 4 on avx512_bf16; ops.cpp):
-// int16 products, as the AVX2 path's (kernel_avx2.cpp), with a 16-bit lookup. A layer part's codebook
-// pair is one register of 32 int16 words: C0's entries times a power of two (its largest |entry| below
-// 2^14) in words 0-15, C1's in words 16-31, and vpermw reads index bits 4..0, so bit 4 is the codebook choice. A 128-block's plane j is a
-// shift, one vpternlogd ((words >> 4 j) & 0xF | the group's choice bit) and one vpermw: 32 weights in k
-// order, so x needs no reordering. x is rounded once per call to int16 times a power of two per chunk of
-// 64 k (decode_int16_avx512, in k order), and a `Dot` multiplies 32 weights by 32 values of x into 16
-// int32 sums: vpdpwssd with AVX512-VNNI, vpmaddwd and vpaddd without. A chunk's sums stay exact in int32
-// (2 planes: 4 products of at most (2^14 - 1)^2 per lane); each chunk's sum is widened once and multiplied
-// by the chunk's unit and by the group's |scale| x its codebook's unit. The lookup is shared by the rows,
-// so each row adds one product instruction per 32 weights, where the fp32 kernel (avx512_gemv.h) adds two
-// FMA and makes its own tables per group; at one row the two are level (docs/kernels.md).
+// int16 products, as the AVX2 path's (kernel_avx2.cpp), with a 16-bit lookup. A layer part's codebook pair
+// is one register of 32 int16 words: C0's entries times a power of two (its largest |entry| below 2^14) in
+// words 0-15, C1's in words 16-31, and vpermw reads index bits 4..0, so bit 4 is the codebook choice. A
+// 128-block's plane j is a shift, one vpternlogd ((words >> 4 j) & 0xF | the group's choice bit) and one
+// vpermw: 32 weights in k order, so x needs no reordering. x is rounded once per call to int16 times a
+// power of two per chunk of 64 k (decode_int16_avx512, in k order), and a `Dot` multiplies 32 weights by 32
+// values of x into 16 int32 sums: vpdpwssd with AVX512-VNNI, vpmaddwd and vpaddd without. A chunk's sums
+// stay exact in int32 (2 planes: 4 products of at most (2^14 - 1)^2 per lane); each chunk's sum is widened
+// once and multiplied by the chunk's unit and by the group's |scale| x its codebook's unit. The lookup is
+// shared by the rows, so each row adds one product instruction per 32 weights, where the fp32 kernel
+// (avx512_gemv.h) adds two FMA and makes its own tables per group; at one row the two are level
+// (docs/kernels.md).
 //
 // Include after the file's `#pragma GCC target`, like avx512_gemv.h: everything here has internal
 // linkage, so each file compiles its own copy for its own instruction set.
