@@ -49,7 +49,7 @@ struct PanelItem {
 
 struct PanelItems {
   const GemmProblem& p;
-  int64_t n_begin, n_end, segment;
+  int64_t n_end, segment;
 
   bool next(PanelItem& item) const {
     item.s0 += segment;
@@ -88,7 +88,7 @@ void decode_gemm_panel(const PanelItems& items, const PanelItem& item, uint16_t*
 // A row block: kRows rows of x (16, or 8 for batches of up to 8) in a vector's 16 lanes, each lane a k
 // pair of its row. A block of 16 rows (x packed as pack_amx_activations packs it: per 32 k and row block,
 // 16 k pairs x 16 rows as 32-bit lanes) takes one pair per vector, and a column's pair is broadcast from
-// the panel to every lane; a block of 8 rows (pack_narrow_activations: per 4 k, the 8 rows' two pairs,
+// the panel to every lane; a block of 8 rows (pack_avx512_bf16_activations: per 4 k, the 8 rows' two pairs,
 // lane l row l / 2's pair l % 2) takes two pairs per vector, and the column's two pairs are broadcast as
 // one 64-bit value, so that no lane idles at 8 rows. Lanes l and l + 1 then hold halves of one sum.
 template <int kRows>
@@ -213,7 +213,7 @@ void multiply_gemm_panel_decoding_next(const PanelItems& items, const PanelItem&
 // item's is decoded into the other half of the workspace.
 template <int kRows>
 void gemm_rows(const GemmProblem& p, int64_t n_begin, int64_t n_end, void* workspace) {
-  const PanelItems items{p, n_begin, n_end, segment_k(p)};
+  const PanelItems items{p, n_end, segment_k(p)};
   const int64_t m_blocks = (p.m + kRows - 1) / kRows;
   uint16_t* panels[2];
   panels[0] = reinterpret_cast<uint16_t*>((reinterpret_cast<uintptr_t>(workspace) + 63) & ~uintptr_t{63});
@@ -247,6 +247,7 @@ void gemm_rows(const GemmProblem& p, int64_t n_begin, int64_t n_end, void* works
 
 }  // namespace
 
+// Two panels, then the sums of up to (M + 7) / 8 row blocks, and room to align the panels.
 int64_t avx512_bf16_gemm_workspace_bytes(const GemmProblem& p) {
   return 2 * segment_k(p) * kGemmColumns * 2 + (p.m + 7) / 8 * kGemmColumns * 16 * 4 + 128;
 }
