@@ -4,8 +4,8 @@ load-time layout, the plain-torch fallback, and the op under torch.compile.
 What is exact and what is not: the decode kernels (M <= 4; on the avx2 path M <= 16 and for bf16
 M <= 24; for bf16 on the avx512 path M <= 16, on avx512_bf16 M <= 4; on AMX only M = 1, as bf16 batches
 from 2 rows run on the tiles; decode_rows below) compute with the exact weight, entry x |scale| in fp32,
-except the int16 kernels for bf16 activations (the avx2 path's, and the avx512 paths' from 2 rows:
-multiplies_in_int16), which multiply in int16 (below); the other kernels with the reference
+except the int16 kernels for bf16 activations (on the avx2 and avx512 paths: multiplies_in_int16),
+which multiply in int16 (below); the other kernels with the reference
 dequantizer's weight, bit for bit (checked directly on the dequantizers), in bf16 for bf16 activations
 on the paths that multiply bf16 natively (avx512_bf16, amx_bf16) and in fp32 otherwise. All accumulate
 in fp32 in their own order. So against a float64 product with the weight the kernel takes, an output
@@ -71,12 +71,10 @@ def decode_rows(isa: str, group_size: int, dtype: torch.dtype) -> int:
     return {"avx512": 16}.get(isa, 4) if bf16 else 4
 
 
-def multiplies_in_int16(isa: str, group_size: int, dtype: torch.dtype, m: int) -> bool:
-    """Whether a decoded batch of m rows runs an int16 kernel: bf16 activations on the avx2 path, and from 2
-    rows on the avx512 paths (one row keeps the exact fp32 kernel there)."""
-    if group_size % 32 or dtype != torch.bfloat16:
-        return False
-    return isa == "avx2" or (isa in ("avx512", "avx512_bf16") and m >= 2)
+def multiplies_in_int16(isa: str, group_size: int, dtype: torch.dtype) -> bool:
+    """Whether a decoded batch runs an int16 kernel: bf16 activations on the avx2 and avx512 paths (with AMX
+    the one row it decodes keeps the exact fp32 kernel)."""
+    return group_size % 32 == 0 and dtype == torch.bfloat16 and isa in ("avx2", "avx512", "avx512_bf16")
 
 
 @pytest.fixture
@@ -183,7 +181,7 @@ def test_op_matches_reference(isa, k, group_size, dtype):
         on_tiles = isa == "amx_bf16" and group_size % 32 == 0 and dtype == torch.bfloat16  # else scalar
         decodes = m == 1 or (m <= decode_rows(isa, group_size, dtype) and not on_tiles)
         weight = dense if decodes else dense.to(dtype) if on_tiles else tile_weight(dense, dtype, isa, group_size)
-        entries = entry_bounds(layout, PARTS) if decodes and multiplies_in_int16(isa, group_size, dtype, m) else None
+        entries = entry_bounds(layout, PARTS) if decodes and multiplies_in_int16(isa, group_size, dtype) else None
         _check(torch.ops.aaac.linear(x, *layout, PARTS, bias), x, weight, bias, entries)
 
 
@@ -192,15 +190,17 @@ def test_op_matches_reference(isa, k, group_size, dtype):
 def test_int16_decode_of_outliers_and_non_finite_x(isa, k, group_size):
     """The int16 decode kernels scale each chunk of 64 k of x by a power of two: a 2^12 outlier costs the
     chunk's other values their low bits (bound (c)), and an Inf or NaN makes every output NaN (where the
-    exact fp32 weights would give a mix of Inf and NaN)."""
+    exact fp32 weights would give a mix of Inf and NaN). One row (the avx512 paths' one-row kernel) and
+    three."""
     layout, dense = _layer(k, group_size)
-    x = torch.randn(3, k)
-    x[:, ::64] *= 4096.0
-    x = x.bfloat16()
-    _check(torch.ops.aaac.linear(x, *layout, PARTS, None), x, dense, None, entry_bounds(layout, PARTS))
-    for row, at in enumerate((70, 200, 130)):
-        x[row, at] = float("inf") if row % 2 == 0 else float("nan")
-    assert torch.ops.aaac.linear(x, *layout, PARTS, None).isnan().all()
+    for m in (1, 3):
+        x = torch.randn(m, k)
+        x[:, ::64] *= 4096.0
+        x = x.bfloat16()
+        _check(torch.ops.aaac.linear(x, *layout, PARTS, None), x, dense, None, entry_bounds(layout, PARTS))
+        for row, at in zip(range(m), (70, 200, 130), strict=False):
+            x[row, at] = float("inf") if row % 2 == 0 else float("nan")
+        assert torch.ops.aaac.linear(x, *layout, PARTS, None).isnan().all()
 
 
 @pytest.mark.parametrize("isa", ISAS, indirect=True)
@@ -229,7 +229,7 @@ def test_leading_dims_and_empty_batch():
     x = torch.randn(2, 3, 256).bfloat16()
     isa = NATIVE.isa()
     if isa != "amx_bf16" and 6 <= decode_rows(isa, 64, x.dtype):
-        entries = entry_bounds(layout, PARTS) if multiplies_in_int16(isa, 64, x.dtype, 6) else None
+        entries = entry_bounds(layout, PARTS) if multiplies_in_int16(isa, 64, x.dtype) else None
         _check(torch.ops.aaac.linear(x, *layout, PARTS, None), x, dense, None, entries)
     else:
         _check(torch.ops.aaac.linear(x, *layout, PARTS, None), x, tile_weight(dense, x.dtype, isa, 64), None)

@@ -1,16 +1,19 @@
-// The AVX-512 decode kernel for bf16 activations (M = 2 to 16 on avx512, 2 to 4 on avx512_bf16; ops.cpp):
-// int16 products, as the AVX2 path's (kernel_avx2.cpp), with a 16-bit lookup. A layer part's codebook pair
-// is one register of 32 int16 words: C0's entries times a power of two (its largest |entry| below 2^14) in
-// words 0-15, C1's in words 16-31, and vpermw reads index bits 4..0, so bit 4 is the codebook choice. A
-// 128-block's plane j is a shift, one vpternlogd ((words >> 4 j) & 0xF | the group's choice bit) and one
-// vpermw: 32 weights in k order, so x needs no reordering. x is rounded once per call to int16 times a
-// power of two per chunk of 64 k (decode_int16_avx512, in k order), and a `Dot` multiplies 32 weights by 32
-// values of x into 16 int32 sums: vpdpwssd with AVX512-VNNI, vpmaddwd and vpaddd without. A chunk's sums
-// stay exact in int32 (2 planes: 4 products of at most (2^14 - 1)^2 per lane); each chunk's sum is widened
-// once and multiplied by the chunk's unit and by the group's |scale| x its codebook's unit. The lookup is
-// shared by the rows, so each row adds one product instruction per 32 weights, where the fp32 kernel
-// (avx512_gemv.h) adds two FMA and makes its own tables per group; at one row the two are level
-// (docs/kernels.md).
+// The AVX-512 decode kernels for bf16 activations (M = 1 to 16 on avx512, 1 to 4 on avx512_bf16; ops.cpp):
+// int16 products, as the AVX2 path's (kernel_avx2.cpp), with a 16-bit lookup. x is rounded once per call
+// to int16 times a power of two per chunk of 64 k (decode_int16_avx512, in k order), each codebook to
+// int16 words times a power of two (its largest |entry| below 2^14), and a `Dot` multiplies 32 weights by
+// 32 values of x into 16 int32 sums: vpdpwssd with AVX512-VNNI, vpmaddwd and vpaddd without. A chunk's
+// sums stay exact in int32 (2 planes: 4 products of at most (2^14 - 1)^2 per lane). A plane of 32 k is
+// one vpermw: 32 weights in k order, so x needs no reordering. Two kernels:
+// - Rows 2 to 4 (gemv_int16_block): a layer part's codebook pair is one register of 32 int16 words, C0's
+//   in words 0-15 and C1's in 16-31, and vpermw reads index bits 4..0, so bit 4 is the codebook choice:
+//   a 128-block's plane j is a shift, one vpternlogd ((words >> 4 j) & 0xF | the group's choice bit) and
+//   one vpermw, shared by the rows; each chunk's sum is widened once and multiplied by the chunk's unit
+//   and by the group's |scale| x its codebook's unit.
+// - One row (gemv_one_row_block): a shift, one vpermw whose table is read from memory and one product
+//   per 32 weights, about half the instructions per weight of the fp32 kernel (avx512_gemv.h), for one
+//   row decodes at the rate the core issues instructions (docs/kernels.md). Rows 2 to 4 in this form
+//   ran level or slower than in the other (docs/kernels.md), so each count keeps its kernel.
 //
 // Include after the file's `#pragma GCC target`, like avx512_gemv.h: everything here has internal
 // linkage, so each file compiles its own copy for its own instruction set.
@@ -151,6 +154,7 @@ template <class Dot, int kM, int kN>
 void gemv_int16_block(const GemmProblem& p, int64_t n, const std::vector<Int16Table>& tables,
                       const GroupParams& params) {
   const int64_t row_bytes = p.k / 2;
+  prefetch_scales(p, n + kN, kN);
   __m512i table[kN];
   int16_columns<kN>(p, tables, n, table, params);
   const uint8_t* qbytes[kN];
@@ -222,12 +226,173 @@ void gemv_int16_rows(const GemmProblem& p, int64_t n_begin, int64_t n_end) {
   for (; n < n_end; ++n) gemv_int16_block<Dot, kM, 1>(p, n, tables, params);
 }
 
-// Batches of 2 rows and more, 4 a pass (a batch of one keeps the exact fp32 kernel, ops.cpp); a pass
-// of one row is the rest of a batch of 5 or 9.
+// The one-row kernel. A part's codebooks are held twice over in 32 words each (OneRowTable), so index bit
+// 4 (nibble j + 1's low bit after the shift) picks the same entry and needs no mask, and the group's
+// choice picks the table's address. Each segment (a chunk of 64 k, or one plane of 32 k where the group
+// size is not a multiple of 64: it lies in one chunk and one group) starts its int32 sums with vpmaddwd
+// and ends with one conversion and one FMA by its factor, |scale| x the codebook's unit x the chunk's
+// unit of x, made 16 segments at a time per block of columns.
+
+// A part's codebook Cc as 32 int16 words: its 16 entries times unit[c], twice.
+struct OneRowTable {
+  __m512i words[2];
+  float unit[2];
+};
+
+std::vector<OneRowTable> one_row_tables(const GemmProblem& p) {
+  std::vector<OneRowTable> tables;
+  for (int64_t part = 0; tables.empty() || p.part_ends[part - 1] < p.n; ++part) {
+    OneRowTable table;
+    for (int c = 0; c < 2; ++c) {
+      alignas(64) int16_t words[32];
+      table.unit[c] = int16_codebook(p.codebooks + 32 * part + 16 * c, words);
+      for (int e = 0; e < 16; ++e) words[16 + e] = words[e];
+      table.words[c] = _mm512_load_si512(words);
+    }
+    tables.push_back(table);
+  }
+  return tables;
+}
+
+// What a call's segments share across columns: each segment's group and its chunk's unit of x, and per
+// block of kN columns each segment's factor and table offset (0 for C0, 64 bytes for C1), interleaved
+// ([segments][kN]). Plain new[], as GroupParams.
+struct OneRowSegments {
+  int64_t count, length;  // length in k: 64 where the group size is a multiple of 64, else 32
+  int32_t* group;
+  float* x_unit;
+  float* factor;
+  int32_t* offset;
+  OneRowSegments(const GemmProblem& p, const float* x_units, int kN)
+      : length(p.group_size % 64 == 0 ? 64 : 32) {
+    count = (p.k + length - 1) / length;
+    const int64_t padded = (count + 15) / 16 * 16;
+    group = new int32_t[padded]();
+    x_unit = new float[padded]();
+    factor = new float[padded * kN];
+    offset = new int32_t[padded * kN];
+    for (int64_t s = 0; s < count; ++s) {
+      group[s] = static_cast<int32_t>(s * length / p.group_size);
+      x_unit[s] = x_units[s * length / kInt16Chunk];
+    }
+  }
+  ~OneRowSegments() {
+    delete[] group;
+    delete[] x_unit;
+    delete[] factor;
+    delete[] offset;
+  }
+  OneRowSegments(const OneRowSegments&) = delete;
+  OneRowSegments& operator=(const OneRowSegments&) = delete;
+};
+
+// The factors and table offsets of kN columns from n, 16 segments at a time: their (at most 16) groups'
+// scales widened once, then spread to the segments with one permute.
+template <int kN>
+void one_row_columns(const GemmProblem& p, const OneRowTable* const* table, int64_t n, OneRowSegments& seg) {
+  const int64_t groups = p.k / p.group_size;
+  for (int64_t s = 0; s < seg.count; s += 16) {
+    const int32_t g0 = seg.group[s];
+    const int64_t left = groups - g0;
+    const __mmask16 valid = static_cast<__mmask16>(left >= 16 ? 0xFFFF : (1u << left) - 1);
+    const __m512i which = _mm512_sub_epi32(_mm512_loadu_si512(seg.group + s), _mm512_set1_epi32(g0));
+    const __m512 x_unit = _mm512_loadu_ps(seg.x_unit + s);
+    __m512 factor[kN], offset[kN];
+    for (int c = 0; c < kN; ++c) {
+      const __m256i raw = _mm256_maskz_loadu_epi16(valid, p.scales + (n + c) * groups + g0);
+      const __mmask16 c1 = _mm256_movepi16_mask(raw);
+      const __m512 unit = _mm512_mask_blend_ps(c1, _mm512_set1_ps(table[c]->unit[0]), _mm512_set1_ps(table[c]->unit[1]));
+      const __m512 magnitude = _mm512_mul_ps(_mm512_cvtph_ps(_mm256_and_si256(raw, _mm256_set1_epi16(0x7FFF))), unit);
+      factor[c] = _mm512_mul_ps(_mm512_permutexvar_ps(which, magnitude), x_unit);
+      const __m512i bytes = _mm512_maskz_mov_epi32(c1, _mm512_set1_epi32(64));
+      offset[c] = _mm512_castsi512_ps(_mm512_permutexvar_epi32(which, bytes));
+    }
+    store_interleaved<kN>(factor, seg.factor + s * kN);
+    store_interleaved<kN>(offset, reinterpret_cast<float*>(seg.offset + s * kN));
+  }
+}
+
+// One row of x against kN columns from n; kPairs: segments of two planes (a chunk), else of one.
+template <class Dot, int kN, bool kPairs>
+void gemv_one_row_block(const GemmProblem& p, int64_t n, const OneRowTable* const* table, const int16_t* x,
+                        OneRowSegments& seg) {
+  const int64_t row_bytes = p.k / 2;
+  prefetch_scales(p, n + kN, kN);
+  one_row_columns<kN>(p, table, n, seg);
+  const uint8_t* qbytes[kN];
+  const char* words_of[kN];  // the column's part's C0 table; C1's is 64 bytes on
+  for (int c = 0; c < kN; ++c) {
+    qbytes[c] = p.qbytes + (n + c) * row_bytes;
+    words_of[c] = reinterpret_cast<const char*>(table[c]->words);
+  }
+  __m512i dot[kN];
+  __m512 total[kN];
+  for (int c = 0; c < kN; ++c) total[c] = _mm512_setzero_ps();
+  const float* factor = seg.factor;
+  const int32_t* offset = seg.offset;
+  const auto block = [&](int64_t k0, auto size) {
+    constexpr int kPlanes = decltype(size)::value / kInt16Plane;
+    __m512i words[kN];
+    for (int c = 0; c < kN; ++c) {
+      // The next block of columns streams right behind this one: fetch it a block ahead.
+      _mm_prefetch(reinterpret_cast<const char*>(qbytes[c] + kN * row_bytes + k0 / 2), _MM_HINT_T0);
+      words[c] = block_words<decltype(size)::value>(qbytes[c] + k0 / 2);
+    }
+#pragma GCC unroll 4
+    for (int j = 0; j < kPlanes; ++j) {
+      const __m512i xv = _mm512_load_si512(x + k0 + kInt16Plane * j);
+      const bool first = !kPairs || j % 2 == 0;
+      for (int c = 0; c < kN; ++c) {
+        const __m512i idx = j ? _mm512_srli_epi16(words[c], 4 * j) : words[c];
+        const __m512i codebook = _mm512_load_si512(words_of[c] + offset[c]);
+        const __m512i w = _mm512_permutexvar_epi16(idx, codebook);
+        dot[c] = first ? _mm512_madd_epi16(w, xv) : Dot::add(dot[c], w, xv);
+      }
+      if (kPairs && j % 2 == 0 && j + 1 < kPlanes) continue;
+      for (int c = 0; c < kN; ++c)
+        total[c] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot[c]), _mm512_set1_ps(factor[c]), total[c]);
+      factor += kN, offset += kN;
+    }
+  };
+  for (int64_t k0 = 0; k0 < p.k;) {
+    const int64_t size = block_size(p.k, k0);
+    if (size == 128) block(k0, std::integral_constant<int, 128>());
+    else if (size == 64) block(k0, std::integral_constant<int, 64>());
+    else block(k0, std::integral_constant<int, 32>());
+    k0 += size;
+  }
+  for (int c = 0; c < kN; ++c) store_output(p, 0, n + c, _mm512_reduce_add_ps(total[c]));
+}
+
+template <class Dot, bool kPairs>
+void gemv_one_row_columns(const GemmProblem& p, int64_t n_begin, int64_t n_end) {
+  constexpr int kN = 4;
+  const std::vector<OneRowTable> tables = one_row_tables(p);
+  const float* row = static_cast<const float*>(p.x);
+  const int16_t* x = reinterpret_cast<const int16_t*>(row);
+  OneRowSegments seg(p, row + p.k / 2, kN);
+  const auto tables_of = [&](int64_t n, const OneRowTable** out, int columns) {
+    for (int c = 0; c < columns; ++c) out[c] = &tables[(codebook_pair(p, n + c) - p.codebooks) / 32];
+  };
+  const OneRowTable* table[kN];
+  int64_t n = n_begin;
+  for (; n + kN <= n_end; n += kN) {
+    tables_of(n, table, kN);
+    gemv_one_row_block<Dot, kN, kPairs>(p, n, table, x, seg);
+  }
+  for (; n < n_end; ++n) {
+    tables_of(n, table, 1);
+    gemv_one_row_block<Dot, 1, kPairs>(p, n, table, x, seg);
+  }
+}
+
+// Batches of 2 rows and more, 4 a pass; a pass of one row is a batch of one or the rest of a batch of 5.
 template <class Dot>
 void gemv_int16(const GemmProblem& p, int64_t n_begin, int64_t n_end) {
   switch (p.m) {
-    case 1: return gemv_int16_rows<Dot, 1>(p, n_begin, n_end);
+    case 1:
+      if (p.group_size % 64 == 0) return gemv_one_row_columns<Dot, true>(p, n_begin, n_end);
+      return gemv_one_row_columns<Dot, false>(p, n_begin, n_end);
     case 2: return gemv_int16_rows<Dot, 2>(p, n_begin, n_end);
     case 3: return gemv_int16_rows<Dot, 3>(p, n_begin, n_end);
     default: return gemv_int16_rows<Dot, 4>(p, n_begin, n_end);

@@ -40,8 +40,7 @@ namespace {
 struct DecodeKernel {
   DecodeOrderFn order;
   GemvFn gemv;
-  int64_t max_rows;      // batches up to this size run it, kMaxDecodeRows rows a pass
-  int64_t min_rows = 1;  // and from this size on (decode_bf16: smaller ones run `decode`)
+  int64_t max_rows;  // batches up to this size run it, kMaxDecodeRows rows a pass
 };
 
 struct IsaKernels {
@@ -58,7 +57,7 @@ struct IsaKernels {
   bool bf16_tiles;
 };
 
-constexpr DecodeKernel kNoDecode = {nullptr, nullptr, 0, 0};
+constexpr DecodeKernel kNoDecode = {nullptr, nullptr, 0};
 constexpr int64_t kAnyRows = INT64_MAX;
 
 // Ordered from the most portable to the fastest. With AMX, the decode kernel still serves M = 1; from 2
@@ -68,7 +67,8 @@ constexpr int64_t kAnyRows = INT64_MAX;
 // kernel for bf16; M = 24: 1.19-1.24x; M = 32: 0.98-1.13x). On AVX-512 (a 2-core Zen 5, one thread, 8B o
 // and down streamed from memory; docs/benchmarks.md and docs/kernels.md) the int16 kernel for bf16 ran
 // M = 2 to 8 1.3-1.7x as fast as the fp32 kernel or the bf16 tiles, and at M = 16 2.5x as fast as the
-// avx512 path's fp32 tiles; at M = 1 it was level with the exact fp32 kernel, which keeps that row. With
+// avx512 path's fp32 tiles; its one-row kernel ran M = 1 1.34-1.43x as fast as the exact fp32 kernel with the
+// weights in cache (8B qkv and o) and 0.9-1.33x streamed from memory (8B qkv, o, gate_up, down). With
 // AVX512-BF16, panels of 16 columns decoded to bf16 and multiplied by vdpbf16ps (gemm_avx512_bf16) take
 // M = 5 to 64: in row blocks of 16 they beat the int16 kernel from 10 rows (M = 10: 1886.7 against
 // 2049.8 us on 8B o) and the bf16 tiles + at::mm up to 32 (1.2-1.3x at 16, about 1.15x at 32), and were
@@ -79,9 +79,9 @@ constexpr IsaKernels kIsas[] = {
     {"scalar", {natural_order, gemv_scalar, 4}, kNoDecode, dequant_scalar, nullptr, nullptr, 0, 0, nullptr, false},
     {"avx2", {decode_order_avx2, gemv_avx2, 16}, {decode_int16_avx2, gemv_int16_avx2, 24}, dequant_avx2, nullptr,
      nullptr, 0, 0, nullptr, false},
-    {"avx512", {decode_order_avx512, gemv_avx512, 4}, {decode_int16_avx512, gemv_int16_avx512, 16, 2},
+    {"avx512", {decode_order_avx512, gemv_avx512, 4}, {decode_int16_avx512, gemv_int16_avx512, 16},
      dequant_avx512, nullptr, nullptr, 0, 0, nullptr, false},
-    {"avx512_bf16", {decode_order_avx512, gemv_avx512, 4}, {decode_int16_avx512, gemv_int16_avx512_vnni, 4, 2},
+    {"avx512_bf16", {decode_order_avx512, gemv_avx512, 4}, {decode_int16_avx512, gemv_int16_avx512_vnni, 4},
      dequant_avx512_bf16, gemm_avx512_bf16, pack_avx512_bf16_activations, 5, kAmxSweepRows,
      avx512_bf16_gemm_workspace_bytes, true},
     {"amx_bf16", {decode_order_avx512, gemv_avx512, 4}, kNoDecode, dequant_avx512_bf16, gemm_amx,
@@ -258,7 +258,7 @@ at::Tensor linear_cpu(const at::Tensor& x_in, const at::Tensor& qbytes, const at
   at::Tensor x = x_in.reshape({-1, p.k});
   p.m = x.size(0);
   const DecodeKernel& decoder =
-      bf16 && isa.decode_bf16.gemv && p.m >= isa.decode_bf16.min_rows ? isa.decode_bf16 : isa.decode;
+      bf16 && isa.decode_bf16.gemv ? isa.decode_bf16 : isa.decode;
   const Path path = isa.gemm_bf16 && bf16 && p.m >= isa.gemm_min_rows && p.m <= isa.gemm_max_rows ? Path::kGemm
                     : p.m <= decoder.max_rows                          ? Path::kDecode
                                                                        : Path::kTiled;
