@@ -68,6 +68,28 @@ __m512i block_words(const uint8_t* q) {
   }
 }
 
+// The index words of kN columns' blocks at k0, each fetching its counterpart in the next block of
+// columns (kN rows of qbytes on), which streams right behind this one.
+template <int kSize, int kN>
+void column_words(const uint8_t* const* qbytes, int64_t row_bytes, int64_t k0, __m512i* words) {
+  for (int c = 0; c < kN; ++c) {
+    _mm_prefetch(reinterpret_cast<const char*>(qbytes[c] + kN * row_bytes + k0 / 2), _MM_HINT_T0);
+    words[c] = block_words<kSize>(qbytes[c] + k0 / 2);
+  }
+}
+
+// block(k0, size) for each block of the layout in k order, size an integral_constant (128, 64 or 32).
+template <class Block>
+void for_each_block(const GemmProblem& p, Block block) {
+  for (int64_t k0 = 0; k0 < p.k;) {
+    const int64_t size = block_size(p.k, k0);
+    if (size == 128) block(k0, std::integral_constant<int, 128>());
+    else if (size == 64) block(k0, std::integral_constant<int, 64>());
+    else block(k0, std::integral_constant<int, 32>());
+    k0 += size;
+  }
+}
+
 // The table of every part's codebook pair, made once per call.
 std::vector<Int16Table> int16_tables(const GemmProblem& p) {
   std::vector<Int16Table> tables;
@@ -175,11 +197,7 @@ void gemv_int16_block(const GemmProblem& p, int64_t n, const std::vector<Int16Ta
   const auto block = [&](int64_t k0, auto size) {
     constexpr int kPlanes = decltype(size)::value / kInt16Plane;
     __m512i words[kN];
-    for (int c = 0; c < kN; ++c) {
-      // The next block of columns streams right behind this one: fetch it a block ahead.
-      _mm_prefetch(reinterpret_cast<const char*>(qbytes[c] + kN * row_bytes + k0 / 2), _MM_HINT_T0);
-      words[c] = block_words<decltype(size)::value>(qbytes[c] + k0 / 2);
-    }
+    column_words<decltype(size)::value, kN>(qbytes, row_bytes, k0, words);
 #pragma GCC unroll 4
     for (int j = 0; j < kPlanes; ++j) {
       const int64_t k = k0 + kInt16Plane * j;
@@ -205,13 +223,7 @@ void gemv_int16_block(const GemmProblem& p, int64_t n, const std::vector<Int16Ta
       if (group_ends) magnitude += kN, choice += kN, group_end += p.group_size;
     }
   };
-  for (int64_t k0 = 0; k0 < p.k;) {
-    const int64_t size = block_size(p.k, k0);
-    if (size == 128) block(k0, std::integral_constant<int, 128>());
-    else if (size == 64) block(k0, std::integral_constant<int, 64>());
-    else block(k0, std::integral_constant<int, 32>());
-    k0 += size;
-  }
+  for_each_block(p, block);
   for (int m = 0; m < kM; ++m)
     for (int c = 0; c < kN; ++c) store_output(p, m, n + c, _mm512_reduce_add_ps(total[m][c]));
 }
@@ -333,11 +345,7 @@ void gemv_one_row_block(const GemmProblem& p, int64_t n, const OneRowTable* cons
   const auto block = [&](int64_t k0, auto size) {
     constexpr int kPlanes = decltype(size)::value / kInt16Plane;
     __m512i words[kN];
-    for (int c = 0; c < kN; ++c) {
-      // The next block of columns streams right behind this one: fetch it a block ahead.
-      _mm_prefetch(reinterpret_cast<const char*>(qbytes[c] + kN * row_bytes + k0 / 2), _MM_HINT_T0);
-      words[c] = block_words<decltype(size)::value>(qbytes[c] + k0 / 2);
-    }
+    column_words<decltype(size)::value, kN>(qbytes, row_bytes, k0, words);
 #pragma GCC unroll 4
     for (int j = 0; j < kPlanes; ++j) {
       const __m512i xv = _mm512_load_si512(x + k0 + kInt16Plane * j);
@@ -354,13 +362,7 @@ void gemv_one_row_block(const GemmProblem& p, int64_t n, const OneRowTable* cons
       factor += kN, offset += kN;
     }
   };
-  for (int64_t k0 = 0; k0 < p.k;) {
-    const int64_t size = block_size(p.k, k0);
-    if (size == 128) block(k0, std::integral_constant<int, 128>());
-    else if (size == 64) block(k0, std::integral_constant<int, 64>());
-    else block(k0, std::integral_constant<int, 32>());
-    k0 += size;
-  }
+  for_each_block(p, block);
   for (int c = 0; c < kN; ++c) store_output(p, 0, n + c, _mm512_reduce_add_ps(total[c]));
 }
 
