@@ -388,7 +388,8 @@ void gemv_one_row_columns(const GemmProblem& p, int64_t n_begin, int64_t n_end) 
   }
 }
 
-// Batches of 2 rows and more, 4 a pass; a pass of one row is a batch of one or the rest of a batch of 5.
+// Up to 4 rows a pass (ops.cpp's decode passes); a pass of one row (a batch of one, or the rest of a batch
+// of 5 to 13 on avx512) runs the one-row kernel.
 template <class Dot>
 void gemv_int16(const GemmProblem& p, int64_t n_begin, int64_t n_end) {
   switch (p.m) {

@@ -257,8 +257,7 @@ at::Tensor linear_cpu(const at::Tensor& x_in, const at::Tensor& qbytes, const at
   const bool bf16 = out_dtype == at::kBFloat16;
   at::Tensor x = x_in.reshape({-1, p.k});
   p.m = x.size(0);
-  const DecodeKernel& decoder =
-      bf16 && isa.decode_bf16.gemv ? isa.decode_bf16 : isa.decode;
+  const DecodeKernel& decoder = bf16 && isa.decode_bf16.gemv ? isa.decode_bf16 : isa.decode;
   const Path path = isa.gemm_bf16 && bf16 && p.m >= isa.gemm_min_rows && p.m <= isa.gemm_max_rows ? Path::kGemm
                     : p.m <= decoder.max_rows                          ? Path::kDecode
                                                                        : Path::kTiled;
