@@ -242,6 +242,11 @@ def _named_file(text: str) -> tuple[str, Path]:
     return name, Path(file)
 
 
+def _named_files(text: str) -> tuple[str, list[Path]]:
+    name, file = _named_file(text)
+    return name, [Path(part) for part in str(file).split(",")]
+
+
 def compare_parser() -> argparse.ArgumentParser:
     from .compare import variants
 
@@ -264,13 +269,23 @@ def compare_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--methods",
         nargs="+",
-        choices=labels,
-        default=labels,
+        default=["all"],
         metavar="METHOD",
-        help=f"variants to run, in order (default: all of {', '.join(labels)})",
+        help=f"variants to run, in order: any of {', '.join(labels)}, or all of them as `all`; "
+        "VARIANT@SET runs VARIANT calibrated on the --calib-set named SET (default: all)",
     )
     p.add_argument("--group-size", type=_group_size, default=128, help="input channels per scale (default 128)")
-    p.add_argument("--calib", type=Path, nargs="+", default=None, metavar="FILE", help="as for aaac-quantize")
+    p.add_argument(
+        "--calib", type=Path, nargs="+", default=None, metavar="FILE", help="as for aaac-quantize, for every variant"
+    )
+    p.add_argument(
+        "--calib-set",
+        type=_named_files,
+        nargs="+",
+        default=[],
+        metavar="SET=FILE[,FILE...]",
+        help="named calibration sets for VARIANT@SET in --methods, e.g. mix=bbc-calib.txt,stdlib-code.txt",
+    )
     p.add_argument("--nsamples", type=_positive, default=128, help="calibration windows (default 128)")
     p.add_argument("--seqlen", type=_positive, default=512, help="tokens per calibration window (default 512)")
     p.add_argument("--seed", type=int, default=0)
@@ -287,11 +302,17 @@ def compare_parser() -> argparse.ArgumentParser:
 
 def _compare(argv) -> None:
     args = compare_parser().parse_args(argv)
-    from .compare import run
+    from .compare import COMMON, run, variants
 
     texts = dict(args.text)
     if len(texts) != len(args.text):
         raise AAACError("--text: two texts have the same name")
+    calib_sets = dict(args.calib_set)
+    if len(calib_sets) != len(args.calib_set) or COMMON in calib_sets:
+        raise AAACError(f"--calib-set: two sets have the same name, or one is named {COMMON!r}")
+    if args.calib:
+        calib_sets[COMMON] = args.calib
+    labels = [label for method in args.methods for label in (variants() if method == "all" else [method])]
     options = [
         "--group-size",
         str(args.group_size),
@@ -304,15 +325,14 @@ def _compare(argv) -> None:
         "--device",
         args.device,
     ]
-    if args.calib:
-        options += ["--calib", *map(str, args.calib)]
     run(
         quantize_main,
         args.source,
         args.workdir,
         texts,
-        args.methods,
+        labels,
         options,
+        calib_sets,
         args.eval_seqlen,
         args.max_tokens,
         args.device,

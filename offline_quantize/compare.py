@@ -2,7 +2,8 @@
 
 Each method is quantized by its own `aaac-quantize` process (so its wall time and
 peak memory are its own, read back from its quantization report), with the same
-calibration settings; then every checkpoint, and the unquantized model, is
+calibration settings; a label LABEL@SET runs variant LABEL calibrated on the named
+calibration set instead of the common one. Then every checkpoint, and the unquantized model, is
 evaluated on the same texts with the same perplexity protocol. Writes
 results.json (raw numbers), results.md (the table) and results.png
 (perplexity against quantization time) into the work folder, and each
@@ -37,6 +38,28 @@ BASELINE, YARDSTICK = "bf16", "rtn"  # gaps are to bf16, and as a fraction of as
 def variants() -> dict[str, list[str] | None]:
     """Label -> aaac-quantize options of every variant, from the method registry (None: the source itself)."""
     return {BASELINE: None, **{v.label: v.arguments for v in compared_variants()}}
+
+
+COMMON = "common"  # the calibration set of every label without @SET (aaac-compare's --calib)
+
+
+def variant_arguments(label: str, calib_sets: dict[str, list[Path]]) -> list[str] | None:
+    """aaac-quantize options of ``label``: a variant, calibrated on ``calib_sets[COMMON]`` (aaac-quantize's
+    default calibration when absent), or VARIANT@SET, the variant calibrated on ``calib_sets[SET]``."""
+    name, at, set_name = label.partition("@")
+    known = variants()
+    if name not in known:
+        raise AAACError(f"method {label!r}: no variant {name!r} (known: {', '.join(known)})")
+    options = known[name]
+    if options is None:
+        if at:
+            raise AAACError(f"method {label!r}: {name} is not quantized, so it takes no calibration set")
+        return None
+    if at and (set_name == COMMON or set_name not in calib_sets):
+        named = ", ".join(s for s in calib_sets if s != COMMON) or "none"
+        raise AAACError(f"method {label!r}: no calibration set {set_name!r} (--calib-set named: {named})")
+    files = calib_sets.get(set_name if at else COMMON)
+    return [*options, *(["--calib", *map(str, files)] if files else [])]
 
 
 # What every quantization process imports before it starts; the server imports it once.
@@ -91,14 +114,16 @@ def run(
     texts: dict[str, Path],
     labels: list[str],
     quantize_options: list[str],
+    calib_sets: dict[str, list[Path]],
     seqlen: int,
     max_tokens: int | None,
     device: str,
     reuse: bool,
 ) -> dict:
-    """Quantize and evaluate every variant in ``labels``; returns the results and writes the three files.
-    ``quantize_main`` is aaac-quantize's command line (``cli.quantize_main``, which this module's own command
-    line passes in), run in each variant's process."""
+    """Quantize and evaluate every variant in ``labels`` (each with ``quantize_options`` and its calibration
+    set, see ``variant_arguments``); returns the results and writes the three files. ``quantize_main`` is
+    aaac-quantize's command line (``cli.quantize_main``, which this module's own command line passes in), run
+    in each variant's process."""
     from transformers import AutoTokenizer
 
     from .hf_loader import load_causal_lm
@@ -106,6 +131,14 @@ def run(
     for name, file in texts.items():
         if not file.is_file():
             raise AAACError(f"text {name}: file {file} does not exist")
+    for name, files in calib_sets.items():
+        for file in files:
+            if not file.is_file():
+                raise AAACError(f"calibration set {name}: file {file} does not exist")
+    repeated = sorted({label for label in labels if labels.count(label) > 1})
+    if repeated:
+        raise AAACError(f"method {repeated[0]!r} is listed twice")
+    options_of = {label: variant_arguments(label, calib_sets) for label in labels}  # every label checked first
     workdir.mkdir(parents=True, exist_ok=True)
     tokenizer = AutoTokenizer.from_pretrained(source)
     contents = {
@@ -116,7 +149,6 @@ def run(
     # All quantization first, then all evaluation: each method's timing is taken with nothing else running.
     methods: dict[str, dict] = {}
     folders: dict[str, Path] = {}
-    options_of = variants()
     for label in labels:
         options = options_of[label]
         if options is None:
@@ -136,6 +168,7 @@ def run(
             "peak_device_mib": report["memory"].get("device_peak_allocated_mib"),
             "mean_weighted_error": summary["mean_weighted_error"],
             "mean_rtn_weighted_error": summary["mean_rtn_weighted_error"],
+            "calibration": report["settings"]["calib"],
             "checkpoint": str(folders[label]),
         }
         print(f"[{label}] quantized in {report['seconds']:.0f} s", flush=True)
@@ -158,6 +191,7 @@ def run(
     results = {
         "source": str(source),
         "quantize_options": quantize_options,
+        "calib_sets": {name: [str(f) for f in files] for name, files in calib_sets.items()},
         "texts": {name: {"file": str(texts[name]), "tokens": token_counts[name]} for name in texts},
         "protocol": {"seqlen": seqlen, "max_tokens": max_tokens, "eval_device": eval_device, "eval_dtype": str(dtype)},
         "machine": _machine(),
@@ -220,6 +254,10 @@ def markdown(results: dict) -> str:
     tokens = ", ".join(f"{name}: {info['tokens']} tokens" for name, info in results["texts"].items())
     lines.append("")
     lines.append(f"Perplexity over non-overlapping {results['protocol']['seqlen']}-token windows ({tokens}).")
+    calibrations = sorted({tuple(e["calibration"]) for e in results["methods"].values() if "calibration" in e})
+    for files in calibrations:
+        users = [label for label, e in results["methods"].items() if tuple(e.get("calibration", ())) == files]
+        lines.append(f"Calibrated on {' + '.join(files)}: {', '.join(users)}.")
     return "\n".join(lines) + "\n"
 
 

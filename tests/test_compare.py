@@ -24,7 +24,12 @@ TEXTS = ("bbc", "pydoc")
 
 @pytest.fixture(scope="module")
 def comparison(tmp_path_factory, smollm2_one_block, small_calib, bbc_text, pydoc_text):
+    """Every variant calibrated on ``small_calib``, and plain AAAC once more calibrated on it and library code."""
+    from offline_quantize.bundled import write_stdlib_code
+
     workdir = tmp_path_factory.mktemp("compare")
+    code = workdir / "code.txt"
+    code.write_text(write_stdlib_code(tmp_path_factory.mktemp("code")).read_text()[:100_000])
     result = run_cli(
         "aaac-compare",
         smollm2_one_block,
@@ -33,6 +38,11 @@ def comparison(tmp_path_factory, smollm2_one_block, small_calib, bbc_text, pydoc
         GROUP,
         "--calib",
         small_calib,
+        "--calib-set",
+        f"code={small_calib},{code}",
+        "--methods",
+        "all",
+        "aaac@code",
         "--nsamples",
         8,
         "--seqlen",
@@ -50,7 +60,7 @@ def comparison(tmp_path_factory, smollm2_one_block, small_calib, bbc_text, pydoc
 
 def test_results_cover_every_method_and_text(comparison):
     workdir, results, stdout = comparison
-    assert list(results["methods"]) == list(variants())
+    assert list(results["methods"]) == [*variants(), "aaac@code"]
     assert results["texts"]["bbc"]["tokens"] == results["texts"]["pydoc"]["tokens"] == 2 * 511
     for label, entry in results["methods"].items():
         for text in TEXTS:
@@ -68,10 +78,22 @@ def test_results_cover_every_method_and_text(comparison):
 
     table = (workdir / "results.md").read_text()
     assert table.splitlines()[0].startswith("| method | bbc ppl | bbc gap / RTN gap | pydoc ppl |")
-    for label in variants():
+    for label in results["methods"]:
         assert f"| {label} |" in table
     assert table in stdout
     assert (workdir / "results.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_a_calibration_set_calibrates_its_variant_alone(comparison):
+    workdir, results, _ = comparison
+    common, both = results["calib_sets"]["common"], results["calib_sets"]["code"]
+    assert len(common) == 1 and both == [*common, str(workdir / "code.txt")]
+    methods = results["methods"]
+    assert all(entry["calibration"] == common for label, entry in methods.items() if label not in ("bf16", "aaac@code"))
+    assert methods["aaac@code"]["calibration"] == both
+    assert methods["aaac@code"]["mean_weighted_error"] != methods["aaac"]["mean_weighted_error"]
+    table = (workdir / "results.md").read_text()
+    assert f"Calibrated on {common[0]} + {both[1]}: aaac@code." in table
 
 
 def test_learned_codebooks_have_lower_error_than_fixed_grids(comparison):

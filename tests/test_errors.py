@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from offline_quantize.cli import eval_main, quantize_main
+from offline_quantize.cli import compare_main, eval_main, quantize_main
 
 from .conftest import BIN, in_process, tiny_llama
 
@@ -220,6 +220,32 @@ def test_eval_refuses_unknown_format_version(tmp_path, source_model):
 def test_eval_text_missing(tmp_path, source_model):
     result = in_process(eval_main, source_model, "--text", tmp_path / "none.txt")
     assert result.returncode == 2 and f"text file {tmp_path / 'none.txt'} does not exist" in result.stderr
+
+
+@pytest.mark.parametrize(
+    "methods, expect",
+    [
+        (["aaac@mix"], "method 'aaac@mix': no calibration set 'mix' (--calib-set named: code)"),
+        (["bf16@code"], "method 'bf16@code': bf16 is not quantized, so it takes no calibration set"),
+        (["aaac+nothing"], "method 'aaac+nothing': no variant 'aaac+nothing' (known: bf16, aaac,"),
+        (["all", "aaac"], "method 'aaac' is listed twice"),
+    ],
+)
+def test_compare_methods_are_checked_before_any_work(tmp_path, source_model, small_calib, methods, expect):
+    workdir = tmp_path / "compare"
+    result = in_process(
+        compare_main,
+        source_model,
+        workdir,
+        "--text",
+        f"bbc={small_calib}",
+        "--calib-set",
+        f"code={small_calib}",
+        "--methods",
+        *methods,
+    )
+    assert result.returncode == 2 and result.stderr.strip().splitlines()[-1].startswith(f"error: {expect}")
+    assert not workdir.exists()
 
 
 def test_hub_name_says_it_is_not_downloaded(tmp_path):
