@@ -73,11 +73,11 @@ test: $(KERNELS) $(MODEL)/config.json $(QMODEL)/config.json $(TEXT)/bbc-eval.txt
 	$(VENV)/bin/ruff format --check .
 	AAAC_TEST_MODEL=$(MODEL) AAAC_TEST_QUANTIZED=$(QMODEL) AAAC_TEST_TEXT=$(TEXT) $(PY) -m pytest --durations=15
 
-# Every method calibrated on BBC news; the two compensating AAAC variants once more on news and library code.
+# Every method calibrated on BBC news; the AAAC variants once more on news and the Python library's source.
 compare: $(KERNELS) $(MODEL)/config.json $(TEXT)/bbc-eval.txt $(TEXT)/pydoc-topics.txt $(TEXT)/stdlib-code.txt
 	$(VENV)/bin/aaac-compare $(MODEL) $(COMPARE) --group-size 64 --calib $(TEXT)/bbc-calib.txt \
 		--calib-set mix=$(TEXT)/bbc-calib.txt,$(TEXT)/stdlib-code.txt \
-		--methods all aaac+compensate@mix aaac+awq+compensate@mix \
+		--methods all aaac@mix aaac+awq@mix aaac+compensate@mix aaac+awq+compensate@mix \
 		--text bbc=$(TEXT)/bbc-eval.txt pydoc=$(TEXT)/pydoc-topics.txt --max-tokens 32768 $(COMPARE_FLAGS)
 
 clean:
