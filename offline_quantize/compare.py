@@ -262,29 +262,35 @@ def markdown(results: dict) -> str:
 
 
 def plot(results: dict, path: Path) -> None:
-    """Perplexity on the first text against quantization time, one point per method, bf16 as a line."""
+    """Perplexity against quantization time, one panel per text, one point per method, bf16 as a line. A
+    variant keeps its colour on every calibration set; a VARIANT@SET point is hollow."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    text = next(iter(results["texts"]))
-    fig, ax = plt.subplots(figsize=(7, 4.5), dpi=120)
-    for label, entry in results["methods"].items():
-        ppl = entry["perplexity"][text]
-        if label == BASELINE:
-            ax.axhline(ppl, color="gray", linestyle="--", linewidth=1)
-            ax.annotate("bf16", (0.01, ppl), xycoords=("axes fraction", "data"), va="bottom", color="gray")
-            continue
-        marker = "o" if label.startswith("aaac") else "s"
-        ax.scatter(entry["quantize_seconds"], ppl, marker=marker, s=36)
-        ax.annotate(label, (entry["quantize_seconds"], ppl), textcoords="offset points", xytext=(5, 3), fontsize=8)
-    ax.set_xscale("log")
-    ax.margins(x=0.15)  # room for the labels of the rightmost points
-    ax.set_xlabel("quantization wall time (s, log scale)")
-    ax.set_ylabel(f"perplexity ({text})")
-    ax.set_title(f"{Path(results['source']).name}: perplexity vs quantization time")
-    ax.grid(True, which="both", alpha=0.3)
-    fig.tight_layout()
+    texts = list(results["texts"])
+    bases = list(dict.fromkeys(label.partition("@")[0] for label in results["methods"] if label != BASELINE))
+    colours = {base: plt.get_cmap("tab10")(i % 10) for i, base in enumerate(bases)}
+    fig, axes = plt.subplots(1, len(texts), figsize=(4.5 * len(texts) + 2.5, 4.5), dpi=120, squeeze=False)
+    for ax, text in zip(axes[0], texts):
+        for label, entry in results["methods"].items():
+            ppl = entry["perplexity"][text]
+            if label == BASELINE:
+                ax.axhline(ppl, color="gray", linestyle="--", linewidth=1, label="bf16")
+                continue
+            base, at, _ = label.partition("@")
+            marker = "o" if base.startswith("aaac") else "s"
+            colour = colours[base]
+            face = "none" if at else colour
+            ax.scatter(entry["quantize_seconds"], ppl, marker=marker, s=40, label=label, color=colour, facecolors=face)
+        ax.set_xscale("log")
+        ax.set_xlabel("quantization wall time (s, log scale)")
+        ax.set_ylabel(f"perplexity ({text})")
+        ax.grid(True, which="both", alpha=0.3)
+    handles, labels = axes[0][0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="center right", fontsize=8, frameon=False)
+    fig.suptitle(f"{Path(results['source']).name}: perplexity against quantization time")
+    fig.tight_layout(rect=(0, 0, 1 - 2.3 / fig.get_figwidth(), 1))
     fig.savefig(path)
     plt.close(fig)
