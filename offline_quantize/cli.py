@@ -5,8 +5,12 @@ import json
 import sys
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from aaac_kernels.format.errors import AAACError
+
+if TYPE_CHECKING:  # the command lines import the pipeline only when they run
+    from .pipeline import Settings
 
 
 def _run(main, argv) -> int:
@@ -103,19 +107,15 @@ def quantize_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _quantize(argv) -> None:
-    args = quantize_parser().parse_args(argv)
+def _settings(args: argparse.Namespace) -> "Settings":
     from .bundled import default_calibration
     from .methods import METHODS, MethodOptions
-    from .pipeline import Settings, quantize_model
-    from .progress import PROGRESS_DIR
-    from .staging import staging_path
-    from .statistics import MIN_EXPERT_TOKENS
+    from .pipeline import Settings
 
     flags = {f.name for m in METHODS.values() for f in m.flags if getattr(args, f.name.replace("-", "_"))}
     method = MethodOptions(args.method, flags)
     method.check()
-    settings = Settings(
+    return Settings(
         group_size=args.group_size,
         nsamples=args.nsamples,
         seqlen=args.seqlen,
@@ -126,6 +126,21 @@ def _quantize(argv) -> None:
         trust_remote_code=args.trust_remote_code,
         max_shard_bytes=args.max_shard_size,
     )
+
+
+def quantize_settings(argv: list[str]) -> dict:
+    """The settings that aaac-quantize ``argv`` records in its report (``Settings.record``)."""
+    return _settings(quantize_parser().parse_args(argv)).record()
+
+
+def _quantize(argv) -> None:
+    args = quantize_parser().parse_args(argv)
+    from .pipeline import quantize_model
+    from .progress import PROGRESS_DIR
+    from .staging import staging_path
+    from .statistics import MIN_EXPERT_TOKENS
+
+    settings = _settings(args)
     try:
         report = quantize_model(args.source, args.output, settings, overwrite=args.overwrite, resume=args.resume)
     except KeyboardInterrupt:
@@ -147,7 +162,7 @@ def _quantize(argv) -> None:
         else ""
     )
     print(
-        f"{method.label} checkpoint ({report['format']} format) written to {args.output}\n"
+        f"{settings.method.label} checkpoint ({report['format']} format) written to {args.output}\n"
         f"  {s['layers']} linear layers, group size {args.group_size}, "
         f"{report['seconds']:.1f} s on {report['device']}\n"
         f"  weighted error {s['mean_weighted_error']:.5f} (round-to-nearest INT4: {s['mean_rtn_weighted_error']:.5f}, "
@@ -295,14 +310,15 @@ def compare_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--reuse",
         action="store_true",
-        help="reuse checkpoints already in WORKDIR (their quantization reports give time and memory)",
+        help="reuse checkpoints already in WORKDIR that were made with the same settings (their quantization "
+        "reports give time and memory)",
     )
     return p
 
 
 def _compare(argv) -> None:
     args = compare_parser().parse_args(argv)
-    from .compare import COMMON, run, variants
+    from .compare import COMMON, QuantizeCommand, run, variants
 
     texts = dict(args.text)
     if len(texts) != len(args.text):
@@ -326,7 +342,7 @@ def _compare(argv) -> None:
         args.device,
     ]
     run(
-        quantize_main,
+        QuantizeCommand(quantize_main, quantize_settings),
         args.source,
         args.workdir,
         texts,

@@ -2,12 +2,12 @@
 
 Each method is quantized by its own `aaac-quantize` process (so its wall time and
 peak memory are its own, read back from its quantization report), with the same
-calibration settings; a label LABEL@SET runs variant LABEL calibrated on the named
-calibration set instead of the common one. Then every checkpoint, and the unquantized model, is
-evaluated on the same texts with the same perplexity protocol. Writes
-results.json (raw numbers), results.md (the table) and results.png
-(perplexity against quantization time) into the work folder, and each
-quantization's output into logs/LABEL.log there.
+calibration settings; a label VARIANT@SET runs the variant calibrated on the named
+calibration set instead of the common one. Then every checkpoint, and the
+unquantized model, is evaluated on the same texts with the same perplexity
+protocol. Writes results.json (raw numbers), results.md (the table) and
+results.png (perplexity against quantization time, a panel per text) into the
+work folder, and each quantization's output into logs/LABEL.log there.
 
 The quantization processes are forked from one server process that has imported
 torch, transformers and datasets once (multiprocessing's forkserver): a fresh
@@ -23,6 +23,7 @@ import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 
@@ -71,8 +72,16 @@ _PRELOAD = [
 ]
 
 
+class QuantizeCommand(NamedTuple):
+    """aaac-quantize's command line, which this module's own (``cli``) passes in: ``main(argv)`` runs it and
+    ``settings(argv)`` is the settings record its report will hold."""
+
+    main: Callable[[list[str]], int]
+    settings: Callable[[list[str]], dict]
+
+
 def quantize_variant(
-    quantize_main: Callable[[list[str]], int],
+    command: QuantizeCommand,
     label: str,
     source: Path,
     output: Path,
@@ -80,23 +89,39 @@ def quantize_variant(
     reuse: bool,
     log: Path,
 ) -> dict:
-    """Run aaac-quantize (its ``quantize_main``) for one variant in its own process, its output into ``log``;
-    return its report."""
+    """Run aaac-quantize for one variant in its own process, its output into ``log``; return its report. With
+    ``reuse``, a checkpoint already at ``output`` is taken instead if it was made from the same source with
+    the same settings."""
+    argv = [str(source), str(output), *options, "--overwrite"]
     report_file = output / "quantization_report.json"
     if reuse and report_file.is_file():
-        return json.loads(report_file.read_text())
-    argv = [str(source), str(output), *options, "--overwrite"]
+        report = json.loads(report_file.read_text())
+        _check_reused(report, source, command.settings(argv), output)
+        return report
     print(f"[{label}] quantizing: aaac-quantize {' '.join(argv)}", flush=True)
     context = multiprocessing.get_context("forkserver")
     context.set_forkserver_preload(_PRELOAD)
     log.parent.mkdir(parents=True, exist_ok=True)
-    process = context.Process(target=_logged, args=(quantize_main, argv, str(log)), name=f"aaac-quantize {label}")
+    process = context.Process(target=_logged, args=(command.main, argv, str(log)), name=f"aaac-quantize {label}")
     process.start()
     process.join()
     if process.exitcode != 0:
         last = (log.read_text(errors="replace").strip().splitlines() or ["(no output)"])[-1]
         raise AAACError(f"quantizing {label} failed (exit {process.exitcode}, log {log}): {last}")
     return json.loads(report_file.read_text())
+
+
+def _check_reused(report: dict, source: Path, settings: dict, folder: Path) -> None:
+    settings = json.loads(json.dumps(settings))  # as the report holds them: tuples read back as lists
+    recorded = {key: value for key, value in report["settings"].items() if key != "calibration_tokens"}
+    differing = sorted(key for key in settings.keys() | recorded.keys() if settings.get(key) != recorded.get(key))
+    if Path(report["source"]) != source.resolve():
+        differing.insert(0, "source")
+    if differing:
+        raise AAACError(
+            f"--reuse: {folder} was quantized with another {', '.join(differing)} than this run asks for: "
+            "remove it or leave out --reuse"
+        )
 
 
 def _logged(main: Callable[[list[str]], int], argv: list[str], log: str) -> None:
@@ -108,7 +133,7 @@ def _logged(main: Callable[[list[str]], int], argv: list[str], log: str) -> None
 
 
 def run(
-    quantize_main: Callable[[list[str]], int],
+    quantize: QuantizeCommand,
     source: Path,
     workdir: Path,
     texts: dict[str, Path],
@@ -121,9 +146,7 @@ def run(
     reuse: bool,
 ) -> dict:
     """Quantize and evaluate every variant in ``labels`` (each with ``quantize_options`` and its calibration
-    set, see ``variant_arguments``); returns the results and writes the three files. ``quantize_main`` is
-    aaac-quantize's command line (``cli.quantize_main``, which this module's own command line passes in), run
-    in each variant's process."""
+    set, see ``variant_arguments``); returns the results and writes the three files."""
     from transformers import AutoTokenizer
 
     from .hf_loader import load_causal_lm
@@ -158,7 +181,7 @@ def run(
         folders[label] = workdir / label
         log = workdir / "logs" / f"{label}.log"
         arguments = [*options, *quantize_options]
-        report = quantize_variant(quantize_main, label, source, folders[label], arguments, reuse, log)
+        report = quantize_variant(quantize, label, source, folders[label], arguments, reuse, log)
         summary = report["summary"]
         methods[label] = {
             "format": report["format"],

@@ -7,16 +7,18 @@ what `make compare` measures (docs/results.md).
 
 import json
 import math
+import shutil
 
 import pytest
 import torch
 from safetensors import safe_open
 from transformers import AutoTokenizer
 
+from offline_quantize.cli import compare_main
 from offline_quantize.compare import variants
 from offline_quantize.hf_loader import load_causal_lm
 
-from .conftest import run_cli, vllm_engine
+from .conftest import in_process, run_cli, vllm_engine
 
 GROUP = 64
 TEXTS = ("bbc", "pydoc")
@@ -94,6 +96,32 @@ def test_a_calibration_set_calibrates_its_variant_alone(comparison):
     assert methods["aaac@code"]["mean_weighted_error"] != methods["aaac"]["mean_weighted_error"]
     table = (workdir / "results.md").read_text()
     assert f"Calibrated on {common[0]} + {both[1]}: aaac@code." in table
+
+
+def test_reuse_takes_a_checkpoint_only_with_the_same_settings(
+    comparison, tmp_path, smollm2_one_block, small_calib, bbc_text, pydoc_text
+):
+    workdir, results, _ = comparison
+    shutil.copytree(workdir / "aaac", tmp_path / "aaac")
+
+    def compare(*options):
+        return in_process(
+            compare_main,
+            *(smollm2_one_block, tmp_path, "--group-size", GROUP, "--calib", small_calib, "--nsamples", 8),
+            *("--seqlen", 256, "--text", f"bbc={bbc_text['eval']}", f"pydoc={pydoc_text}", "--eval-seqlen", 512),
+            *("--max-tokens", 1024, "--methods", "aaac", "--reuse", *options),
+        )
+
+    same = compare()
+    assert same.returncode == 0, same.stderr
+    assert "quantizing" not in same.stdout
+    reused, before = json.loads((tmp_path / "results.json").read_text())["methods"]["aaac"], results["methods"]["aaac"]
+    assert reused["quantize_seconds"] == before["quantize_seconds"]
+    assert reused["perplexity"] == pytest.approx(before["perplexity"], rel=1e-4)
+
+    other = compare("--seed", 1)
+    assert other.returncode == 2
+    assert f"error: --reuse: {tmp_path / 'aaac'} was quantized with another seed than this run asks for" in other.stderr
 
 
 def test_learned_codebooks_have_lower_error_than_fixed_grids(comparison):

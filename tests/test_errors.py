@@ -223,27 +223,22 @@ def test_eval_text_missing(tmp_path, source_model):
 
 
 @pytest.mark.parametrize(
-    "methods, expect",
+    "arguments, expect",
     [
-        (["aaac@mix"], "method 'aaac@mix': no calibration set 'mix' (--calib-set named: code)"),
-        (["bf16@code"], "method 'bf16@code': bf16 is not quantized, so it takes no calibration set"),
-        (["aaac+nothing"], "method 'aaac+nothing': no variant 'aaac+nothing' (known: bf16, aaac,"),
-        (["all", "aaac"], "method 'aaac' is listed twice"),
+        (["--methods", "aaac@mix"], "method 'aaac@mix': no calibration set 'mix' (--calib-set named: code)"),
+        (["--methods", "bf16@code"], "method 'bf16@code': bf16 is not quantized, so it takes no calibration set"),
+        (["--methods", "aaac+nothing"], "method 'aaac+nothing': no variant 'aaac+nothing' (known: bf16, aaac,"),
+        (["--methods", "all", "aaac"], "method 'aaac' is listed twice"),
+        (["--calib-set", "code=CALIB,none.txt"], "calibration set code: file none.txt does not exist"),
+        (["--calib-set", "common=CALIB"], "--calib-set: two sets have the same name, or one is named 'common'"),
     ],
 )
-def test_compare_methods_are_checked_before_any_work(tmp_path, source_model, small_calib, methods, expect):
+def test_compare_arguments_are_checked_before_any_work(tmp_path, source_model, small_calib, arguments, expect):
     workdir = tmp_path / "compare"
-    result = in_process(
-        compare_main,
-        source_model,
-        workdir,
-        "--text",
-        f"bbc={small_calib}",
-        "--calib-set",
-        f"code={small_calib}",
-        "--methods",
-        *methods,
-    )
+    arguments = [str(a).replace("CALIB", str(small_calib)) for a in arguments]
+    if "--calib-set" not in arguments:
+        arguments += ["--calib-set", f"code={small_calib}"]
+    result = in_process(compare_main, source_model, workdir, "--text", f"bbc={small_calib}", *arguments)
     assert result.returncode == 2 and result.stderr.strip().splitlines()[-1].startswith(f"error: {expect}")
     assert not workdir.exists()
 
