@@ -1,0 +1,116 @@
+// The AVX512-BF16 GEMM's products alone, in three register forms, side by side on one core (no weights
+// decoded, no threads): how fast `vdpbf16ps` multiplies 16 rows of x by a panel of bf16 weights that sits in
+// L2, against the instruction's own peak. docs/kernels.md ("A lead for the products") has the figures.
+//
+//   g++ -O3 -std=c++17 benchmarks/bf16_products.cpp -o /tmp/bf16_products && /tmp/bf16_products
+//
+// Needs AVX512-BF16 (per-function target attributes: it builds anywhere, runs only there).
+#include <immintrin.h>
+
+#include <chrono>
+#include <cstdint>
+#include <cstdio>
+#include <vector>
+
+#define BF16 __attribute__((target("avx512f,avx512bw,avx512bf16"), noinline))
+
+namespace {
+
+constexpr uint32_t kOnes = 0x3f803f80;  // a pair of bf16 1.0: sums count the products
+
+// The peak: 24 independent accumulators, operands in registers.
+BF16 float peak(long iters) {
+  __m512 acc[24];
+  for (auto& a : acc) a = _mm512_setzero_ps();
+  __m512bh a = (__m512bh)_mm512_set1_epi32(kOnes), b = a;
+  for (long it = 0; it < iters; ++it) {
+#pragma GCC unroll 24
+    for (int i = 0; i < 24; ++i) acc[i] = _mm512_dpbf16_ps(acc[i], a, b);
+    asm volatile("" : "+v"(a));
+  }
+  __m512 s = acc[0];
+  for (int i = 1; i < 24; ++i) s = _mm512_add_ps(s, acc[i]);
+  alignas(64) float lanes[16];
+  _mm512_store_ps(lanes, s);
+  return lanes[0];
+}
+
+// Today's form (kernel_avx512_bf16.cpp, row block of 16): x packed per k pair as one vector of 16 rows, each
+// of the panel's 16 columns' pairs broadcast: one broadcast per vdpbf16ps. w as the kernel's panel: per
+// 128-k block (64 pairs), [16 columns][64 pairs].
+BF16 void columns_broadcast(const uint32_t* x, const uint32_t* w, long pairs, float* out) {
+  __m512 acc[16];
+  for (auto& a : acc) a = _mm512_setzero_ps();
+  for (long j = 0; j < pairs; ++j) {
+    const __m512bh xv = (__m512bh)_mm512_loadu_si512(x + 16 * j);
+#pragma GCC unroll 16
+    for (int c = 0; c < 16; ++c)
+      acc[c] = _mm512_dpbf16_ps(acc[c], xv, (__m512bh)_mm512_set1_epi32(static_cast<int>(w[j / 64 * 1024 + c * 64 + j % 64])));
+  }
+  for (int c = 0; c < 16; ++c) _mm512_storeu_ps(out + 16 * c, acc[c]);
+}
+
+// oneDNN's form: rows broadcast from x as it comes (row-major), the panel transposed to [pairs][64 columns]
+// so that one k pair of 64 columns is 4 vectors: kRows x 4 accumulators, 4 loads + kRows broadcasts per
+// 4 kRows vdpbf16ps.
+template <int kRows>
+BF16 void rows_broadcast(const uint32_t* x, long ldx, const uint32_t* w, long pairs, float* out) {
+  __m512 acc[kRows][4];
+  for (auto& row : acc)
+    for (auto& a : row) a = _mm512_setzero_ps();
+  for (long j = 0; j < pairs; ++j) {
+    const __m512bh b0 = (__m512bh)_mm512_loadu_si512(w + 64 * j), b1 = (__m512bh)_mm512_loadu_si512(w + 64 * j + 16);
+    const __m512bh b2 = (__m512bh)_mm512_loadu_si512(w + 64 * j + 32), b3 = (__m512bh)_mm512_loadu_si512(w + 64 * j + 48);
+#pragma GCC unroll 8
+    for (int r = 0; r < kRows; ++r) {
+      const __m512bh a = (__m512bh)_mm512_set1_epi32(static_cast<int>(x[r * ldx + j]));
+      acc[r][0] = _mm512_dpbf16_ps(acc[r][0], a, b0);
+      acc[r][1] = _mm512_dpbf16_ps(acc[r][1], a, b1);
+      acc[r][2] = _mm512_dpbf16_ps(acc[r][2], a, b2);
+      acc[r][3] = _mm512_dpbf16_ps(acc[r][3], a, b3);
+    }
+  }
+  for (int r = 0; r < kRows; ++r)
+    for (int c = 0; c < 4; ++c) _mm512_storeu_ps(out + 64 * r + 16 * c, acc[r][c]);
+}
+
+double seconds(const std::chrono::steady_clock::time_point& since) {
+  return std::chrono::duration<double>(std::chrono::steady_clock::now() - since).count();
+}
+
+}  // namespace
+
+int main() {
+  if (!__builtin_cpu_supports("avx512bf16")) {
+    std::puts("this CPU has no AVX512-BF16");
+    return 1;
+  }
+  using clock = std::chrono::steady_clock;
+  const long rows = 16;
+  for (int round = 0; round < 3; ++round) {
+    const long iters = 20000000;
+    auto start = clock::now();
+    volatile float check = peak(iters);
+    std::printf("round %d: peak %.1f G multiply-adds/s\n", round, iters * 24.0 * 32 / seconds(start) / 1e9);
+    for (long k : {512L, 2048L, 4096L}) {
+      const long pairs = k / 2, reps = 4000000000L / (rows * 64 * k);
+      std::vector<uint32_t> x(rows * pairs, kOnes), w(64 * pairs, kOnes);
+      std::vector<float> out(rows * 64);
+      start = clock::now();
+      for (long i = 0; i < reps; ++i)
+        for (int p = 0; p < 4; ++p) columns_broadcast(x.data(), w.data() + 16 * pairs * p, pairs, out.data());
+      const double today = reps * double(rows) * 64 * k / seconds(start) / 1e9;
+      start = clock::now();
+      for (long i = 0; i < reps; ++i) {
+        rows_broadcast<6>(x.data(), pairs, w.data(), pairs, out.data());
+        rows_broadcast<6>(x.data() + 6 * pairs, pairs, w.data(), pairs, out.data() + 6 * 64);
+        rows_broadcast<4>(x.data() + 12 * pairs, pairs, w.data(), pairs, out.data() + 12 * 64);
+      }
+      const double blocked = reps * double(rows) * 64 * k / seconds(start) / 1e9;
+      check = out[0];
+      std::printf("  16 rows x 64 columns, k %4ld (panel %3ld KiB): columns broadcast %.1f, rows 6+6+4 x 64 columns "
+                  "%.1f G multiply-adds/s (%.2fx)\n", k, 64 * pairs * 4 / 1024, today, blocked, blocked / today);
+    }
+    (void)check;
+  }
+}
