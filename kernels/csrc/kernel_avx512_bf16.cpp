@@ -8,6 +8,7 @@
 
 #include <algorithm>
 #include <numeric>
+#include <utility>
 
 #include "scalar_convert.h"
 
@@ -85,6 +86,24 @@ void decode_gemm_panel(const PanelItems& items, const PanelItem& item, uint16_t*
   }
 }
 
+// acc + xv . (the pair at w + kOffset bytes in every lane), the broadcast folded into vdpbf16ps (m32bcst),
+// which GCC does not emit from the intrinsics: a product is one instruction instead of two, and the loop
+// that decodes the next panel between the products is bound by how many it issues. The address goes in
+// as a register and a constant, not as a memory operand: with one, GCC kept every accumulator in memory
+// (1.3x the time). So GCC does not see the read: the asm is volatile, and gemm_rows orders it after the
+// panel's stores with a compiler barrier.
+template <int kOffset>
+__attribute__((always_inline)) inline __m512 dot_broadcast(__m512 acc, __m512bh xv, const uint32_t* w) {
+  asm volatile("vdpbf16ps %c3(%2)%{1to16%}, %1, %0" : "+v"(acc) : "v"(xv), "r"(w), "i"(kOffset));
+  return acc;
+}
+
+template <size_t... kColumn>
+__attribute__((always_inline)) inline void dot_columns(__m512* acc, __m512bh xv, const uint32_t* w,
+                                                       std::index_sequence<kColumn...>) {
+  ((acc[kColumn] = dot_broadcast<kColumn * 256>(acc[kColumn], xv, w)), ...);
+}
+
 // A row block: kRows rows of x (16, or 8 for batches of up to 8) in a vector's 16 lanes, each lane a k
 // pair of its row. A block of 16 rows (x packed as pack_amx_activations packs it: per 32 k and row block,
 // 16 k pairs x 16 rows as 32-bit lanes) takes one pair per vector, and a column's pair is broadcast from
@@ -107,10 +126,13 @@ struct RowBlock {
   // The products at pairs j .. j + kPairs: w is pair j of column 0 in the panel (column c's is 64 pairs on).
   static void multiply(const uint16_t* x_vector, const uint32_t* w, __m512* acc) {
     const __m512bh xv = (__m512bh)_mm512_loadu_si512(x_vector);
-    for (int c = 0; c < kGemmColumns; ++c) {
-      const __m512i pairs = kRows == 16 ? _mm512_set1_epi32(static_cast<int>(w[c * 64]))
-                                        : _mm512_set1_epi64(*reinterpret_cast<const int64_t*>(w + c * 64));
-      acc[c] = _mm512_dpbf16_ps(acc[c], xv, (__m512bh)pairs);
+    if constexpr (kRows == 16) {
+      dot_columns(acc, xv, w, std::make_index_sequence<kGemmColumns>());
+    } else {
+      for (int c = 0; c < kGemmColumns; ++c) {
+        const __m512i pairs = _mm512_set1_epi64(*reinterpret_cast<const int64_t*>(w + c * 64));
+        acc[c] = _mm512_dpbf16_ps(acc[c], xv, (__m512bh)pairs);
+      }
     }
   }
 
@@ -185,23 +207,30 @@ void multiply_gemm_panel_decoding_next(const PanelItems& items, const PanelItem&
   for (int c = 0; c < kGemmColumns; ++c) col[c].open(p, items.column(next, c));
   // The item after the next streams right behind it: each block fetches its counterpart there (a hint:
   // past the tensor's end it does nothing). Without it 8B down at M = 16 took 1.25x the time.
+  // (After the last item it fetches the block being decoded: no branch in the loop.)
   PanelItem after = next;
-  const bool prefetch = items.next(after);
-  const int64_t ahead = (items.column(after, 0) - next.n0) * (p.k / 2) + (after.s0 - next.s0) / 2;
+  const int64_t ahead =
+      items.next(after) ? (items.column(after, 0) - next.n0) * (p.k / 2) + (after.s0 - next.s0) / 2 : 0;
   walk<Bf16>(p, col, kGemmColumns, next.s0 / p.group_size, items.s_end(next) / p.group_size,
              [&](int64_t k0, auto size, const auto& block) {
                constexpr int kSize = decltype(size)::value;
                const bool paired = kSize == kBlockK && products_k + kBlockK <= s_end;
                const uint32_t* w = reinterpret_cast<const uint32_t*>(panel + (products_k - item.s0) * kGemmColumns);
-               for (int c = 0; c < kGemmColumns; ++c) {
-                 const uint8_t* q = col[c].qbytes + k0 / 2;
-                 if (prefetch) _mm_prefetch(reinterpret_cast<const char*>(q + ahead), _MM_HINT_T0);
-                 Bf16::store(block.template weights<kSize>(c, q), panel_slot(next_panel, next.s0, k0, c));
+               // Addresses that do not change with the column, made once per block: the loop's issue rate,
+               // not its units, bounds it.
+               const uint16_t* x_runs = Rows::x_at(x, products_k, 0, 0, m_blocks);
+               const int64_t x_run_stride = Rows::x_at(x, products_k, 16, 0, m_blocks) - x_runs;
+               uint16_t* slot = panel_slot(next_panel, next.s0, k0, 0);
+               const int64_t q_offset = k0 / 2;
+               const uint16_t* run = x_runs;  // column c's 4 pairs of x: pair 4c of the block
+               for (int c = 0; c < kGemmColumns; ++c, slot += kBlockK) {
+                 const uint8_t* q = col[c].qbytes + q_offset;
+                 _mm_prefetch(reinterpret_cast<const char*>(q + ahead), _MM_HINT_T0);
+                 Bf16::store(block.template weights<kSize>(c, q), slot);
                  if (!paired) continue;
-                 const int j = 4 * c;  // of the block's 64 pairs
-                 const uint16_t* run = Rows::x_at(x, products_k, j, 0, m_blocks);
 #pragma GCC unroll 4
-                 for (int i = 0; i < 4; i += Rows::kPairs) Rows::multiply(run + Rows::kPairStride * i, w + j + i, acc);
+                 for (int i = 0; i < 4; i += Rows::kPairs) Rows::multiply(run + Rows::kPairStride * i, w + 4 * c + i, acc);
+                 run += c % 4 == 3 ? x_run_stride - 12 * Rows::kPairStride : 4 * Rows::kPairStride;
                }
                if (paired) products_k += kBlockK;
              });
@@ -222,6 +251,7 @@ void gemm_rows(const GemmProblem& p, int64_t n_begin, int64_t n_end, void* works
   PanelItem item{n_begin, 0};
   decode_gemm_panel(items, item, panels[0]);
   for (int i = 0;; i ^= 1) {
+    asm volatile("" ::: "memory");  // panels[i] is written before dot_broadcast reads it (GCC does not see the read)
     PanelItem next = item;
     const bool more = items.next(next);
     if (more) {
