@@ -1,6 +1,7 @@
-// The AVX512-BF16 GEMM's products alone, in three register forms, side by side on one core (no weights
+// The AVX512-BF16 GEMM's products alone, in four register forms, side by side on one core (no weights
 // decoded, no threads): how fast `vdpbf16ps` multiplies 16 rows of x by a panel of bf16 weights that sits in
-// L2, against the instruction's own peak. docs/kernels.md ("A lead for the products") has the figures.
+// L2, against the instruction's own peak. docs/kernels.md ("How far the products are from the
+// instruction's limit") has the figures.
 //
 //   g++ -O3 -std=c++17 benchmarks/bf16_products.cpp -o /tmp/bf16_products && /tmp/bf16_products
 //
@@ -10,6 +11,7 @@
 #include <chrono>
 #include <cstdint>
 #include <cstdio>
+#include <utility>
 #include <vector>
 
 #define BF16 __attribute__((target("avx512f,avx512bw,avx512bf16"), noinline))
@@ -35,7 +37,7 @@ BF16 float peak(long iters) {
   return lanes[0];
 }
 
-// Today's form (kernel_avx512_bf16.cpp, row block of 16): x packed per k pair as one vector of 16 rows, each
+// The GEMM's form (kernel_avx512_bf16.cpp, row block of 16), as the intrinsics compile: x packed per k pair as one vector of 16 rows, each
 // of the panel's 16 columns' pairs broadcast: one broadcast per vdpbf16ps. w as the kernel's panel: per
 // 128-k block (64 pairs), [16 columns][64 pairs].
 BF16 void columns_broadcast(const uint32_t* x, const uint32_t* w, long pairs, float* out) {
@@ -46,6 +48,32 @@ BF16 void columns_broadcast(const uint32_t* x, const uint32_t* w, long pairs, fl
 #pragma GCC unroll 16
     for (int c = 0; c < 16; ++c)
       acc[c] = _mm512_dpbf16_ps(acc[c], xv, (__m512bh)_mm512_set1_epi32(static_cast<int>(w[j / 64 * 1024 + c * 64 + j % 64])));
+  }
+  for (int c = 0; c < 16; ++c) _mm512_storeu_ps(out + 16 * c, acc[c]);
+}
+
+// The kernel's form today: the same, with each broadcast folded into vdpbf16ps (m32bcst, written as an asm:
+// GCC does not emit it from the intrinsics), one instruction per product.
+template <int kOffset>
+__attribute__((always_inline, target("avx512f,avx512bw,avx512bf16"))) inline __m512 dot_broadcast(__m512 acc, __m512bh xv,
+                                                                                                const uint32_t* w) {
+  asm volatile("vdpbf16ps %c3(%2)%{1to16%}, %1, %0" : "+v"(acc) : "v"(xv), "r"(w), "i"(kOffset));
+  return acc;
+}
+
+template <size_t... kColumn>
+__attribute__((always_inline, target("avx512f,avx512bw,avx512bf16"))) inline void dot_columns(
+    __m512* acc, __m512bh xv, const uint32_t* w, std::index_sequence<kColumn...>) {
+  ((acc[kColumn] = dot_broadcast<kColumn * 256>(acc[kColumn], xv, w)), ...);
+}
+
+BF16 void columns_embedded(const uint32_t* x, const uint32_t* w, long pairs, float* out) {
+  asm volatile("" ::: "memory");  // w is written before the asm reads it
+  __m512 acc[16];
+  for (auto& a : acc) a = _mm512_setzero_ps();
+  for (long j = 0; j < pairs; ++j) {
+    const __m512bh xv = (__m512bh)_mm512_loadu_si512(x + 16 * j);
+    dot_columns(acc, xv, w + j / 64 * 1024 + j % 64, std::make_index_sequence<16>());
   }
   for (int c = 0; c < 16; ++c) _mm512_storeu_ps(out + 16 * c, acc[c]);
 }
@@ -99,7 +127,11 @@ int main() {
       start = clock::now();
       for (long i = 0; i < reps; ++i)
         for (int p = 0; p < 4; ++p) columns_broadcast(x.data(), w.data() + 16 * pairs * p, pairs, out.data());
-      const double today = reps * double(rows) * 64 * k / seconds(start) / 1e9;
+      const double separate = reps * double(rows) * 64 * k / seconds(start) / 1e9;
+      start = clock::now();
+      for (long i = 0; i < reps; ++i)
+        for (int p = 0; p < 4; ++p) columns_embedded(x.data(), w.data() + 16 * pairs * p, pairs, out.data());
+      const double embedded = reps * double(rows) * 64 * k / seconds(start) / 1e9;
       start = clock::now();
       for (long i = 0; i < reps; ++i) {
         rows_broadcast<6>(x.data(), pairs, w.data(), pairs, out.data());
@@ -108,8 +140,9 @@ int main() {
       }
       const double blocked = reps * double(rows) * 64 * k / seconds(start) / 1e9;
       check = out[0];
-      std::printf("  16 rows x 64 columns, k %4ld (panel %3ld KiB): columns broadcast %.1f, rows 6+6+4 x 64 columns "
-                  "%.1f G multiply-adds/s (%.2fx)\n", k, 64 * pairs * 4 / 1024, today, blocked, blocked / today);
+      std::printf("  16 rows x 64 columns, k %4ld (panel %3ld KiB): columns broadcast %.1f, columns m32bcst %.1f, "
+                  "rows 6+6+4 x 64 columns %.1f G multiply-adds/s\n", k, 64 * pairs * 4 / 1024, separate, embedded,
+                  blocked);
     }
     (void)check;
   }
