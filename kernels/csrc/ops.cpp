@@ -175,11 +175,12 @@ std::vector<int64_t> part_ends_of(c10::IntArrayRef part_sizes) {
 
 // Columns per thread task: big enough to amortize the task, small enough to balance the threads.
 constexpr int64_t kColumnGrain = 16;
-// Bytes of one dequantized weight tile of the large-M path: it stays in L2 while the GEMM reads it.
+// Bytes of one dequantized weight tile of the large-M path: it stays in L2 while the GEMM reads it,
+// where K leaves it kMinTileColumns wide.
 constexpr int64_t kTileBytes = 1024 * 1024;
 // At least this many columns per tile, whatever K: each at::mm call reads all of x, so narrow tiles
 // read x many times over (Llama-3.2-1B's down, K = 8192, at M = 1384 on the Zen 5: 1 MiB tiles of 64
-// columns ran at 0.74x of vLLM's bf16, tiles of 256 columns at 0.93x).
+// columns ran at 0.72x of vLLM's bf16, tiles of 256 columns at 0.91x; docs/kernels.md).
 constexpr int64_t kMinTileColumns = 256;
 // Bytes of 4-bit weights the decode kernel's passes share: they stay in L2 from one pass to the next.
 constexpr int64_t kDecodeBlockBytes = 256 * 1024;
