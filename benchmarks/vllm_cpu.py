@@ -167,6 +167,10 @@ def resolve_model(name: str, spec: str, args) -> tuple[dict[str, Path], list[str
             raise SystemExit(f"error: --model {name}={spec}: expected BF16 or BF16:AWQ:AAAC")
         parts += [""] * (3 - len(parts))
         folders = {engine: Path(part) if part else None for engine, part in zip(ENGINES, parts)}
+        for engine, folder in folders.items():
+            # Checked before any engine starts: vLLM takes a missing folder for a Hub name and fails much later.
+            if folder is not None and not (folder / "config.json").is_file():
+                raise SystemExit(f"error: --model {name}: the {LABELS[engine]} checkpoint {folder} has no config.json")
         for engine, method in (("awq", "rtn"), ("aaac", "aaac")):
             if folders[engine] is None and engine in args.engines:
                 folders[engine] = work / engine
