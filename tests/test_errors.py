@@ -6,6 +6,7 @@ tests need a real process, and test_end_to_end.py runs each command once as one.
 
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -290,3 +291,20 @@ def test_remote_code_runs_only_when_trusted(tmp_path, small_calib):
 def test_max_shard_size_is_checked(tmp_path, source_model, size, expect):
     result = in_process(quantize_main, source_model, tmp_path / "out", "--max-shard-size", size)
     assert result.returncode == 2 and "--max-shard-size: " in result.stderr and expect in result.stderr
+
+
+def test_vllm_benchmark_names_a_checkpoint_folder_it_cannot_serve(tmp_path, source_model, monkeypatch):
+    # benchmarks/vllm_cpu.py (a script, not one of the commands above: its SystemExit carries the line)
+    # checks the folders it is given before any engine starts: vLLM would take a missing one for a Hub
+    # name and fail only after its retries, and the run would go on without it.
+    import argparse
+
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    import vllm_cpu
+
+    args = argparse.Namespace(workdir=tmp_path / "work", engines=list(vllm_cpu.ENGINES))
+    missing = tmp_path / "missing-awq"
+    message = f"error: --model smollm2: the AWQ checkpoint {missing} has no config.json"
+    with pytest.raises(SystemExit, match=f"^{re.escape(message)}$"):
+        vllm_cpu.resolve_model("smollm2", f"{source_model}:{missing}:", args)
+    assert not args.workdir.exists()
