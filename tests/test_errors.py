@@ -17,7 +17,7 @@ import pytest
 
 from offline_quantize.cli import compare_main, eval_main, quantize_main
 
-from .conftest import BIN, in_process, tiny_llama
+from .conftest import BIN, ROOT, in_process, tiny_llama
 
 
 def fails_with(tmp_path, *args, expect: str) -> str:
@@ -299,7 +299,7 @@ def test_vllm_benchmark_names_a_checkpoint_folder_it_cannot_serve(tmp_path, sour
     # name and fail only after its retries, and the run would go on without it.
     import argparse
 
-    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
     import vllm_cpu
 
     args = argparse.Namespace(workdir=tmp_path / "work", engines=list(vllm_cpu.ENGINES))
