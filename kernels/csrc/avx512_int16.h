@@ -196,8 +196,8 @@ void gemv_int16_block(const GemmProblem& p, int64_t n, const std::vector<Int16Ta
   const auto block = [&](int64_t k0, auto size) {
     constexpr int kPlanes = decltype(size)::value / kInt16Plane;
     __m512i words[kN];
-    // The next block of columns streams right behind this one: fetch it a block ahead. (A stream kStreamAhead
-    // on, as the one-row kernel fetches, ran 5-12% slower here: 8B shapes, M = 2 and 4, Zen 4.)
+    // The next block of columns streams right behind this one: fetch it a block ahead. (Fetching kStreamAhead
+    // on, as the one-row kernel does, ran up to 11% slower here: 8B shapes, M = 2 and 4, a Zen 4.)
     column_words<decltype(size)::value, kN, _MM_HINT_T0>(qbytes, kN * row_bytes, k0, words);
 #pragma GCC unroll 4
     for (int j = 0; j < kPlanes; ++j) {
