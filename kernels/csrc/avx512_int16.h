@@ -68,6 +68,12 @@ __m512i block_words(const uint8_t* q) {
   }
 }
 
+// How far ahead of its reads (in bytes along a column's qbytes) the one-row decode kernel asks for the
+// weights, into L2 (_MM_HINT_T1). The columns lie one after another, so this is the stream it reads next:
+// on a Zen 4 a fixed 16 KiB ran one token 1.17-1.56x faster than fetching the next block of columns
+// (8B shapes, one thread); 32 KiB was no better (docs/benchmarks.md, "The one-row kernel's fetch").
+constexpr int64_t kStreamAhead = 16 * 1024;
+
 // The index words of kN columns' blocks at k0, each fetching the weights `ahead` bytes on with kHint.
 template <int kSize, int kN, int kHint>
 void column_words(const uint8_t* const* qbytes, int64_t ahead, int64_t k0, __m512i* words) {

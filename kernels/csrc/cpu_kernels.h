@@ -54,11 +54,6 @@ using DecodeOrderFn = void (*)(const GemmProblem&, const void* x, int64_t x_stri
 using DequantFn = void (*)(const GemmProblem&, int64_t n_begin, int64_t n_end, void* out);
 
 constexpr int64_t kMaxDecodeRows = 4;
-// How far ahead of its reads (in bytes along a column's qbytes) the one-row decode kernel asks for the
-// weights, into L2 (_MM_HINT_T1). The columns lie one after another, so this is the stream it reads next:
-// on a Zen 4 a fixed 16 KiB ran one token 1.17-1.56x faster than fetching the next block of columns
-// (8B shapes, one thread); 32 KiB was no better (docs/benchmarks.md, "The one-row kernel's fetch").
-constexpr int64_t kStreamAhead = 16 * 1024;
 
 // Batches above kMaxDecodeRows with bf16 activations on CPUs with AMX (kernel_amx.cpp): p.x points
 // to the activations packed by pack_amx_activations (amx_packed_elements(M, K) bf16 values), and each
