@@ -3,7 +3,7 @@
     python benchmarks/cpu_kernels.py [--models 8b 135m] [--shapes qkv o gate_up down] [--m 1 2 4 ...]
         [--group-size 64] [--threads 1 2] [--isa auto avx2 ...] [--awq w4a8 w4a16] [--quick]
 
-For every linear layer shape of Llama-3-8B and SmolLM2-135M (q/k/v merged, o, gate/up merged, down) and
+For every linear layer shape of Llama-3-8B, Llama-3.2-1B (``--models 1b``) and SmolLM2-135M (q/k/v merged, o, gate/up merged, down) and
 batch size M it times y = x @ Wᵀ with bf16 activations x, each way built and called as vLLM would:
 
   bf16   vLLM's unquantized linear on its CPU build: ``UnquantizedLinearMethod`` (create_weights,
@@ -69,7 +69,8 @@ from types import ModuleType
 import torch
 
 # (hidden, intermediate, attention heads, KV heads, head dim)
-MODELS = {"8b": (4096, 14336, 32, 8, 128), "135m": (576, 1536, 9, 3, 64)}
+# 1b: Llama-3.2-1B, the shapes of benchmarks/vllm_cpu.py's 1B-shaped model
+MODELS = {"8b": (4096, 14336, 32, 8, 128), "1b": (2048, 8192, 32, 8, 64), "135m": (576, 1536, 9, 3, 64)}
 SHAPES = ("qkv", "o", "gate_up", "down")
 M_VALUES = [1, 2, 4, 8, 16, 64, 512]
 QUICK_M_VALUES = [1, 16, 512]

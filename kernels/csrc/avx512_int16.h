@@ -68,11 +68,15 @@ __m512i block_words(const uint8_t* q) {
   }
 }
 
-// How far ahead of its reads (in bytes along a column's qbytes) the one-row decode kernel asks for the
-// weights, into L2 (_MM_HINT_T1). The columns lie one after another, so this is the stream it reads next:
-// on a Zen 4 a fixed 16 KiB ran one token 1.17-1.56x faster than fetching the next block of columns
-// (8B shapes, one thread); 32 KiB was no better (docs/benchmarks.md, "The one-row kernel's fetch").
+// How far ahead of its reads (in bytes along the weights) the one-row decode kernel asks for them, into
+// L2 (_MM_HINT_T1): the same k of a later block of columns (`span` bytes a block, the columns lying one
+// after another), the nearest such block at least kStreamAhead on. On a Zen 4 fetching 16 KiB ahead ran
+// one token 1.17-1.56x faster than fetching the next block of columns (8B shapes, one thread; 32 KiB was
+// no better), and keeping to the same k, rather than exactly 16 KiB, ran columns longer than 4 KiB
+// (8B down: 7 KiB) 5-10% faster (docs/benchmarks.md, "The one-row kernel's fetch").
 constexpr int64_t kStreamAhead = 16 * 1024;
+
+constexpr int64_t stream_ahead(int64_t span) { return (kStreamAhead + span - 1) / span * span; }
 
 // The index words of kN columns' blocks at k0, each fetching the weights `ahead` bytes on with kHint.
 template <int kSize, int kN, int kHint>
@@ -349,10 +353,11 @@ void gemv_one_row_block(const GemmProblem& p, int64_t n, const OneRowTable* cons
   for (int c = 0; c < kN; ++c) total[c] = _mm512_setzero_ps();
   const float* factor = seg.factor;
   const int32_t* offset = seg.offset;
+  const int64_t ahead = stream_ahead(kN * row_bytes);
   const auto block = [&](int64_t k0, auto size) {
     constexpr int kPlanes = decltype(size)::value / kInt16Plane;
     __m512i words[kN];
-    column_words<decltype(size)::value, kN, _MM_HINT_T1>(qbytes, kStreamAhead, k0, words);
+    column_words<decltype(size)::value, kN, _MM_HINT_T1>(qbytes, ahead, k0, words);
 #pragma GCC unroll 4
     for (int j = 0; j < kPlanes; ++j) {
       const __m512i xv = _mm512_load_si512(x + k0 + kInt16Plane * j);
