@@ -3,8 +3,9 @@
     python benchmarks/cpu_kernels.py [--models 8b 135m] [--shapes qkv o gate_up down] [--m 1 2 4 ...]
         [--group-size 64] [--threads 1 2] [--isa auto avx2 ...] [--awq w4a8 w4a16] [--quick]
 
-For every linear layer shape of Llama-3-8B, Llama-3.2-1B (``--models 1b``) and SmolLM2-135M (q/k/v merged, o, gate/up merged, down) and
-batch size M it times y = x @ Wᵀ with bf16 activations x, each way built and called as vLLM would:
+For every linear layer shape of Llama-3-8B and SmolLM2-135M (and Llama-3.2-1B with ``--models 1b``; q/k/v
+merged, o, gate/up merged, down) and batch size M it times y = x @ Wᵀ with bf16 activations x, each way
+built and called as vLLM would:
 
   bf16   vLLM's unquantized linear on its CPU build: ``UnquantizedLinearMethod`` (create_weights,
          process_weights_after_loading, apply), whose load step is
