@@ -72,8 +72,8 @@ __m512i block_words(const uint8_t* q) {
 // L2 (_MM_HINT_T1): the same k of a later block of columns (`span` bytes a block, the columns lying one
 // after another), the nearest such block at least kStreamAhead on. On a Zen 4 fetching 16 KiB ahead ran
 // one token 1.17-1.56x faster than fetching the next block of columns (8B shapes, one thread; 32 KiB was
-// no better), and keeping to the same k, rather than exactly 16 KiB, ran columns longer than 4 KiB
-// (8B down: 7 KiB) 5-10% faster (docs/benchmarks.md, "The one-row kernel's fetch").
+// no better), and keeping to the same k, which for columns over 4 KiB is not 16 KiB on (8B down: 7 KiB
+// columns, 28 KiB on), ran 8B down 1.12-1.16x faster (docs/benchmarks.md, "The one-row kernel's fetch").
 constexpr int64_t kStreamAhead = 16 * 1024;
 
 constexpr int64_t stream_ahead(int64_t span) { return (kStreamAhead + span - 1) / span * span; }
@@ -207,7 +207,8 @@ void gemv_int16_block(const GemmProblem& p, int64_t n, const std::vector<Int16Ta
     constexpr int kPlanes = decltype(size)::value / kInt16Plane;
     __m512i words[kN];
     // The next block of columns streams right behind this one: fetch it a block ahead. (Fetching kStreamAhead
-    // on, as the one-row kernel does, ran up to 11% slower here: 8B shapes, M = 2 and 4, a Zen 4.)
+    // on, as the one-row kernel did before it kept to the same k, ran up to 11% slower here: 8B shapes,
+    // M = 2 and 4, a Zen 4.)
     column_words<decltype(size)::value, kN, _MM_HINT_T0>(qbytes, kN * row_bytes, k0, words);
 #pragma GCC unroll 4
     for (int j = 0; j < kPlanes; ++j) {
