@@ -7,13 +7,11 @@ gate_up layer does), and its down [H, I]. Tensor parallel splits I: gate and up 
 by input rows (whole groups: I / tp must be a multiple of the group size), and the MoE runner sums the
 ranks' outputs. Expert parallel gives each rank its own experts (the loader skips the others).
 
-The forward is ``torch.ops.aaac.routed_experts`` (``aaac_kernels.routed_experts``): a loop over the
-experts that received tokens, each running ``torch.ops.aaac.linear`` (the C++ kernels on CPU, the Triton
-kernels on CUDA) on its tokens: gate_up, the gated activation, down, weighted by the routing weights and
-summed into the output. Every active expert's weights are read once per step, as a fused kernel reads
-them; the loop adds two op calls per active expert (docs/vllm.md gives the measured cost). The loop reads
-the routing on the host, so on CUDA it cannot be captured in a CUDA graph: serve MoE checkpoints on CUDA
-with ``--enforce-eager``.
+The forward is ``torch.ops.aaac.routed_experts`` (``aaac_kernels.routed_experts``): gate_up, the gated
+activation and down of every expert that received tokens, weighted by the routing weights and summed into
+the output, reading each active expert's weights once per step. On CPU it loops over those experts, two
+``torch.ops.aaac.linear`` calls each (docs/vllm.md gives the measured cost); on CUDA it runs two grouped
+Triton kernels with no host sync, so CUDA graphs capture it.
 """
 
 import torch
@@ -32,7 +30,7 @@ TENSORS = ("qweight", "scales", "codebooks")
 
 
 class AAACMoEMethod(FusedMoEMethodBase):
-    """Experts in the AAAC format, run by ``torch.ops.aaac.linear`` one routed expert at a time."""
+    """Experts in the AAAC format, run by ``torch.ops.aaac.routed_experts``."""
 
     def __init__(self, group_size: int, moe: FusedMoEConfig) -> None:
         super().__init__(moe)
@@ -122,7 +120,7 @@ class AAACMoEMethod(FusedMoEMethodBase):
                 layer.register_parameter(f"{stem}_{tensor}", torch.nn.Parameter(stacked, requires_grad=False))
 
     def get_fused_moe_quant_config(self, layer: torch.nn.Module) -> FusedMoEQuantConfig | None:
-        return None  # no fused kernel reads it: the experts run through aaac::linear
+        return None  # no vLLM kernel reads it: the experts run through aaac::routed_experts
 
     def apply(
         self,

@@ -3,13 +3,14 @@ what the decode kernels' main loop issues per weight.
 
     python benchmarks/kernel_resources.py [--arch 80 90] [--json]
 
-Every kernel the op launches (the GEMV for each M it takes, every stored GEMM configuration, the
-dequantizer) is compiled with the signature of a real call: bf16 and fp16 activations, group sizes 128
-and 64, a Llama-3-8B QKV layer (three parts), and the divisibility-by-16 attributes that Triton gives
-real shapes' pointers and sizes. Triton's bundled ``ptxas`` and ``cuobjdump`` do the work, so this runs
+Every kernel the ops launch (the GEMV for each M it takes, every stored GEMM configuration, the
+dequantizer; the grouped experts kernel for gate_up and down with each GEMM configuration) is compiled
+with the signature of a real call: bf16 and fp16 activations, group sizes 128 and 64, a Llama-3-8B QKV
+layer (three parts) or a Mixtral expert's gate_up (two), and the divisibility-by-16 attributes that
+Triton gives real shapes' pointers and sizes. Triton's bundled ``ptxas`` and ``cuobjdump`` do the work, so this runs
 on any Linux machine; a kernel that fails to compile fails the run.
 
-For the GEMV and the small-M GEMM it also reads the SASS of the main loop (the largest backward
+For the GEMV and the GEMMs it also reads the SASS of the main loop (the largest backward
 branch): instructions per weight (warp instructions: one instruction of a warp handles 32 lanes),
 shuffles per weight, barriers and shared-memory stores inside the loop, and the widest global load.
 docs/kernels.md explains what these counts predict and what the GPU measured.
@@ -30,7 +31,7 @@ import triton  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
-from aaac_kernels import triton_gemm  # noqa: E402
+from aaac_kernels import triton_experts, triton_gemm  # noqa: E402
 from aaac_kernels.format.serving import cuda_block  # noqa: E402
 
 CUOBJDUMP = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
@@ -40,7 +41,8 @@ SPLIT = {"part_ptr": "*fp32", "count_ptr": "*i32"}
 # Arguments a real call passes that Triton specializes as multiples of 16 (pointers from torch's
 # allocator; N, K, strides of Llama shapes).
 DIVISIBLE = ("x_ptr", "w_ptr", "s_ptr", "cb_ptr", "out_ptr", "part_ptr", "count_ptr", "M", "N", "K")
-DIVISIBLE_STRIDES = ("stride_xm", "stride_wn")
+DIVISIBLE = (*DIVISIBLE, "slot_pairs_ptr", "block_experts_ptr")
+DIVISIBLE_STRIDES = ("stride_xm", "stride_wn", "stride_om", "stride_we", "stride_se", "stride_sn")
 
 
 def _product_signature(dtype: str, sizes: tuple[str, ...]) -> dict:
@@ -183,6 +185,43 @@ def dequant_rows(arch: int, dtypes=("bf16", "fp16")):
         yield "dequantize", tiles, dtype, 128, resources(compiled), None
 
 
+def experts_rows(arch: int, dtypes=("bf16", "fp16"), group_sizes=(128, 64)):
+    """The grouped kernel of ``aaac::routed_experts`` (gate_up: rows gathered by token; down: rows written
+    back to their pairs) with each stored GEMM configuration, on a Mixtral-8x7B expert's gate_up shape."""
+    for _, config in triton_gemm.GEMM_CONFIGS:
+        for x_by_token, part_starts in ((True, (14336,)), (False, ())):
+            name = f"experts {'gate_up' if x_by_token else 'down'}, {config.block_m}-row blocks"
+            for dtype in dtypes:
+                for group_size in group_sizes:
+                    signature = {
+                        "x_ptr": f"*{dtype}",
+                        **LAYER,
+                        "out_ptr": f"*{dtype}",
+                        "slot_pairs_ptr": "*i32",
+                        "block_experts_ptr": "*i32",
+                        **dict.fromkeys(("N", "K", "PAIRS", "EXPERTS", "stride_xm", "stride_om"), "i32"),
+                        **dict.fromkeys(("stride_we", "stride_wn", "stride_se", "stride_sn", "stride_ce"), "i32"),
+                    }
+                    constants = dict(
+                        X_BY_TOKEN=x_by_token,
+                        TOP_K=2,
+                        GROUP_SIZE=group_size,
+                        BLOCK_WORDS=cuda_block(group_size) // 8,
+                        PART_STARTS=part_starts,
+                        LOOKUP="shfl",
+                        BLOCK_M=config.block_m,
+                        BLOCK_N=config.block_n,
+                        BLOCK_K=config.block_k,
+                        EVEN_K=True,
+                        DOT_PRECISION="tf32",
+                    )
+                    compiled = _compile(
+                        triton_experts._experts_kernel, signature, constants, config.num_warps, config.num_stages, arch
+                    )
+                    loop = loop_counts(compiled, config.block_n * config.block_k, 32 * config.num_warps)
+                    yield name, _tiles(config), dtype, group_size, resources(compiled), loop
+
+
 def _tiles(config: triton_gemm.TileConfig, split_k: int | None = None) -> str:
     m = f"{config.block_m}x" if config.block_m else ""
     split = f", split {split_k}" if split_k and split_k > 1 else ""
@@ -208,6 +247,7 @@ def main(argv: list[str] | None = None) -> int:
             *gemv_rows(arch, args.dtypes, args.group_sizes),
             *gemm_rows(arch, args.dtypes, args.group_sizes),
             *dequant_rows(arch, args.dtypes),
+            *experts_rows(arch, args.dtypes, args.group_sizes),
         )
         for name, tiles, dtype, group_size, used, loop in kernels:
             if args.json:

@@ -32,7 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from cpu_kernels import copies_for, cpu_description, llc_bytes, random_aaac, reference_weight  # noqa: E402
 
 from aaac_kernels.format.serving import prepare  # noqa: E402
-from aaac_kernels.routed_experts import routed_experts  # noqa: E402
+from aaac_kernels.routed_experts import routed_experts_loop  # noqa: E402
 
 SHAPES = {  # hidden, expert intermediate, experts, experts per token
     "qwen3-30b-a3b": (2048, 768, 128, 8),
@@ -92,7 +92,7 @@ def routings(layer: Layer, tokens: int, experts: int) -> list[tuple[torch.Tensor
 def check(layer: Layer, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor) -> float:
     """Relative error of AAAC's output against an fp32 loop over the reference's (bf16) weights."""
     w13, w2 = layer.aaac[0]
-    got = routed_experts(x, weights, ids, *w13, *w2, layer.intermediate, None, False).float()
+    got = routed_experts_loop(x, weights, ids, *w13, *w2, layer.intermediate, None, False).float()
     want = torch.zeros_like(got)
     for t in range(x.shape[0]):
         for k in range(layer.top_k):
@@ -125,7 +125,7 @@ def measure(layer: Layer, x: torch.Tensor, drawn: list, isa: str) -> tuple[float
     def aaac(i: int) -> None:
         weights, ids = drawn[i % ROUTINGS]
         w13, w2 = layer.aaac[i % len(layer.aaac)]
-        routed_experts(x, weights, ids, *w13, *w2, layer.intermediate, None, False)
+        routed_experts_loop(x, weights, ids, *w13, *w2, layer.intermediate, None, False)
 
     def kernels(i: int) -> None:
         w13, w2 = layer.aaac[i % len(layer.aaac)]

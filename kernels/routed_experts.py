@@ -1,11 +1,13 @@
 """``torch.ops.aaac.routed_experts``: a mixture-of-experts layer whose experts are AAAC linears, as one op.
 
 The experts' ``aaac::linear`` tensors (in their device's layout: ``format.serving.prepare``) are stacked by
-expert; the op loops over the experts that received tokens and runs each one's gate_up and down through
-``torch.ops.aaac.linear`` (the C++ kernels on CPU, the Triton kernels on CUDA). The loop reads the routing
-on the host, so it is registered as an op with a fake implementation: one opaque node to torch.compile
-(vLLM's compiled mode), which cannot trace a loop whose length depends on the data. vLLM's
-``AAACMoEMethod`` calls it; ``aaac_kernels.experts.ExpertLinears`` is the same loop over modules.
+expert. On CPU the op loops over the experts that received tokens and runs each one's gate_up and down
+through ``torch.ops.aaac.linear`` (the C++ kernels); the loop reads the routing on the host. On CUDA
+``triton_experts`` runs all experts' gate_up, then all their down, as one grouped Triton kernel each,
+without reading anything back to the host (so CUDA graphs capture it). Either way the op has a fake
+implementation: one opaque node to torch.compile (vLLM's compiled mode), which cannot trace a loop whose
+length depends on the data. vLLM's ``AAACMoEMethod`` calls it; ``aaac_kernels.experts.ExpertLinears`` is
+the CPU loop over modules.
 """
 
 import itertools
@@ -13,7 +15,7 @@ import itertools
 import torch
 import torch.nn.functional as F
 
-from . import linear  # noqa: F401  registers torch.ops.aaac.linear
+from . import linear, triton_experts  # noqa: F401  linear registers torch.ops.aaac.linear
 
 _LIBRARY = torch.library.Library("aaac", "FRAGMENT")
 _LIBRARY.define(
@@ -23,8 +25,7 @@ _LIBRARY.define(
 )
 
 
-@torch.library.impl(_LIBRARY, "routed_experts", "CompositeExplicitAutograd")
-def routed_experts(
+def routed_experts_loop(
     x: torch.Tensor,
     topk_weights: torch.Tensor,
     topk_ids: torch.Tensor,
@@ -74,6 +75,10 @@ def routed_experts(
         ]
     )
     return torch.zeros_like(x).index_add_(0, tokens, y if weights_on_input else y * weights)
+
+
+_LIBRARY.impl("routed_experts", routed_experts_loop, "CPU")
+_LIBRARY.impl("routed_experts", triton_experts.routed_experts, "CUDA")
 
 
 @torch.library.register_fake("aaac::routed_experts")

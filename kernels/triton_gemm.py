@@ -336,6 +336,52 @@ def _gemv_kernel(
 
 
 @triton.jit
+def _dot_steps(
+    acc,
+    x_ptr,
+    x_rows,
+    mask_m,
+    w_ptr,
+    s_ptr,
+    pair_ptrs,
+    offs_n,
+    mask_n,
+    first_step,
+    last_step,
+    K,
+    stride_wn,
+    stride_sn,
+    GROUP_SIZE: tl.constexpr,
+    BLOCK_WORDS: tl.constexpr,
+    LOOKUP: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    EVEN_K: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+):
+    """acc [BLOCK_N, BLOCK_M] plus the weight tile of columns ``offs_n`` over K steps [first, last) times
+    the rows of x that start at element offsets ``x_rows`` (transposed: the rows are the dot's N)."""
+    offs_w = tl.arange(0, BLOCK_K // 8)
+    words_k = K // 8
+    for step in range(first_step, last_step):
+        word = step * (BLOCK_K // 8) + offs_w
+        mask_k = word < words_k
+        mask_w = mask_n[:, None] if EVEN_K else mask_n[:, None] & mask_k[None, :]
+        mask_x = mask_m[None, :] if EVEN_K else mask_m[None, :] & mask_k[:, None]
+        words = tl.load(w_ptr + offs_n[:, None] * stride_wn + word[None, :], mask=mask_w, other=0)
+        codebook, magnitude = _load_scales(
+            s_ptr, offs_n, mask_n, step * BLOCK_K, word, mask_w, stride_sn, GROUP_SIZE, BLOCK_K
+        )
+        x_cols = _x_columns(word, BLOCK_WORDS)
+        entries = _word_entries(pair_ptrs, words, codebook, LOOKUP)
+        for j in tl.static_range(8):
+            # fp32 entry times fp32 |scale| is exact: one rounding to x's dtype, as in the reference.
+            w = (entries[j] * magnitude).to(x_ptr.dtype.element_ty)
+            xt = tl.load(x_ptr + x_rows[None, :] + (x_cols + j * BLOCK_WORDS)[:, None], mask=mask_x, other=0.0)
+            acc = tl.dot(w, xt, acc, input_precision=DOT_PRECISION)
+    return acc
+
+
+@triton.jit
 def _gemm_kernel(
     x_ptr,
     w_ptr,
@@ -375,33 +421,34 @@ def _gemm_kernel(
 
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    offs_w = tl.arange(0, BLOCK_K // 8)
     mask_m = offs_m < M
     mask_n = offs_n < N
     pair_ptrs = cb_ptr + _codebook_offsets(offs_n, PART_STARTS)[:, None]
-
-    words_k = K // 8
     first_step, last_step = _split_steps(K, BLOCK_K, SPLIT_K)
 
     acc = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)  # out[m, n] transposed: M is the dot's N
-    for step in range(first_step, last_step):
-        word = step * (BLOCK_K // 8) + offs_w
-        mask_k = word < words_k
-        mask_w = mask_n[:, None] if EVEN_K else mask_n[:, None] & mask_k[None, :]
-        mask_x = mask_m[None, :] if EVEN_K else mask_m[None, :] & mask_k[:, None]
-        words = tl.load(w_ptr + offs_n[:, None] * stride_wn + word[None, :], mask=mask_w, other=0)
-        codebook, magnitude = _load_scales(
-            s_ptr, offs_n, mask_n, step * BLOCK_K, word, mask_w, stride_sn, GROUP_SIZE, BLOCK_K
-        )
-        x_cols = _x_columns(word, BLOCK_WORDS)
-        entries = _word_entries(pair_ptrs, words, codebook, LOOKUP)
-        for j in tl.static_range(8):
-            # fp32 entry times fp32 |scale| is exact: one rounding to x's dtype, as in the reference.
-            w = (entries[j] * magnitude).to(x_ptr.dtype.element_ty)
-            xt = tl.load(
-                x_ptr + offs_m[None, :] * stride_xm + (x_cols + j * BLOCK_WORDS)[:, None], mask=mask_x, other=0.0
-            )
-            acc = tl.dot(w, xt, acc, input_precision=DOT_PRECISION)
+    acc = _dot_steps(
+        acc,
+        x_ptr,
+        offs_m * stride_xm,
+        mask_m,
+        w_ptr,
+        s_ptr,
+        pair_ptrs,
+        offs_n,
+        mask_n,
+        first_step,
+        last_step,
+        K,
+        stride_wn,
+        stride_sn,
+        GROUP_SIZE,
+        BLOCK_WORDS,
+        LOOKUP,
+        BLOCK_K,
+        EVEN_K,
+        DOT_PRECISION,
+    )
 
     offsets = offs_m[None, :] * N + offs_n[:, None]
     mask = mask_m[None, :] & mask_n[:, None]

@@ -6,6 +6,7 @@ bf16 conversion truncates instead of rounding). With a GPU the same tests run co
 """
 
 import functools
+import itertools
 import json
 import subprocess
 import sys
@@ -15,7 +16,8 @@ import torch
 import torch.nn.functional as F
 
 import aaac_kernels.linear  # noqa: F401  registers torch.ops.aaac.linear (the CUDA-graph test calls it)
-from aaac_kernels import triton_gemm
+import aaac_kernels.routed_experts  # noqa: F401  registers torch.ops.aaac.routed_experts
+from aaac_kernels import triton_experts, triton_gemm
 from aaac_kernels.format.serving import cuda_layout
 
 from .conftest import ROOT, random_layer
@@ -203,6 +205,109 @@ def test_op_under_torch_compile_and_cuda_graphs():
     _check(static_out, static_x, dense)
 
 
+# Mixture-of-experts layers: global experts 0..4, of which this rank holds 3, 0 and 4 (expert parallel).
+# Hidden 256 (two K steps of 128), intermediate 192 (a step and a half), groups of 64: gate and up meet
+# inside a column block, and the down projection's K is not a multiple of the step.
+HIDDEN, INTERMEDIATE, EXPERT_GROUP, TOP_K = 256, 192, 64, 2
+EXPERT_MAP = torch.tensor([1, -1, -1, 0, 2], dtype=torch.int32)
+LOCAL_EXPERTS = (3, 0, 4)
+
+
+@functools.cache
+def _experts() -> tuple[tuple[torch.Tensor, ...], tuple[torch.Tensor, ...], dict[int, tuple[torch.Tensor, ...]]]:
+    """The local experts' stacked layouts on DEVICE (w13, w2) and each global expert's dense weights."""
+    dense, w13, w2 = {}, [], []
+    for e in LOCAL_EXPERTS:
+        gate_up = random_layer([INTERMEDIATE] * 2, HIDDEN, EXPERT_GROUP, seed=e)
+        down = random_layer([HIDDEN], INTERMEDIATE, EXPERT_GROUP, seed=10 + e)
+        w13.append(cuda_layout(*(t.to(DEVICE) for t in gate_up[:3])))
+        w2.append(cuda_layout(*(t.to(DEVICE) for t in down[:3])))
+        dense[e] = gate_up[3], down[3]
+    stack = lambda layouts: tuple(torch.stack(t) for t in zip(*layouts))  # noqa: E731
+    return stack(w13), stack(w2), dense
+
+
+def _routed_reference(x, weights, ids, dense, weights_on_input: bool) -> torch.Tensor:
+    """The layer in fp64 from the dense weights rounded to x.dtype, with the gate_up output rounded to it
+    as the kernels round it; pairs routed to experts that are not in ``dense`` add nothing."""
+    want = torch.zeros(x.shape, dtype=torch.float64)
+    for t, k in itertools.product(range(x.shape[0]), range(TOP_K)):
+        e = int(ids[t, k])
+        if e in dense:
+            gate_up, down = (w.to(x.dtype).double() for w in dense[e])
+            w = weights[t, k].to(x.dtype).double()
+            inputs = x[t].cpu().double() * (w if weights_on_input else 1)
+            g, u = (gate_up @ inputs).to(x.dtype).double().split(INTERMEDIATE)
+            h = (F.silu(g) * u).to(x.dtype).double()
+            want[t] += (down @ h) * (1 if weights_on_input else w)
+    return want
+
+
+def test_sort_pairs_gives_each_expert_whole_blocks():
+    experts, block_m = 5, 4
+    local = torch.randint(-1, experts, (37,), generator=torch.Generator().manual_seed(0))
+    local[local == 3] = 1  # an expert without pairs takes no block
+    slot_pairs, block_experts = (t.cpu().long() for t in triton_experts.sort_pairs(local.to(DEVICE), experts, block_m))
+    pairs, counts = local.numel(), torch.bincount(local[local >= 0], minlength=experts)
+    assert slot_pairs.numel() == block_experts.numel() * block_m
+    assert slot_pairs.numel() <= pairs + experts * (block_m - 1) + block_m - 1  # sized from shapes alone
+    # The blocks in use come first, in expert order, each expert's in as few blocks as hold its pairs.
+    used = int((block_experts < experts).sum())
+    assert (block_experts[used:] == experts).all()
+    assert block_experts[:used].tolist() == [e for e in range(experts) for _ in range(-(-int(counts[e]) // block_m))]
+    # Every local pair once, in a block of its expert and in pair order there; padding holds `pairs`.
+    blocks = slot_pairs.view(-1, block_m)[:used]
+    real = blocks < pairs
+    assert sorted(blocks[real].tolist()) == (local >= 0).nonzero().flatten().tolist()
+    assert torch.equal(local[blocks[real]], block_experts[:used, None].expand_as(blocks)[real])
+    for e in range(experts):
+        mine = blocks[block_experts[:used] == e]
+        assert mine[mine < pairs].tolist() == (local == e).nonzero().flatten().tolist()
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("weights_on_input", [False, True], ids=["weights-on-output", "weights-on-input"])
+@pytest.mark.parametrize("tokens,block_m", [(1, 16), (9, 16), (40, 16), (40, 64)])
+def test_grouped_experts_match_reference(tokens, block_m, weights_on_input, dtype):
+    # 40 tokens in blocks of 16: experts with runs of several blocks, the last one part padding.
+    w13, w2, dense = _experts()
+    generator = torch.Generator().manual_seed(tokens)
+    x = torch.randn(tokens, HIDDEN, generator=generator).to(dtype)
+    ids = torch.randint(0, len(EXPERT_MAP), (tokens, TOP_K), generator=generator, dtype=torch.int32)
+    ids[0] = torch.tensor([1, 2])  # token 0 goes to other ranks' experts only
+    weights = torch.rand(tokens, TOP_K, generator=generator)
+    config = next(c for _, c in triton_gemm.GEMM_CONFIGS if c.block_m == block_m)
+    arguments = (x, weights, ids, *w13, *w2, INTERMEDIATE, EXPERT_MAP, weights_on_input)
+    got = triton_experts.routed_experts(*(a.to(DEVICE) if torch.is_tensor(a) else a for a in arguments), config)
+    assert got.dtype == dtype and got.shape == x.shape and got.device.type == DEVICE
+    want = _routed_reference(x, weights, ids, dense, weights_on_input)
+    rtol = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}[dtype]
+    torch.testing.assert_close(got.cpu().double(), want, rtol=rtol, atol=rtol * float(want.abs().max()))
+    assert got[0].abs().max() == 0
+
+
+@pytest.mark.skipif(DEVICE != "cuda", reason="CUDA graphs need a GPU")
+def test_routed_experts_op_under_cuda_graphs():
+    # On CUDA the op is the grouped kernels, which read nothing back to the host: a graph captured with
+    # one routing replays another.
+    w13, w2, dense = _experts()
+    x = torch.randn(6, HIDDEN, device="cuda", dtype=torch.bfloat16)
+    ids = torch.randint(0, len(EXPERT_MAP), (6, TOP_K), device="cuda", dtype=torch.int32)
+    weights = torch.rand(6, TOP_K, device="cuda")
+    expert_map = EXPERT_MAP.cuda()
+    run = lambda: torch.ops.aaac.routed_experts(x, weights, ids, *w13, *w2, INTERMEDIATE, expert_map, False)  # noqa: E731
+    run()  # compile the kernels outside the capture
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        static_out = run()
+    x.copy_(torch.randn_like(x))
+    ids.copy_(torch.randint_like(ids, len(EXPERT_MAP)))
+    weights.copy_(torch.rand_like(weights))
+    graph.replay()
+    want = _routed_reference(x.cpu(), weights.cpu(), ids.cpu(), dense, False)
+    torch.testing.assert_close(static_out.cpu().double(), want, rtol=1.6e-2, atol=1.6e-2 * float(want.abs().max()))
+
+
 def test_kernels_compile_for_ampere_and_hopper():
     # The interpreter does not check what the compiler does (layouts, dtypes, register allocation):
     # every kernel the op launches is compiled to a cubin by Triton's own ptxas, with the attributes of
@@ -216,8 +321,9 @@ def test_kernels_compile_for_ampere_and_hopper():
         )
         assert result.returncode == 0, result.stderr[-3000:]
         found += [json.loads(line) for line in result.stdout.splitlines()]
-    # Per arch and group size: the GEMV for each M and every GEMM configuration; per arch: the dequantizer.
-    assert len(found) == 3 * (triton_gemm.GEMV_MAX_M + len(triton_gemm.GEMM_CONFIGS)) + 2
+    # Per arch and group size: the GEMV for each M, every GEMM configuration, and the experts kernel (gate_up
+    # and down) with each; per arch: the dequantizer.
+    assert len(found) == 3 * (triton_gemm.GEMV_MAX_M + 3 * len(triton_gemm.GEMM_CONFIGS)) + 2
     assert all(k["spill_bytes"] == 0 for k in found), [k for k in found if k["spill_bytes"]]
     # Decoding (M = 1) on Hopper: what docs/kernels.md's roofline assumes of the GEMV's main loop.
     decode = [k for k in found if k["arch"] == 90 and k["kernel"] == "gemv, M = 1"]
