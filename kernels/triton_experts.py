@@ -65,7 +65,8 @@ def _experts_kernel(
         mask_n = offs_n < N
         e = expert.to(tl.int64)
         pair_ptrs = cb_ptr + e * stride_ce + _codebook_offsets(offs_n, PART_STARTS)[:, None]
-        x_rows = (pairs // TOP_K if X_BY_TOKEN else slots) * stride_xm
+        # Row offsets in int64: the [slots, 2I] intermediate passes 2^31 elements (Mixtral: ~37k tokens a step).
+        x_rows = (pairs // TOP_K if X_BY_TOKEN else slots).to(tl.int64) * stride_xm
         acc = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
         acc = _dot_steps(
             acc,
@@ -93,7 +94,8 @@ def _experts_kernel(
             out_rows, mask = slots, mask_n[:, None]
         else:
             out_rows, mask = pairs, mask_m[None, :] & mask_n[:, None]
-        tl.store(out_ptr + out_rows[None, :] * stride_om + offs_n[:, None], acc.to(out_ptr.dtype.element_ty), mask=mask)
+        out_ptrs = out_ptr + out_rows.to(tl.int64)[None, :] * stride_om + offs_n[:, None]
+        tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=mask)
 
 
 def sort_pairs(local_experts: torch.Tensor, experts: int, block_m: int) -> tuple[torch.Tensor, torch.Tensor]:
