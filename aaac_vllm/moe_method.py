@@ -11,7 +11,7 @@ The forward is ``torch.ops.aaac.routed_experts`` (``aaac_kernels.routed_experts`
 activation and down of every expert that received tokens, weighted by the routing weights and summed into
 the output, reading each active expert's weights once per step. On CPU it loops over those experts, two
 ``torch.ops.aaac.linear`` calls each (docs/vllm.md gives the measured cost); on CUDA it runs two grouped
-Triton kernels with no host sync, so CUDA graphs capture it.
+Triton kernels with no host sync, so CUDA graphs can capture it.
 """
 
 import torch

@@ -4,10 +4,10 @@ The experts' ``aaac::linear`` tensors (in their device's layout: ``format.servin
 expert. On CPU the op loops over the experts that received tokens and runs each one's gate_up and down
 through ``torch.ops.aaac.linear`` (the C++ kernels); the loop reads the routing on the host. On CUDA
 ``triton_experts`` runs all experts' gate_up, then all their down, as one grouped Triton kernel each,
-without reading anything back to the host (so CUDA graphs capture it). Either way the op has a fake
+without reading anything back to the host (so CUDA graphs can capture it). Either way the op has a fake
 implementation: one opaque node to torch.compile (vLLM's compiled mode), which cannot trace a loop whose
 length depends on the data. vLLM's ``AAACMoEMethod`` calls it; ``aaac_kernels.experts.ExpertLinears`` is
-the CPU loop over modules.
+the CPU loop over modules (transformers runs it on every device).
 """
 
 import itertools
