@@ -15,7 +15,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from .triton_gemm import TileConfig, _codebook_offsets, _dot_steps, _layer_args, pick_config
+from .triton_gemm import TileConfig, _codebook_offsets, _dot_steps, _layer_args, dot_options, pick_config
 
 
 @triton.jit
@@ -162,13 +162,7 @@ def _grouped(
         X_BY_TOKEN=x_by_token,
         TOP_K=top_k,
         **constants,
-        BLOCK_M=config.block_m,
-        BLOCK_N=config.block_n,
-        BLOCK_K=config.block_k,
-        EVEN_K=k % config.block_k == 0,
-        DOT_PRECISION="ieee" if x.dtype == torch.float32 else "tf32",
-        num_warps=config.num_warps,
-        num_stages=config.num_stages,
+        **dot_options(config, x),
     )
     return out
 

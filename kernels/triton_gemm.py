@@ -639,17 +639,24 @@ def gemm(
         x.stride(0),
         *strides,
         **constants,
+        **dot_options(config, x),
+        SPLIT_K=split_k,
+        GROUP_M=config.group_m,
+    )
+    return out
+
+
+def dot_options(config: TileConfig, x: torch.Tensor) -> dict:
+    """The tile constants and launch options of a kernel that runs ``_dot_steps`` on x [M, K]."""
+    return dict(
         BLOCK_M=config.block_m,
         BLOCK_N=config.block_n,
         BLOCK_K=config.block_k,
-        SPLIT_K=split_k,
-        GROUP_M=config.group_m,
-        EVEN_K=k % config.block_k == 0,
+        EVEN_K=x.shape[1] % config.block_k == 0,
         DOT_PRECISION="ieee" if x.dtype == torch.float32 else "tf32",
         num_warps=config.num_warps,
         num_stages=config.num_stages,
     )
-    return out
 
 
 def dequantize(
