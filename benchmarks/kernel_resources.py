@@ -139,6 +139,25 @@ def gemv_rows(arch: int, dtypes=("bf16", "fp16"), group_sizes=(128, 64)):
                 yield f"gemv, M = {rows}", _tiles(config), dtype, group_size, resources(compiled), loop
 
 
+def _compile_dot(kernel, signature: dict, constants: dict, config, group_size: int, part_starts, arch: int):
+    """A kernel that runs ``triton_gemm._dot_steps`` compiled with a tile configuration (the constants of
+    ``triton_gemm.dot_options`` on a real call) plus its own ``constants``, and its main loop's counts."""
+    constants = dict(
+        constants,
+        GROUP_SIZE=group_size,
+        BLOCK_WORDS=cuda_block(group_size) // 8,
+        PART_STARTS=part_starts,
+        LOOKUP="shfl",
+        BLOCK_M=config.block_m,
+        BLOCK_N=config.block_n,
+        BLOCK_K=config.block_k,
+        EVEN_K=True,
+        DOT_PRECISION="tf32",
+    )
+    compiled = _compile(kernel, signature, constants, config.num_warps, config.num_stages, arch)
+    return compiled, loop_counts(compiled, config.block_n * config.block_k, 32 * config.num_warps)
+
+
 def gemm_rows(arch: int, dtypes=("bf16", "fp16"), group_sizes=(128, 64)):
     low = triton_gemm.GEMV_MAX_M + 1
     for high, config in triton_gemm.GEMM_CONFIGS:
@@ -148,23 +167,10 @@ def gemm_rows(arch: int, dtypes=("bf16", "fp16"), group_sizes=(128, 64)):
         for dtype in dtypes:
             for group_size in group_sizes:
                 signature = _product_signature(dtype, sizes=("M", "N", "K"))
-                constants = dict(
-                    GROUP_SIZE=group_size,
-                    BLOCK_WORDS=cuda_block(group_size) // 8,
-                    PART_STARTS=PART_STARTS,
-                    LOOKUP="shfl",
-                    BLOCK_M=config.block_m,
-                    BLOCK_N=config.block_n,
-                    BLOCK_K=config.block_k,
-                    SPLIT_K=split_k,
-                    GROUP_M=config.group_m,
-                    EVEN_K=True,
-                    DOT_PRECISION="tf32",
+                constants = dict(SPLIT_K=split_k, GROUP_M=config.group_m)
+                compiled, loop = _compile_dot(
+                    triton_gemm._gemm_kernel, signature, constants, config, group_size, PART_STARTS, arch
                 )
-                compiled = _compile(
-                    triton_gemm._gemm_kernel, signature, constants, config.num_warps, config.num_stages, arch
-                )
-                loop = loop_counts(compiled, config.block_n * config.block_k, 32 * config.num_warps)
                 yield name, _tiles(config, split_k), dtype, group_size, resources(compiled), loop
 
 
@@ -202,23 +208,10 @@ def experts_rows(arch: int, dtypes=("bf16", "fp16"), group_sizes=(128, 64)):
                         **dict.fromkeys(("N", "K", "PAIRS", "EXPERTS", "stride_xm", "stride_om"), "i32"),
                         **dict.fromkeys(("stride_we", "stride_wn", "stride_se", "stride_sn", "stride_ce"), "i32"),
                     }
-                    constants = dict(
-                        X_BY_TOKEN=x_by_token,
-                        TOP_K=2,
-                        GROUP_SIZE=group_size,
-                        BLOCK_WORDS=cuda_block(group_size) // 8,
-                        PART_STARTS=part_starts,
-                        LOOKUP="shfl",
-                        BLOCK_M=config.block_m,
-                        BLOCK_N=config.block_n,
-                        BLOCK_K=config.block_k,
-                        EVEN_K=True,
-                        DOT_PRECISION="tf32",
+                    constants = dict(X_BY_TOKEN=x_by_token, TOP_K=2)
+                    compiled, loop = _compile_dot(
+                        triton_experts._experts_kernel, signature, constants, config, group_size, part_starts, arch
                     )
-                    compiled = _compile(
-                        triton_experts._experts_kernel, signature, constants, config.num_warps, config.num_stages, arch
-                    )
-                    loop = loop_counts(compiled, config.block_n * config.block_k, 32 * config.num_warps)
                     yield name, _tiles(config), dtype, group_size, resources(compiled), loop
 
 
